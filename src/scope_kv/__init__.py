@@ -1,0 +1,24 @@
+"""scope_kv: SCOPE KV-cache compression (Wu et al., ACL 2025) for Hugging Face Transformers.
+
+The prompt's KV (prefill pool) is kept whole; the generated tokens' KV (decoding pool) is held
+to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
+
+    from scope_kv import ScopeCache, Slide
+    out = model.generate(**inputs, past_key_values=ScopeCache(model, decoding=Slide(512, 256)),
+                         max_new_tokens=4096)
+"""
+
+from .cache import ScopeCache, ScopeLayer
+from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adaptive",
+    "DecodingStrategy",
+    "Discontinuous",
+    "ScopeCache",
+    "ScopeLayer",
+    "Slide",
+    "__version__",
+]

@@ -1,0 +1,169 @@
+"""SCOPE's decoding strategies: how many generated-token entries a layer keeps, and when it selects.
+
+A strategy is a frozen, validated configuration. It holds no state: the per-layer state
+(decoding step ``t`` and the discontinuous skip counter) lives on
+:class:`scope_kv.cache.ScopeLayer`. Scoring, top-k and compaction are shared code in
+:mod:`scope_kv.selection`; a strategy only answers two questions (SCOPE_SPEC §3):
+
+* ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t``;
+* ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous"]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+@dataclass(frozen=True)
+class DecodingStrategy:
+    """Base of every decoding strategy.
+
+    Parameters
+    ----------
+    budget : int
+        ``B``: the most decoding-pool entries kept per layer and KV head.
+    recent : int
+        ``r``: the newest generated entries that are always kept and never scored
+        (``1 <= recent < budget``).
+    """
+
+    budget: int
+    recent: int
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        _check_int(f"{cls}.budget", self.budget, 2)
+        _check_int(f"{cls}.recent", self.recent, 1)
+        if self.recent >= self.budget:
+            raise ValueError(
+                f"{cls}: recent ({self.recent}) must be smaller than budget ({self.budget}); "
+                f"SCOPE keeps the newest `recent` entries plus `budget - recent` heavy hitters. "
+                f"Lower `recent` or raise `budget`, e.g. {cls}(budget={self.budget}, recent={self.budget // 2})."
+            )
+
+    # -- schedule -----------------------------------------------------------------------
+    def budget_at(self, t: int) -> int:
+        """``B(t)``: decoding budget at decode step ``t`` (``t = 0`` is the first decode forward)."""
+        return self.budget
+
+    @property
+    def slack(self) -> int:
+        """Most entries the pool may hold above ``B(t)`` between steps (0 except discontinuous)."""
+        return 0
+
+    @property
+    def max_held(self) -> int:
+        """Most decoding entries ever held at once, during a step's attention included."""
+        return self.budget + self.slack + 1
+
+    def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
+        """Decide whether decode step ``t`` selects.
+
+        Parameters
+        ----------
+        n_decoding : int
+            Entries in the decoding pool, the step's new token included.
+        t : int
+            Decoding forwards completed before this one.
+        skipped : int
+            The layer's skip counter (only discontinuous uses it).
+
+        Returns
+        -------
+        (select, skipped) : tuple[bool, int]
+            Whether to cut the pool back to ``budget_at(t)`` now, and the new skip counter.
+        """
+        return n_decoding >= self.budget_at(t), skipped
+
+    def describe(self) -> str:
+        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}"
+
+
+@dataclass(frozen=True)
+class Slide(DecodingStrategy):
+    """SCOPE *slide*: a constant budget ``B``; selects at every step once the pool holds ``B``.
+
+    Memory stays flat at ``prompt + B`` entries per layer and KV head.
+    """
+
+
+def _resolve_delta(cls: str, budget: int, recent: int, max_new_tokens: int | None, delta: int | None) -> int:
+    if max_new_tokens is None and delta is None:
+        raise ValueError(
+            f"{cls} needs the generation length its schedule is planned for: pass "
+            f"max_new_tokens=<the max_new_tokens you give generate> (the paper uses 4096), "
+            f"or the schedule step directly with delta=<int>."
+        )
+    if max_new_tokens is not None and delta is not None:
+        raise ValueError(
+            f"{cls}: pass either max_new_tokens or delta, not both "
+            f"(delta is derived as (max_new_tokens - recent) // (budget - recent))."
+        )
+    if delta is not None:
+        _check_int(f"{cls}.delta", delta, 1)
+        return delta
+    _check_int(f"{cls}.max_new_tokens", max_new_tokens, 1)
+    derived = (max_new_tokens - recent) // (budget - recent)
+    if derived < 1:
+        raise ValueError(
+            f"{cls}: max_new_tokens ({max_new_tokens}) must be at least budget ({budget}) for the "
+            f"schedule to grow (delta = (max_new_tokens - recent) // (budget - recent) = {derived}). "
+            f"For outputs shorter than the budget, use Slide or decoding=None."
+        )
+    return derived
+
+
+@dataclass(frozen=True)
+class Adaptive(DecodingStrategy):
+    """SCOPE *adaptive*: ``B(t) = min(B, r + t // delta)`` grows with the output.
+
+    ``delta = (max_new_tokens - recent) // (budget - recent)`` unless given directly, so the
+    budget reaches ``B`` near the end of a ``max_new_tokens``-long output. Selects at every
+    step at which the pool holds ``B(t)``. The paper's formula leaves ``B(t)`` unbounded past
+    ``t = (B - r) * delta``; we cap it at ``B``, the documented maximum (SCOPE_SPEC §2).
+    """
+
+    max_new_tokens: int | None = None
+    delta: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolved = _resolve_delta(type(self).__name__, self.budget, self.recent, self.max_new_tokens, self.delta)
+        object.__setattr__(self, "delta", resolved)
+
+    def budget_at(self, t: int) -> int:
+        return min(self.budget, self.recent + t // self.delta)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}"
+
+
+@dataclass(frozen=True)
+class Discontinuous(Adaptive):
+    """SCOPE *discontinuous*: the adaptive budget, but selection runs on one eligible step in
+    ``delta + 1``; between selections the pool grows freely (by at most ``delta + 1``).
+
+    A step is eligible when the pool holds at least ``B(t)``. The skip counter starts at 0
+    with every new generation (prefill), so the first ``delta`` eligible steps are skipped.
+    """
+
+    @property
+    def slack(self) -> int:
+        # After a selection the pool holds B(t); `delta` skipped eligible steps add one entry each.
+        return self.delta
+
+    def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
+        if n_decoding < self.budget_at(t):
+            return False, skipped
+        if skipped < self.delta:
+            return False, skipped + 1
+        return True, 0
