@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random decoder models of several architectures (no download)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import transformers
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+BACKENDS = ("sdpa", "eager")
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+
+def _config(arch: str) -> transformers.PreTrainedConfig:
+    if arch == "llama":
+        return transformers.LlamaConfig(num_hidden_layers=2, **_COMMON)
+    if arch == "mistral":
+        # Mistral-7B v0.2+ checkpoints ship sliding_window=None; the class default (4096) makes
+        # every layer sliding, which ScopeCache refuses (tested in test_core_generate.py).
+        return transformers.MistralConfig(num_hidden_layers=2, sliding_window=None, **_COMMON)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(num_hidden_layers=2, **_COMMON)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(num_hidden_layers=2, head_dim=16, **_COMMON)
+    if arch == "phi3":
+        return transformers.Phi3Config(
+            num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **_COMMON
+        )
+    if arch == "gemma3":
+        return transformers.Gemma3TextConfig(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            **_COMMON,
+        )
+    raise ValueError(arch)
+
+
+_MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _base_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    config = _config(arch)
+    model = getattr(transformers, _MODEL_CLASSES[arch])(config)
+    # Random init gives near-uniform attention; sharpen it so heavy hitters exist and
+    # selection decisions are well separated (ties would make the oracle comparison fragile).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+def make_model(arch: str, backend: str = "sdpa") -> torch.nn.Module:
+    """A fresh copy of the tiny ``arch`` model with attention ``backend`` (fp32, eval mode)."""
+    model = copy.deepcopy(_base_model(arch))
+    model.set_attn_implementation(backend)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param

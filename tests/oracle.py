@@ -1,0 +1,170 @@
+"""An independent oracle of SCOPE_SPEC §3, built on a full `DynamicCache`.
+
+The oracle never evicts anything: the cache holds every entry, and attention is restricted
+to the set the spec's rule keeps (a boolean ``kept`` mask per layer, batch row and KV head
+over *logical* positions). Attention is plain float32 math written here, the schedules are
+written here from the spec, and selection is a brute-force sort per (row, KV head). Nothing
+is imported from ``scope_kv`` except to drive the run under test.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ORACLE_NAME = "scope_test_oracle"
+
+
+@dataclass
+class Rule:
+    """The spec's rule, restated: kind in {"slide", "adaptive", "discontinuous"}."""
+
+    kind: str
+    budget: int
+    recent: int
+    delta: int | None = None
+
+    def budget_at(self, t: int) -> int:
+        if self.kind == "slide":
+            return self.budget
+        # B(t) = r + t // delta, never above B (the documented maximum).
+        return min(self.budget, self.recent + t // self.delta)
+
+
+@dataclass
+class OracleState:
+    rule: Rule | None
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, L) bool
+    prefill: dict[int, int] = field(default_factory=dict)
+    step: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, int] = field(default_factory=dict)
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state: OracleState = module._scope_oracle
+    if getattr(module, "sliding_window", None) is not None or getattr(module, "is_sliding", False):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    scaling = dim**-0.5 if scaling is None else scaling
+
+    if q_len > 1 or layer not in state.kept:
+        state.kept[layer] = torch.ones(batch, kv_heads, length, dtype=torch.bool)
+        state.prefill[layer] = length
+        state.step[layer] = 0
+        state.skipped[layer] = 0
+        decode = False
+    else:
+        new = torch.ones(batch, kv_heads, 1, dtype=torch.bool)
+        state.kept[layer] = torch.cat([state.kept[layer], new], dim=-1)
+        decode = True
+    kept = state.kept[layer]
+
+    if attention_mask is not None:
+        allowed = attention_mask[:, :, :, :length].to(torch.bool).expand(batch, 1, q_len, length)
+    else:
+        i = torch.arange(q_len)[:, None]
+        j = torch.arange(length)[None, :]
+        allowed = (j <= length - q_len + i)[None, None].expand(batch, 1, q_len, length)
+    allowed = allowed & kept.repeat_interleave(group, dim=1)[:, :, None, :]  # (batch, q_heads, q, L)
+
+    k = key.float().repeat_interleave(group, dim=1)
+    v = value.float().repeat_interleave(group, dim=1)
+    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+    if kwargs.get("softcap") is not None:
+        logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # Pad queries attend to nothing; give them zeros instead of NaN (their outputs are unused).
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, v).to(query.dtype).transpose(1, 2).contiguous()
+
+    if decode and state.rule is not None:
+        _select(state, layer, probs[:, :, -1, :], group)
+    return out, None
+
+
+def _select(state: OracleState, layer: int, probs: torch.Tensor, group: int) -> None:
+    rule = state.rule
+    t = state.step[layer]
+    state.step[layer] += 1
+    kept = state.kept[layer]
+    start = state.prefill[layer]
+    batch, kv_heads, _ = kept.shape
+    n_decoding = int(kept[0, 0, start:].sum())
+    budget = rule.budget_at(t)
+    if n_decoding < budget:
+        return
+    if rule.kind == "discontinuous":
+        if state.skipped[layer] < rule.delta:
+            state.skipped[layer] += 1
+            return
+        state.skipped[layer] = 0
+    for b in range(batch):
+        for h in range(kv_heads):
+            positions = [p for p in range(start, kept.shape[-1]) if kept[b, h, p]]
+            assert len(positions) == n_decoding
+            candidates = positions[: len(positions) - rule.recent]
+            score = {p: float(probs[b, h * group : (h + 1) * group, p].sum()) for p in candidates}
+            ranked = sorted(candidates, key=lambda p: -score[p])
+            for p in ranked[budget - rule.recent :]:
+                kept[b, h, p] = False
+
+
+def positions_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+
+
+def forced_decode(model, cache, input_ids, attention_mask, steps, tokens=None, on_step=None):
+    """Prefill then ``steps`` decode forwards; greedy unless ``tokens`` (batch, steps) are forced.
+
+    Returns (tokens, logits) with logits a list of (batch, vocab) float tensors, one per
+    forward (the prefill's last position first).
+    """
+    with torch.no_grad():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask, input_ids.shape[1]),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        all_logits = [out.logits[:, -1].float()]
+        chosen = []
+        for s in range(steps):
+            nxt = all_logits[-1].argmax(-1) if tokens is None else tokens[:, s]
+            chosen.append(nxt)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask, 1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            all_logits.append(out.logits[:, -1].float())
+            if on_step is not None:
+                on_step(s)
+    return torch.stack(chosen, dim=1), all_logits
+
+
+def oracle_logits(model, rule: Rule | None, input_ids, attention_mask, tokens):
+    """Teacher-force ``tokens`` through a copy of ``model`` whose attention obeys the spec's rule."""
+    if ORACLE_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(ORACLE_NAME, _oracle_attention)
+        AttentionMaskInterface.register(ORACLE_NAME, sdpa_mask)
+    oracle = copy.deepcopy(model)
+    oracle.set_attn_implementation(ORACLE_NAME)
+    state = OracleState(rule)
+    for module in oracle.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):
+            module._scope_oracle = state
+    cache = DynamicCache(config=oracle.config)
+    _, logits = forced_decode(oracle, cache, input_ids, attention_mask, tokens.shape[1], tokens=tokens)
+    return logits, state
