@@ -1,0 +1,222 @@
+"""`model.generate` features with ScopeCache: padding, beams, sampling, chunked prefill,
+multi-turn reuse, independence of caches, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from conftest import make_model
+from oracle import forced_decode
+from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide
+
+STRATEGIES = [Slide(8, 3), Adaptive(10, 4, max_new_tokens=30), Discontinuous(10, 4, max_new_tokens=30)]
+IDS = ["slide", "adaptive", "discontinuous"]
+NEW = 30
+
+
+def _ids(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+
+
+def _left_pad(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def _generate(model, cache, ids, mask=None, **kwargs):
+    kwargs = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, **kwargs}
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+
+
+def _managed_lengths(cache):
+    return [cache.kv_length(i) for i, layer in enumerate(cache.layers) if isinstance(layer, ScopeLayer)]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_padded_batch_rows_equal_prompts_alone(backend, strategy):
+    model = make_model("llama", backend)
+    prompts = _ids([20, 13, 17], seed=5)
+    ids, mask = _left_pad(prompts)
+    batched = _generate(model, ScopeCache(model, decoding=strategy), ids, mask)[:, ids.shape[1] :]
+    for row, prompt in enumerate(prompts):
+        alone = _generate(model, ScopeCache(model, decoding=strategy), prompt[None])[:, len(prompt) :]
+        assert torch.equal(batched[row], alone[0]), f"row {row}"
+
+
+def test_beam_search_huge_budget_equals_dynamic_and_small_budget_is_bounded():
+    model = make_model("llama")
+    ids = _ids([18])[0][None]
+    kwargs = dict(num_beams=3, num_return_sequences=2, early_stopping=False, length_penalty=0.0)
+    reference = _generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    assert torch.equal(_generate(model, ScopeCache(model, decoding=Slide(10_000, 8)), ids, **kwargs), reference)
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    out = _generate(model, cache, ids, **kwargs)
+    assert out.shape == reference.shape
+    assert max(_managed_lengths(cache)) <= ids.shape[1] + 8
+
+
+def test_sampling_and_num_return_sequences():
+    model = make_model("qwen2")
+    ids = _ids([16])[0][None]
+    kwargs = dict(do_sample=True, top_k=20, num_return_sequences=3)
+    torch.manual_seed(7)
+    reference = _generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(_generate(model, ScopeCache(model, decoding=Slide(10_000, 8)), ids, **kwargs), reference)
+    cache = ScopeCache(model, decoding=Adaptive(8, 3, max_new_tokens=NEW))
+    torch.manual_seed(7)
+    out = _generate(model, cache, ids, **kwargs)
+    assert out.shape == (3, ids.shape[1] + NEW)
+    assert cache.layers[0].keys.shape[0] == 3  # batch expanded for the return sequences
+    assert max(_managed_lengths(cache)) <= ids.shape[1] + 8
+
+
+@pytest.mark.parametrize("strategy", [None, Slide(8, 3)], ids=["none", "slide"])
+def test_chunked_prefill_equals_one_shot_prefill(strategy):
+    model = make_model("llama")
+    ids = _ids([24])[0][None]  # 3 chunks of 8: no chunk of 1 token, which would count as a decode step
+    one_shot = _generate(model, ScopeCache(model, decoding=strategy), ids)
+    cache = ScopeCache(model, decoding=strategy)
+    chunked = _generate(model, cache, ids, prefill_chunk_size=8)
+    assert torch.equal(chunked, one_shot)
+    assert cache.layers[0].prefill_length == 24
+    if strategy is None:
+        assert torch.equal(chunked, _generate(model, DynamicCache(config=model.config), ids))
+
+
+def test_second_generate_call_continues_the_conversation():
+    model = make_model("llama")
+    first, follow_up = _ids([20, 6], seed=3)
+    # Huge budget: identical to the stock cache over two turns.
+    outs = []
+    for cache in (DynamicCache(config=model.config), ScopeCache(model, decoding=Slide(10_000, 8))):
+        turn1 = _generate(model, cache, first[None])
+        turn2 = _generate(model, cache, torch.cat([turn1, follow_up[None]], dim=1))
+        outs.append(turn2)
+    assert torch.equal(outs[0], outs[1])
+    # Small budget: the new turn's prompt and the held decoding pool join the prefill pool.
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    turn1 = _generate(model, cache, first[None])
+    layer = cache.layers[0]
+    held_after_turn1 = layer.length
+    assert held_after_turn1 == 20 + 8
+    turn2_ids = torch.cat([turn1, follow_up[None]], dim=1)
+    turn2 = _generate(model, cache, turn2_ids)
+    assert cache.get_seq_length() == turn2.shape[1] - 1
+    # the prompt of turn 2 = the last token of turn 1 (never fed) + the follow-up
+    assert layer.prefill_length == held_after_turn1 + 1 + len(follow_up)
+    assert layer.length <= layer.prefill_length + 8
+    assert layer.step == NEW - 1
+
+
+def test_two_caches_never_affect_each_other_and_fresh_caches_repeat():
+    model = make_model("llama")
+    ids = _ids([20])[0][None]
+    mask = torch.ones_like(ids)
+    solo_a = forced_decode(model, ScopeCache(model, decoding=Slide(8, 3)), ids, mask, NEW)[0]
+    solo_b = forced_decode(model, ScopeCache(model, decoding=Discontinuous(9, 2, delta=2)), ids, mask, NEW)[0]
+    # Interleave two live caches step by step on the same model.
+    a, b = ScopeCache(model, decoding=Slide(8, 3)), ScopeCache(model, decoding=Discontinuous(9, 2, delta=2))
+    tokens = {}
+    with torch.no_grad():
+        state = {}
+        for name, cache in (("a", a), ("b", b)):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            state[name] = [out.logits[:, -1].argmax(-1)]
+        for _ in range(NEW - 1):
+            for name, cache in (("a", a), ("b", b)):
+                out = model(input_ids=state[name][-1][:, None], past_key_values=cache, use_cache=True)
+                state[name].append(out.logits[:, -1].argmax(-1))
+        tokens = {k: torch.stack(v, dim=1) for k, v in state.items()}
+    assert torch.equal(tokens["a"], solo_a[:, : NEW])
+    assert torch.equal(tokens["b"], solo_b[:, : NEW])
+    # and a fresh cache after all that repeats the first result exactly
+    again = forced_decode(model, ScopeCache(model, decoding=Slide(8, 3)), ids, mask, NEW)[0]
+    assert torch.equal(again, solo_a)
+    # reset() makes a used cache behave like a fresh one
+    a.reset()
+    assert a.get_seq_length() == 0 and a.nbytes() == 0
+    assert torch.equal(forced_decode(model, a, ids, mask, NEW)[0], solo_a)
+
+
+def test_memory_is_bounded_and_measured():
+    model = make_model("llama")
+    ids = _ids([40])[0][None]
+    full = ScopeCache(model)
+    _generate(model, full, ids, max_new_tokens=60, min_new_tokens=60)
+    slide = ScopeCache(model, decoding=Slide(8, 3))
+    _generate(model, slide, ids, max_new_tokens=60, min_new_tokens=60)
+    per_slot = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head dim 16, fp32
+    for i in range(2):
+        assert slide.kv_length(i) == 40 + 8
+        assert full.kv_length(i) == 40 + 59
+        # storage is per KV head: exactly (prompt + budget + 1) slots pre-allocated
+        assert slide.layers[i].nbytes() == (40 + 8 + 1) * per_slot
+    assert slide.nbytes() < full.nbytes()
+    assert slide.layers[0].keys.shape[1] == model.config.num_key_value_heads
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_mistral_with_every_layer_sliding_is_refused_with_a_fix():
+    config = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="sliding_window = None"):
+        ScopeCache(model, decoding=Slide(8, 3))
+    model.config.sliding_window = None
+    ScopeCache(model, decoding=Slide(8, 3))
+
+
+def test_wrong_arguments_raise_type_error():
+    model = make_model("llama")
+    with pytest.raises(TypeError, match="decoding must be"):
+        ScopeCache(model, decoding="slide")
+    with pytest.raises(TypeError, match="transformers model"):
+        ScopeCache(model.config, decoding=Slide(8, 3))
+
+
+def test_unsupported_attention_backend_is_refused():
+    model = make_model("llama")
+    model.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(ValueError, match="not supported by scope_kv"):
+        ScopeCache(model, decoding=Slide(8, 3))
+
+
+def test_cache_reused_with_another_model_raises():
+    model_a, model_b = make_model("llama"), make_model("llama")
+    cache = ScopeCache(model_a, decoding=Slide(8, 3))
+    ScopeCache(model_b)  # model_b routes through scope attention too
+    with pytest.raises(ValueError, match="another model"):
+        _generate(model_b, cache, _ids([12])[0][None])
+
+
+def test_attention_switched_away_after_construction_raises():
+    model = make_model("llama")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="never reached scope_kv's attention"):
+        _generate(model, cache, _ids([12])[0][None])
+
+
+def test_crop_is_refused_clearly():
+    model = make_model("llama")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    assert not cache.is_croppable
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)

@@ -1,0 +1,142 @@
+"""Shared selection mechanics and a ScopeLayer driven with random tensors (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scope_kv import Discontinuous, ScopeLayer, Slide
+from scope_kv.selection import attention_scores, compact_, select_heavy, valid_keys
+
+
+def _brute_force_keep(query, keys, valid, scaling, start, end, recent, keep):
+    """SCOPE_SPEC §3 from scratch in float64 with python loops: kept candidate indices per (b, h)."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    result = {}
+    for b in range(batch):
+        for h in range(kv_heads):
+            score = [0.0] * length
+            for g in range(group):
+                qv = query[b, h * group + g, -1].double()
+                logits = [
+                    float(qv @ keys[b, h, j].double()) * scaling if valid is None or valid[b, j] else -math.inf
+                    for j in range(length)
+                ]
+                top = max(logits)
+                z = sum(math.exp(x - top) for x in logits)
+                for j in range(length):
+                    score[j] += math.exp(logits[j] - top) / z
+            candidates = list(range(start, end - recent))
+            ranked = sorted(candidates, key=lambda j: -score[j])
+            result[(b, h)] = sorted(j - start for j in ranked[:keep])
+    return result
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (6, 3), (2, 2)])
+def test_kept_set_equals_brute_force(seed, q_heads, kv_heads):
+    g = torch.Generator().manual_seed(seed)
+    batch, length, dim, start, recent, keep = 2, 30, 8, 10, 4, 7
+    query = torch.randn(batch, q_heads, 1, dim, generator=g) * 2
+    keys = torch.randn(batch, kv_heads, length, dim, generator=g)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :3] = False  # left padding in row 1
+    scores = attention_scores(query, keys, valid, dim**-0.5)
+    assert scores.shape == (batch, kv_heads, length)
+    # probabilities: each KV head's scores sum to its group size; pads get nothing
+    torch.testing.assert_close(scores.sum(-1), torch.full((batch, kv_heads), float(q_heads // kv_heads)))
+    assert scores[1, :, :3].abs().max() == 0
+    heavy = select_heavy(scores[:, :, start : length - recent], keep)
+    expected = _brute_force_keep(query, keys, valid, dim**-0.5, start, length, recent, keep)
+    for (b, h), idx in expected.items():
+        assert heavy[b, h].tolist() == idx
+
+
+def test_valid_keys_understands_every_mask_format():
+    batch, length = 2, 6
+    pads = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    sdpa = pads[:, None, None, :]
+    eager = torch.zeros(batch, 1, 1, length).masked_fill(~sdpa, torch.finfo(torch.float32).min)
+    flash = pads.long()
+    for mask in (sdpa, eager, flash):
+        assert torch.equal(valid_keys(mask, batch, length, torch.device("cpu")), pads)
+    assert valid_keys(None, batch, length, torch.device("cpu")) is None
+    # longer 4-D masks (sized for a longer layer) are sliced to the held length
+    assert valid_keys(torch.ones(1, 1, 1, 9, dtype=torch.bool), batch, length, torch.device("cpu")).shape == (2, 6)
+
+
+def test_compaction_keeps_key_value_pairs_and_order():
+    batch, heads, cap, dim = 2, 3, 20, 4
+    start, end, recent = 5, 17, 3
+    ident = torch.arange(batch * heads * cap, dtype=torch.float32).view(batch, heads, cap, 1)
+    keys = ident.expand(-1, -1, -1, dim).clone()
+    values = (-ident).expand(-1, -1, -1, dim).clone()
+    before_keys = keys.clone()
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.stack([torch.randperm(end - start - recent, generator=g)[:4].sort().values for _ in range(batch * heads)])
+    heavy = heavy.view(batch, heads, 4)
+    new_end = compact_(keys, values, start, end, heavy, recent)
+    assert new_end == start + 4 + recent
+    # prefill region untouched
+    assert torch.equal(keys[:, :, :start], before_keys[:, :, :start])
+    for b in range(batch):
+        for h in range(heads):
+            expected = [start + int(i) for i in heavy[b, h]] + list(range(end - recent, end))
+            got_k = keys[b, h, start:new_end, 0]
+            got_v = values[b, h, start:new_end, 0]
+            assert got_k.tolist() == before_keys[b, h, expected, 0].tolist()
+            assert torch.equal(got_v, -got_k)  # every kept key still has its own value
+
+
+class _FakeModule(torch.nn.Module):
+    pass
+
+
+def _drive(strategy, prompt=12, steps=60, batch=2, kv_heads=2, q_heads=4, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    module = _FakeModule()
+    layer = ScopeLayer(0, strategy, frozenset({id(module)}))
+    k = torch.randn(batch, kv_heads, prompt, dim, generator=g)
+    layer.update(k, torch.randn_like(k))
+    layer.after_attention(module, torch.randn(batch, q_heads, prompt, dim, generator=g), layer.keys[:, :, :prompt], None, None, None)
+    history = []
+    for t in range(steps):
+        k = torch.randn(batch, kv_heads, 1, dim, generator=g)
+        keys, values = layer.update(k, -k)
+        assert keys.shape[-2] == layer.length and torch.equal(keys[:, :, -1:], k)
+        query = torch.randn(batch, q_heads, 1, dim, generator=g) * 3
+        layer.after_attention(module, query, keys, None, None, None)
+        history.append((t, layer.length))
+        # keys/values stay paired through every compaction (values were stored as -keys)
+        assert torch.equal(layer.values[:, :, prompt : layer.length], -layer.keys[:, :, prompt : layer.length])
+    return layer, history
+
+
+@pytest.mark.parametrize("strategy", [Slide(8, 3), Discontinuous(10, 2, delta=3)], ids=["slide", "discontinuous"])
+def test_layer_bounds_with_random_tensors(strategy):
+    layer, history = _drive(strategy)
+    for t, length in history:
+        assert length <= 12 + strategy.budget_at(t) + strategy.slack
+    assert layer.capacity == 12 + strategy.max_held
+    assert layer.seen == 12 + 60 and layer.prefill_length == 12
+
+
+def test_layer_rejects_another_model():
+    layer = ScopeLayer(0, Slide(4, 2), frozenset({1}))
+    k = torch.randn(1, 1, 3, 4)
+    layer.update(k, k)
+    with pytest.raises(ValueError, match="another model"):
+        layer.after_attention(_FakeModule(), torch.randn(1, 1, 3, 4), k, None, None, None)
+
+
+def test_layer_detects_attention_that_bypassed_scope():
+    module = _FakeModule()
+    layer = ScopeLayer(0, Slide(4, 2), frozenset({id(module)}))
+    k = torch.randn(1, 1, 3, 4)
+    layer.update(k, k)  # ... and the attention function never ran
+    with pytest.raises(RuntimeError, match="never reached scope_kv's attention"):
+        layer.update(k[:, :, :1], k[:, :, :1])
