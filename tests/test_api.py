@@ -11,9 +11,16 @@ EXPECTED = {
     "Adaptive",
     "DecodingStrategy",
     "Discontinuous",
+    "H2O",
+    "PrefillCompressor",
+    "PyramidKV",
     "ScopeCache",
     "ScopeLayer",
     "Slide",
+    "SnapKV",
+    "StreamingLLM",
+    "UnifiedH2O",
+    "UnifiedStreamingLLM",
     "__version__",
 }
 

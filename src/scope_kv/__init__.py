@@ -1,6 +1,7 @@
 """scope_kv: SCOPE KV-cache compression (Wu et al., ACL 2025) for Hugging Face Transformers.
 
-The prompt's KV (prefill pool) is kept whole; the generated tokens' KV (decoding pool) is held
+The prompt's KV (prefill pool) is kept whole, or compressed once by a prefill compressor
+(SnapKV, PyramidKV, H2O, StreamingLLM); the generated tokens' KV (decoding pool) is held
 to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
 
     from scope_kv import ScopeCache, Slide
@@ -9,7 +10,8 @@ to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
 """
 
 from .cache import ScopeCache, ScopeLayer
-from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide
+from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
+from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
 
 __version__ = "0.1.0"
 
@@ -17,8 +19,15 @@ __all__ = [
     "Adaptive",
     "DecodingStrategy",
     "Discontinuous",
+    "H2O",
+    "PrefillCompressor",
+    "PyramidKV",
     "ScopeCache",
     "ScopeLayer",
     "Slide",
+    "SnapKV",
+    "StreamingLLM",
+    "UnifiedH2O",
+    "UnifiedStreamingLLM",
     "__version__",
 ]

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .kernels import grouped_decode_attention
 
 __all__ = ["PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
 
@@ -71,9 +73,23 @@ def _make_attention(backend: str) -> Callable[..., Any]:
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = getattr(key, "_scope_layer", None)
+        if layer is not None and layer.own_mask:
+            # Once prefill compression or a unified baseline has evicted prompt entries, rows keep
+            # different numbers of pads (or filler) and layers different lengths (PyramidKV), so the
+            # mask transformers built no longer describes this layer's slots: the layer supplies its
+            # own, in this backend's format.
+            attention_mask = layer.attention_mask_for(backend, query.shape[2], query.dtype)
+        if layer is not None and backend == "sdpa" and _fast_decode(layer, module, query, attention_mask, kwargs):
+            # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
+            # log-sum-exp, from which the layer scores its candidates in O(budget).
+            scaling = kwargs.get("scaling")
+            scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+            output, lse = grouped_decode_attention(query, key, value, attention_mask, scaling)
+            layer.after_attention(module, query, key, attention_mask, scaling, None, lse=lse)
+            return output, None
         base = _eager_function(module) if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
         output = base(module, query, key, value, attention_mask, **kwargs)
-        layer = getattr(key, "_scope_layer", None)
         if layer is not None:
             layer.after_attention(
                 module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")
@@ -84,9 +100,56 @@ def _make_attention(backend: str) -> Callable[..., Any]:
     return scope_attention
 
 
+def _fast_decode(layer: Any, module: torch.nn.Module, query: torch.Tensor, attention_mask: Any, kwargs: dict) -> bool:
+    """Whether this step can take the grouped decode path: a ScopeLayer decode step (one query
+    token) with plain softmax attention (no soft-capping, sinks, window or dropout) and no mask or
+    a boolean one. ``layer.fast_decode``: None = on for CUDA tensors, True/False forces it."""
+    wanted = layer.fast_decode if layer.fast_decode is not None else query.is_cuda
+    return (
+        wanted
+        and query.shape[2] == 1
+        and layer._decode_pending
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and not (module.training and kwargs.get("dropout", 0.0))
+        and getattr(module, "sinks", None) is None
+        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
+    )
+
+
+def _scope_sdpa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers' sdpa mask, except that one new token with no padding and every held slot
+    behind it gets no mask even while tracing or capturing a CUDA graph (transformers then
+    materialises an all-True mask, which costs a mask build and the slower masked kernel per
+    layer). Exact for any cache: every slot is visible to the query."""
+    if (
+        attention_mask is None
+        and q_length == 1
+        and isinstance(q_offset, int)
+        and kv_offset + kv_length - 1 <= q_offset
+        and mask_function is causal_mask_function
+        and local_size is None
+    ):
+        return None
+    return sdpa_mask(
+        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, local_size=local_size, **kwargs,
+    )
+
+
 def _mask_function(backend: str) -> Callable[..., Any]:
     if backend == "sdpa":
-        return sdpa_mask
+        return _scope_sdpa_mask
     if backend == "eager":
         return eager_mask
     return _physical_flash_mask

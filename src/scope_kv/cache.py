@@ -29,7 +29,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention import enable_scope_attention
 from .decoding import DecodingStrategy
-from .selection import attention_scores, compact_, select_heavy, valid_keys
+from .kernels import candidate_scores, evict_one_
+from .prefill.base import PrefillCompressor
+from .selection import attention_scores, compact_, keep_top_, leading_invalid, select_heavy, valid_keys
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,20 @@ class ScopeLayer(CacheLayerMixin):
         Budget and selection timing for the decoding pool; ``None`` keeps every entry.
     module_ids : frozenset[int]
         ``id`` of every module of the model the cache was built for (to refuse another model).
+    prefill : PrefillCompressor or None
+        Compresses the prefill pool once, when prefill ends; ``None`` keeps the prompt whole.
+    num_layers : int
+        The model's number of decoder layers (per-layer prefill budgets depend on depth).
+
+    Notes
+    -----
+    Padding and the mask. Until something in the prefill pool is evicted, pads stay at the
+    front and transformers' 2-D mask describes the slots. Prefill compression and the unified
+    baselines evict prompt entries, after which rows hold different numbers of leading invalid
+    slots (pads, or filler that keeps the physical length one number for the batch). From then
+    on (``own_mask``) the layer tracks ``start`` -- leading invalid slots per row, learned from
+    the prefill's mask -- and the attention function uses :meth:`attention_mask_for` instead of
+    the mask transformers built.
     """
 
     is_sliding = False
@@ -58,11 +74,25 @@ class ScopeLayer(CacheLayerMixin):
     # `crop` cannot restore evicted entries, so stop-string rollback / assisted decoding stay off.
     is_croppable = False
 
-    def __init__(self, layer_idx: int, decoding: DecodingStrategy | None, module_ids: frozenset[int]):
+    def __init__(
+        self,
+        layer_idx: int,
+        decoding: DecodingStrategy | None,
+        module_ids: frozenset[int],
+        prefill: PrefillCompressor | None = None,
+        num_layers: int = 1,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.decoding = decoding
+        self.prefill = prefill
+        self.num_layers = num_layers
+        # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
+        # own mask) before the first decoding step appends.
+        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
         self._module_ids = module_ids
+        # Decode fast path (scope_kv.kernels): None = on for CUDA tensors; True/False forces it.
+        self.fast_decode: bool | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -77,6 +107,10 @@ class ScopeLayer(CacheLayerMixin):
         self.selections = 0  # selections run since the last prefill (for reports)
         self._decode_pending = False
         self._awaiting_attention = False
+        self.start: torch.Tensor | None = None  # (batch,) leading invalid slots per row
+        self.own_mask = False  # the layer supplies its attention mask (see class notes)
+        self._prefill_open = False  # a prefill ran and its compression is still to do
+        self._memo: dict[str, Any] = {}  # what the prefill compressor gathers while the prompt runs
 
     # -- CacheLayerMixin ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -117,6 +151,12 @@ class ScopeLayer(CacheLayerMixin):
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
         decode = self.length > 0 and q == 1
+        if decode and self._prefill_open:
+            # Prefill is known to be over only now (chunked prefill looks like any prefill forward).
+            # Compressing here, before this step's entry is appended, is safe although transformers
+            # sized this forward's mask before any layer ran: from now on the layer attends with
+            # its own mask (`own_mask`), never with that one.
+            self.finish_prefill()
         if decode:
             self._reserve(self.length + 1)
         else:
@@ -136,6 +176,7 @@ class ScopeLayer(CacheLayerMixin):
             self.step = 0
             self.skipped = 0
             self.selections = 0
+            self._prefill_open = self._evicts_prompt
         self._awaiting_attention = True
         keys = self.keys[:, :, : self.length]
         values = self.values[:, :, : self.length]
@@ -166,16 +207,29 @@ class ScopeLayer(CacheLayerMixin):
             idx = beam_idx.to(self.device)
             self.keys = self.keys.index_select(0, idx)
             self.values = self.values.index_select(0, idx)
+            self._map_batch(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys = self.keys[indices, ...]
             self.values = self.values[indices, ...]
+            self._map_batch(lambda t: t[indices, ...])
+
+    def _map_batch(self, fn: Any) -> None:
+        """Apply a batch re-indexing to every per-row tensor besides K/V (``start``, the memo)."""
+        if self.start is not None:
+            self.start = fn(self.start)
+        for name, item in list(self._memo.items()):
+            if isinstance(item, torch.Tensor):
+                self._memo[name] = fn(item)
+            elif isinstance(item, list):
+                self._memo[name] = [fn(t) if isinstance(t, torch.Tensor) else t for t in item]
 
     # -- selection ------------------------------------------------------------------------
     def after_attention(
@@ -186,6 +240,7 @@ class ScopeLayer(CacheLayerMixin):
         attention_mask: torch.Tensor | None,
         scaling: float | None,
         softcap: float | None,
+        lse: torch.Tensor | None = None,
     ) -> None:
         """Called by the scope attention function once the step's attention has run.
 
@@ -199,6 +254,9 @@ class ScopeLayer(CacheLayerMixin):
             ``(batch, kv_heads, length, dim)`` the keys the step attended to.
         attention_mask : Tensor or None
             The mask the step used.
+        lse : Tensor, optional
+            ``(batch, q_heads)`` float32 log-sum-exp of the step's attention (the grouped decode
+            path returns it); candidates are then scored in O(budget) (DESIGN §4).
         """
         self._awaiting_attention = False
         if id(module) not in self._module_ids:
@@ -207,11 +265,15 @@ class ScopeLayer(CacheLayerMixin):
                 "ScopeCache(model, ...) per model; a cache cannot move between models."
             )
         if not self._decode_pending:
+            self._after_prefill_attention(module, query, keys, attention_mask, scaling, softcap)
             return
         self._decode_pending = False
         t = self.step
         self.step += 1
         if self.decoding is None:
+            return
+        if self.decoding.evicts_prompt:
+            self._unified_select(query, keys, attention_mask, scaling, softcap, t)
             return
         recent = self.decoding.recent
         n_decoding = self.length - self.prefill_length
@@ -224,13 +286,162 @@ class ScopeLayer(CacheLayerMixin):
         if keep >= n_candidates:
             return  # the pool is exactly at budget: nothing to evict
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if lse is not None:
+            start = self.prefill_length
+            if n_candidates - keep == 1:
+                # Slide / Adaptive at budget: one fused launch scores, evicts and closes the gap.
+                evict_one_(query, self.keys, self.values, lse, start, start + n_candidates, self.length, scale)
+                self.length -= 1
+                return
+            scores = candidate_scores(query, self.keys[:, :, start : start + n_candidates], lse, scale)
+            heavy = select_heavy(scores, keep)
+            self.length = compact_(self.keys, self.values, start, self.length, heavy, recent)
+            return
         valid = valid_keys(attention_mask, keys.shape[0], keys.shape[-2], keys.device)
         scores = attention_scores(query, keys, valid, scale, softcap)
         candidates = scores[:, :, self.prefill_length : self.prefill_length + n_candidates]
         heavy = select_heavy(candidates, keep)
         self.length = compact_(self.keys, self.values, self.prefill_length, self.length, heavy, recent)
 
+    def _after_prefill_attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> None:
+        """A prefill forward attended: learn the pads, let the prefill compressor observe."""
+        if not self._evicts_prompt:
+            return
+        batch, length = keys.shape[0], keys.shape[-2]
+        if not self.own_mask:
+            # Pads are the leading slots the prompt's last query may not see. Relearned at every
+            # chunk: a chunk of nothing but pads shows the whole row invalid until the next one.
+            valid = valid_keys(attention_mask, batch, length, keys.device)
+            self.start = leading_invalid(valid, batch, keys.device)
+        if self.prefill is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            self._memo["module"] = module
+            self.prefill.observe(self._memo, module, query, keys, self.start, scale, softcap)
+
+    def capture_input(self, hidden_states: torch.Tensor, position_embeddings: Any) -> None:
+        """Keep a prefill forward's attention input for compressors that score from it.
+
+        Parameters
+        ----------
+        hidden_states : Tensor
+            ``(batch, q, hidden)`` the attention module's input.
+        position_embeddings : tuple of Tensor or None
+            ``(cos, sin)``, each ``(batch, q, rotary_dim)``, as the model passes them.
+        """
+        if self.prefill is None or not self.prefill.needs_hidden_states:
+            return
+        if self.length > 0 and hidden_states.shape[1] == 1:
+            return  # a decoding step
+        self._memo.setdefault("hidden_states", []).append(hidden_states.detach())
+        if position_embeddings is not None:
+            self._memo.setdefault("position_embeddings", []).append(tuple(p.detach() for p in position_embeddings))
+
+    def finish_prefill(self) -> None:
+        """Compress the prefill pool now and switch to the layer's own mask (idempotent).
+
+        Runs by itself at the first decoding step; call it (through
+        :meth:`ScopeCache.finish_prefill`) to inspect the compressed cache before decoding.
+        """
+        if not self._prefill_open:
+            return
+        self._prefill_open = False
+        memo, self._memo = self._memo, {}
+        prompt = self.prefill_length
+        if self.start is None:
+            self.start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
+        if self.prefill is not None and self.length == prompt:
+            real = prompt - self.start
+            counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, memo.get("module")).clamp(min=0)
+            counts = torch.minimum(counts, real)
+            if bool((counts < real).any()):
+                keys, values = self.keys[:, :, :prompt], self.values[:, :, :prompt]
+                scores = self.prefill.scores(memo, keys, values, self.start)
+                self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
+                self.prefill_length = self.length
+                self._shrink()
+        self.own_mask = True
+
+    def _unified_select(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+        t: int,
+    ) -> None:
+        """Unified baselines: one budget over every held entry, prompt included (SCOPE_SPEC §4)."""
+        start = self.start if self.start is not None else torch.zeros_like(self.keys[:, 0, 0, 0], dtype=torch.long)
+        held = self.length - start  # (batch,) valid entries per row
+        select, self.skipped = self.decoding.plan(int(held.max()), t, self.skipped)
+        if not select:
+            return
+        counts = held.clamp(max=self.decoding.budget_at(t))
+        if bool((counts == held).all()):
+            return
+        self.selections += 1
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        valid = valid_keys(attention_mask, keys.shape[0], keys.shape[-2], keys.device)
+        scores = self.decoding.prompt_scores(query, keys, valid, scale, softcap).clone()
+        scores[..., self.length - self.decoding.recent :] = float("inf")  # the newest r stay
+        self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
+        # Prompt and generated entries now share one pool: no boundary is left to record.
+        self.prefill_length = 0
+
+    def attention_mask_for(self, backend: str, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask for this layer's held slots, in ``backend``'s format.
+
+        Query ``i`` of the forward (slot ``length - q_len + i``) may see slot ``j`` when
+        ``start[b] <= j <= length - q_len + i``.
+
+        Parameters
+        ----------
+        backend : str
+            ``"sdpa"`` (boolean ``(batch, 1, q, length)``, True = attend), ``"eager"`` (additive
+            float ``(batch, 1, q, length)`` of ``dtype``, ``finfo.min`` = blocked) or a flash
+            backend (2-D ``(batch, length)`` padding mask, causality left to the kernel; ``None``
+            when nothing is invalid).
+        q_len : int
+            Queries in this forward.
+        dtype : torch.dtype
+            The query dtype (eager's additive mask).
+        """
+        length = self.length
+        device = self.keys.device
+        start = self.start if self.start is not None else torch.zeros(self.keys.shape[0], dtype=torch.long, device=device)
+        slots = torch.arange(length, device=device)
+        valid = slots[None, :] >= start[:, None]  # (batch, length)
+        if backend.startswith("flash"):
+            return None if bool(valid.all()) else valid.to(torch.int32)
+        causal = slots[None, :] <= (length - q_len + torch.arange(q_len, device=device))[:, None]  # (q, length)
+        allowed = (valid[:, None, :] & causal[None])[:, None]  # (batch, 1, q, length)
+        if backend == "eager":
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
+
     # -- helpers --------------------------------------------------------------------------
+    def _shrink(self) -> None:
+        """Give back the storage prefill compression freed (one copy, once per prompt)."""
+        headroom = _MIN_GROWTH if self.decoding is None else self.decoding.max_held
+        needed = self.length + headroom
+        if self.capacity <= needed:
+            return
+        shape = (*self.keys.shape[:2], needed, self.keys.shape[-1])
+        keys = self.keys.new_empty(shape)
+        values = self.values.new_empty(shape)
+        keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
+        values[:, :, : self.length].copy_(self.values[:, :, : self.length])
+        self.keys, self.values = keys, values
+
     def _check_shapes(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1])
         got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
@@ -270,6 +481,7 @@ class ScopeLayer(CacheLayerMixin):
             "capacity": self.capacity,
             "step": self.step,
             "selections": self.selections,
+            "compressed": self.own_mask,
             "bytes": self.nbytes(),
         }
 
@@ -284,7 +496,14 @@ class ScopeCache(Cache):
         scope_kv's attention function, which passes through unchanged for any other cache.
     decoding : DecodingStrategy or None
         :class:`~scope_kv.Slide`, :class:`~scope_kv.Adaptive` or :class:`~scope_kv.Discontinuous`;
-        ``None`` keeps every generated entry (the prompt is always kept whole).
+        a unified baseline (:class:`~scope_kv.UnifiedH2O`, :class:`~scope_kv.UnifiedStreamingLLM`),
+        whose one budget covers prompt and generated entries; or ``None`` to keep every
+        generated entry.
+    prefill : PrefillCompressor or None
+        Compresses each layer's prompt entries once, when prefill ends (:class:`~scope_kv.SnapKV`,
+        :class:`~scope_kv.PyramidKV`, :class:`~scope_kv.H2O`, :class:`~scope_kv.StreamingLLM`, or an
+        adapter such as ``scope_kv.integrations.kvpress.KVPressPrefill``); ``None`` keeps the
+        prompt whole.
 
     Notes
     -----
@@ -294,14 +513,25 @@ class ScopeCache(Cache):
     both join the prefill pool; the decoding schedule (step, skip counter) starts afresh.
     """
 
-    def __init__(self, model: PreTrainedModel, decoding: DecodingStrategy | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        decoding: DecodingStrategy | None = None,
+        prefill: PrefillCompressor | None = None,
+    ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(
                 f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}."
             )
         if decoding is not None and not isinstance(decoding, DecodingStrategy):
             raise TypeError(
-                f"decoding must be Slide(...), Adaptive(...), Discontinuous(...) or None, got {decoding!r}."
+                f"decoding must be Slide(...), Adaptive(...), Discontinuous(...), UnifiedH2O(...), "
+                f"UnifiedStreamingLLM(...) or None, got {decoding!r}."
+            )
+        if prefill is not None and not isinstance(prefill, PrefillCompressor):
+            raise TypeError(
+                f"prefill must be SnapKV(...), PyramidKV(...), H2O(...), StreamingLLM(...), a "
+                f"KVPressPrefill(press) adapter or None, got {prefill!r}."
             )
         config = model.config.get_text_config(decoder=True)
         template = DynamicCache(config=config)
@@ -311,7 +541,7 @@ class ScopeCache(Cache):
             if isinstance(layer, DynamicSlidingWindowLayer):
                 layers.append(layer)  # bounded by its window already; transformers' own layer
             elif type(layer) is DynamicLayer:
-                layers.append(ScopeLayer(idx, decoding, module_ids))
+                layers.append(ScopeLayer(idx, decoding, module_ids, prefill, len(template.layers)))
             elif not isinstance(layer, CacheLayerMixin) and type(layer).__name__ == "DummyLayer":
                 layers.append(layer)
             else:
@@ -329,7 +559,21 @@ class ScopeCache(Cache):
             )
         super().__init__(layers=layers)
         self.decoding = decoding
+        self.prefill = prefill
         self.attn_implementation = enable_scope_attention(model)
+        if prefill is not None and prefill.needs_hidden_states:
+            _install_input_capture(model)
+
+    def finish_prefill(self) -> None:
+        """Compress every layer's prompt entries now, instead of at the first decoding step.
+
+        For inspection (e.g. measuring what a prefill compressor keeps); generation does not
+        need it. Without a prefill compressor or unified baseline this only switches layers to
+        their own masks.
+        """
+        for layer in self.layers:
+            if isinstance(layer, ScopeLayer):
+                layer.finish_prefill()
 
     # -- lengths --------------------------------------------------------------------------
     def get_query_offset(self, layer_idx: int = 0) -> int:
@@ -370,4 +614,41 @@ class ScopeCache(Cache):
 
     def __repr__(self) -> str:
         managed = sum(isinstance(layer, ScopeLayer) for layer in self.layers)
-        return f"ScopeCache(decoding={self.decoding!r}, layers={len(self.layers)}, managed={managed})"
+        return (
+            f"ScopeCache(decoding={self.decoding!r}, prefill={self.prefill!r}, layers={len(self.layers)}, "
+            f"managed={managed})"
+        )
+
+
+_CAPTURE_HANDLE = "_scope_kv_input_capture"
+
+
+def _capture_attention_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: hand a prefill forward's attention input to the module's ScopeLayer.
+
+    Stateless: the cache is read from the call's own ``past_key_values``, so the hook does
+    nothing for any other cache and keeps no reference to any ScopeCache.
+    """
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, ScopeCache):
+        return
+    layer = cache.layers[module.layer_idx]
+    if not isinstance(layer, ScopeLayer):
+        return
+    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    if hidden_states is not None:
+        layer.capture_input(hidden_states, kwargs.get("position_embeddings"))
+
+
+def _install_input_capture(model: PreTrainedModel) -> None:
+    """Register :func:`_capture_attention_input` once on each attention module (idempotent).
+
+    Attention modules are found without per-architecture code: the innermost modules that
+    carry a ``layer_idx`` (decoder layers may carry one too, and contain the attention).
+    """
+    indexed = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
+    inner = [m for m in indexed if not any(c is not m and getattr(c, "layer_idx", None) is not None for c in m.modules())]
+    for module in inner:
+        if getattr(module, _CAPTURE_HANDLE, None) is None:
+            handle = module.register_forward_pre_hook(_capture_attention_input, with_kwargs=True)
+            setattr(module, _CAPTURE_HANDLE, handle)

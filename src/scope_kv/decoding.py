@@ -12,8 +12,13 @@ A strategy is a frozen, validated configuration. It holds no state: the per-laye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-__all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous"]
+import torch
+
+from .selection import attention_scores
+
+__all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous", "UnifiedH2O", "UnifiedStreamingLLM"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -38,6 +43,10 @@ class DecodingStrategy:
 
     budget: int
     recent: int
+
+    # Unified baselines (SCOPE_SPEC §4) evict from prompt and generated entries alike; SCOPE's
+    # own strategies only ever touch the decoding pool.
+    evicts_prompt: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -167,3 +176,78 @@ class Discontinuous(Adaptive):
         if skipped < self.delta:
             return False, skipped + 1
         return True, 0
+
+
+@dataclass(frozen=True)
+class UnifiedH2O(DecodingStrategy):
+    """Unified H2O baseline (SCOPE_SPEC §4; H2O, Zhang et al., NeurIPS 2023).
+
+    One budget over the prompt's and the generated entries together: once a layer holds more
+    than ``budget`` entries, keep the newest ``recent`` and the top ``budget - recent`` of all
+    older entries (prompt included) by the current query's attention, which is SCOPE's score
+    (softmax over the whole held context per query head, summed over the KV head's group).
+
+    Parameters
+    ----------
+    budget : int
+        Total entries kept per layer and KV head, the paper's ``C + B`` (e.g. ``2048 + 512``).
+    recent : int
+        Newest entries always kept.
+    """
+
+    evicts_prompt: ClassVar[bool] = True
+
+    def prompt_scores(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        valid: torch.Tensor | None,
+        scaling: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """``(batch, kv_heads, length)`` score of every held entry (higher is kept first).
+
+        Parameters
+        ----------
+        query : Tensor
+            ``(batch, q_heads, 1, dim)`` the step's query.
+        keys : Tensor
+            ``(batch, kv_heads, length, dim)`` every held key.
+        valid : Tensor or None
+            ``(batch, length)`` boolean, the slots the step may attend to.
+        """
+        return attention_scores(query, keys, valid, scaling, softcap)
+
+    def describe(self) -> str:
+        return f"unified_h2o:{self.budget}/{self.recent}"
+
+
+@dataclass(frozen=True)
+class UnifiedStreamingLLM(UnifiedH2O):
+    """Unified StreamingLLM baseline (SCOPE_SPEC §4; Xiao et al., ICLR 2024).
+
+    One budget over prompt and generated entries: keep the first ``budget - recent`` entries
+    (attention sinks and the start of the prompt) and the newest ``recent``.
+
+    Parameters
+    ----------
+    budget : int
+        Total entries kept per layer and KV head (``C + B``).
+    recent : int
+        Newest entries always kept.
+    """
+
+    def prompt_scores(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        valid: torch.Tensor | None,
+        scaling: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        batch, kv_heads, length, _ = keys.shape
+        earlier_first = -torch.arange(length, device=keys.device, dtype=torch.float32)
+        return earlier_first.expand(batch, kv_heads, length)
+
+    def describe(self) -> str:
+        return f"unified_streamingllm:{self.budget}/{self.recent}"

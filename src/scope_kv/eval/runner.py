@@ -1,0 +1,309 @@
+"""Run LongGenBench under several cache methods: greedy generation, scoring, KV accounting.
+
+One JSON line per (example, method) goes to ``<out>/longgenbench.jsonl`` and a per-method
+summary to ``<out>/longgenbench_summary.csv``; see :mod:`scope_kv.eval.common` for resuming
+and sharding.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .common import KVAccount, ResultStore, Shard, chunks
+from .longgenbench import Example, build_prompt, fit_to_tokens, score_output, truncate_example
+from .methods import Method
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KVTrace", "LongGenBenchSettings", "run_longgenbench", "summarize_longgenbench", "write_csv"]
+
+RESULTS = "longgenbench"
+
+
+class KVTrace(StoppingCriteria):
+    """A stopping criterion that never stops: it records the cache's state after every forward.
+
+    ``generate`` calls it once per generated token, after the forward that produced it, so
+    ``entries[i]`` is the KV entries (summed over layers) held after forward ``i`` (``i = 0``
+    is the prefill). It also times the prefill and the decoding.
+
+    Parameters
+    ----------
+    cache : Cache
+        The cache passed to ``generate`` as ``past_key_values``.
+    account : KVAccount
+        KV geometry of the model.
+    on_token : callable or None
+        Called with no argument after each token (progress bars).
+    """
+
+    def __init__(self, cache: Any, account: KVAccount, on_token: Any = None):
+        self.cache = cache
+        self.account = account
+        self.on_token = on_token
+        self.entries: list[int] = []
+        self.peak_allocated = 0
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.entries.append(sum(self.account.entries(self.cache)))
+        self.peak_allocated = max(self.peak_allocated, self.account.allocated_bytes(self.cache))
+        if self.on_token is not None:
+            self.on_token()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return (self.first or self.start) - self.start
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        if self.first is None or self.last is None or self.last <= self.first:
+            return None
+        return (len(self.entries) - 1) / (self.last - self.first)
+
+
+@dataclass(frozen=True)
+class LongGenBenchSettings:
+    """Settings of one LongGenBench run (they must match to resume into a directory).
+
+    Attributes
+    ----------
+    max_new_tokens : int
+        Generation length (the paper: 4096 for the 4K sets, 7950 for 8K).
+    max_questions : int or None
+        Keep only the first questions of each example (smaller runs).
+    max_prompt_tokens : int or None
+        Keep as many leading questions as fit in this many prompt tokens.
+    chat_template : bool
+        Wrap the prompt in the tokenizer's chat template when it has one.
+    """
+
+    max_new_tokens: int = 4096
+    max_questions: int | None = None
+    max_prompt_tokens: int | None = None
+    chat_template: bool = True
+
+    def prepare(self, example: Example, tokenizer: Any) -> Example:
+        if self.max_questions is not None and self.max_questions < example.k:
+            example = truncate_example(example, self.max_questions)
+        if self.max_prompt_tokens is not None:
+            example = fit_to_tokens(example, tokenizer, self.max_prompt_tokens, self.chat_template)
+        return example
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["example"], row["method"]
+
+
+def _order(methods: Sequence[str]):
+    rank = {m: i for i, m in enumerate(methods)}
+    return lambda row: (row["index"], rank.get(row["method"], len(rank)), row["method"])
+
+
+def _encode(text: str, tokenizer: Any, chat_template: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    # A chat-templated text already holds the special tokens the template wants.
+    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def run_longgenbench(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    methods: Sequence[Method],
+    out_dir: str | pathlib.Path,
+    settings: LongGenBenchSettings = LongGenBenchSettings(),
+    shard: Shard = Shard(),
+    progress: bool = False,
+    run_info: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate an answer for every (example, method) pair this shard owns, and score it.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer (batch size 1, greedy decoding).
+    examples : sequence of Example
+        E.g. :func:`scope_kv.eval.longgenbench.load_examples`; split round robin over shards.
+    methods : sequence of Method
+        Parsed method specs (:func:`scope_kv.eval.methods.parse_method`).
+    out_dir : path
+        Results directory (resumable).
+    settings : LongGenBenchSettings
+        Generation length and prompt truncation.
+    shard : Shard
+        This process's rank / world size.
+    progress : bool
+        Show tqdm progress bars (examples x methods, and tokens).
+    run_info : dict or None
+        Extra settings recorded with the run (model name, data path); they must match to resume.
+
+    Returns
+    -------
+    list[dict]
+        Every record of the run when this process merged the results, else this shard's new ones.
+    """
+    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
+    store = ResultStore(out_dir, RESULTS, shard, config)
+    done = store.done(_key)
+    account = KVAccount(model)
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    todo = [(i, ex, m) for i, ex in chunks(examples, shard) for m in methods if (ex.id, m.spec) not in done]
+    if len(done):
+        logger.info("resuming: %d records already in %s, %d to run on this rank", len(done), store.dir, len(todo))
+    bars = _Bars(progress, len(todo), settings.max_new_tokens, shard.rank)
+    new = []
+    prepared: dict[str, tuple[Example, dict[str, torch.Tensor]]] = {}
+    try:
+        for index, example, method in todo:
+            if example.id not in prepared:
+                prepared.clear()
+                ex = settings.prepare(example, tokenizer)
+                text = build_prompt(ex, tokenizer, settings.chat_template)
+                prepared[example.id] = (ex, _encode(text, tokenizer, settings.chat_template, device))
+            ex, inputs = prepared[example.id]
+            bars.start(f"{example.id} {method.spec}")
+            cache = method.make_cache(model)
+            trace = KVTrace(cache, account, on_token=bars.token)
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs,
+                    past_key_values=cache,
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=False,
+                    stopping_criteria=StoppingCriteriaList([trace]),
+                    eos_token_id=eos,
+                )
+            prompt_len = inputs["input_ids"].shape[1]
+            new_tokens = out[0, prompt_len:]
+            text_out = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            score = score_output(ex, text_out)
+            entries = trace.entries or [0]
+            record = {
+                "example": example.id,
+                "index": index,
+                "task": ex.task,
+                "method": method.spec,
+                "questions": ex.k,
+                "prompt_tokens": prompt_len,
+                "output_tokens": int(new_tokens.numel()),
+                "output": text_out,
+                "correct": score.correct,
+                "position_correct": score.position_correct,
+                "answered": score.answered,
+                "verdicts": [v.as_dict() for v in score.verdicts],
+                "num_layers": account.num_layers,
+                "kv_entries_end": entries[-1],
+                "kv_entries_peak": max(entries),
+                "kv_bytes_end": account.held_bytes(entries[-1]),
+                "kv_bytes_peak": account.held_bytes(max(entries)),
+                "kv_allocated_peak": trace.peak_allocated,
+                "kv_entries_trace": entries,
+                "prefill_seconds": round(trace.prefill_seconds, 4),
+                "tokens_per_second": trace.decode_tokens_per_second,
+            }
+            store.append(record)
+            new.append(record)
+            bars.finish(score.correct, ex.k)
+    finally:
+        bars.close()
+    if store.finish(_key, _order([m.spec for m in methods])):
+        rows = store.records()
+        write_csv(summarize_longgenbench(rows), store.dir / f"{RESULTS}_summary.csv")
+        return rows
+    return new
+
+
+class _Bars:
+    """Two tqdm bars (pairs done; tokens of the current generation); no-ops when disabled."""
+
+    def __init__(self, enabled: bool, total: int, max_tokens: int, rank: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.outer = tqdm(total=total, desc=f"[rank {rank}] examples x methods", unit="run", position=0)
+        self.inner = tqdm(total=max_tokens, desc="tokens", unit="tok", position=1, leave=False)
+        self.right = self.seen = 0
+
+    def start(self, label: str) -> None:
+        if self.enabled:
+            self.inner.reset()
+            self.inner.set_description(label)
+
+    def token(self) -> None:
+        if self.enabled:
+            self.inner.update(1)
+
+    def finish(self, correct: int, total: int) -> None:
+        if self.enabled:
+            self.right += correct
+            self.seen += total
+            self.outer.update(1)
+            self.outer.set_postfix(acc=f"{self.right}/{self.seen}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.inner.close()
+            self.outer.close()
+
+
+def summarize_longgenbench(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, method) summary rows: accuracies (label and position pairing) and KV memory."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["method"]), []).append(row)
+    out = []
+    for (task, method), rs in groups.items():
+        questions = sum(r["questions"] for r in rs)
+        speeds = [r["tokens_per_second"] for r in rs if r.get("tokens_per_second")]
+        layers = rs[0]["num_layers"]
+        out.append(
+            {
+                "task": task,
+                "method": method,
+                "examples": len(rs),
+                "questions": questions,
+                "accuracy": round(100 * sum(r["correct"] for r in rs) / questions, 2),
+                "position_accuracy": round(100 * sum(r["position_correct"] for r in rs) / questions, 2),
+                "answered": round(100 * sum(r["answered"] for r in rs) / questions, 2),
+                "prompt_tokens": round(sum(r["prompt_tokens"] for r in rs) / len(rs), 1),
+                "output_tokens": round(sum(r["output_tokens"] for r in rs) / len(rs), 1),
+                "kv_entries_per_layer_end": round(sum(r["kv_entries_end"] for r in rs) / len(rs) / layers, 1),
+                "kv_entries_per_layer_peak": round(sum(r["kv_entries_peak"] for r in rs) / len(rs) / layers, 1),
+                "kv_mib_peak": round(sum(r["kv_bytes_peak"] for r in rs) / len(rs) / 2**20, 3),
+                "tokens_per_second": round(sum(speeds) / len(speeds), 2) if speeds else None,
+            }
+        )
+    return out
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
+    """Write summary rows (dicts with the same keys) as CSV."""
+    path = pathlib.Path(path)
+    if not rows:
+        path.write_text("", encoding="utf-8")
+        return
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

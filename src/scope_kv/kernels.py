@@ -1,0 +1,327 @@
+"""The decode step's fast path: grouped attention that returns its log-sum-exp, candidate
+scoring from that log-sum-exp, and a fused evict-one kernel (DESIGN §4, issue "GPU performance").
+
+Every function here has a plain-torch reference beside it (``*_reference``), which is what
+runs on the CPU and what the tests compare the fast versions with (STYLE principle 8).
+
+Why these three:
+
+* **Grouped decode attention.** With one query token, the ``G = q_heads / kv_heads`` queries
+  of a KV head can be laid out as ``G`` query *rows* of that KV head, so one attention call
+  over ``(batch, kv_heads, G, dim)`` reads each cached K/V once, needs no ``repeat_kv`` copy
+  (transformers' sdpa path materialises 4x K/V for Llama-3 whenever a mask is passed), and
+  returns the per-head log-sum-exp the flash / memory-efficient kernels compute anyway.
+* **Candidate scores from the log-sum-exp.** SCOPE scores a decoding-pool entry by the
+  current query's softmax probability over the *whole* context (SCOPE_SPEC §3). With the
+  step's log-sum-exp ``m`` that is ``exp(s * q.k - m)``: O(budget) work per head instead of a
+  second pass over the prompt.
+* **Evict one.** Slide and Adaptive, once at budget, evict exactly one entry per step
+  (the pool grows by one and the budget never shrinks). One kernel per layer scores the
+  candidates, takes the arg-min and closes the gap in place, keeping the pool's order
+  (so the newest ``recent`` entries stay last, exactly as the reference compaction leaves
+  them). The scoring and the shift are fused so the step costs one launch, not ~15.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = [
+    "grouped_decode_attention",
+    "grouped_decode_attention_reference",
+    "candidate_scores",
+    "evict_one_",
+    "evict_one_reference_",
+    "triton_available",
+]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (it needs no GPU under ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- grouped decode attention -------------------------------------------------------------
+def _grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    batch, q_heads, q_len, dim = query.shape
+    if q_len != 1 or q_heads % kv_heads:
+        raise ValueError(f"grouped decode attention needs one query token and q_heads % kv_heads == 0, got "
+                         f"query {tuple(query.shape)} and {kv_heads} KV heads.")
+    return query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+
+
+def _key_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``(batch or 1, length)`` boolean "may attend" from transformers' 4-D sdpa mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise ValueError("grouped decode attention takes None or a boolean 4-D sdpa mask.")
+    return attention_mask[:, 0, -1, :length]
+
+
+def grouped_decode_attention_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch (float32) decode attention with its log-sum-exp.
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(batch, q_heads, 1, dim)``, post-RoPE.
+    keys, values : Tensor
+        ``(batch, kv_heads, length, dim)``.
+    attention_mask : Tensor or None
+        Boolean ``(batch or 1, 1, 1, length)`` (True = attend), as transformers' sdpa mask.
+    scaling : float
+        Softmax scale.
+
+    Returns
+    -------
+    (output, lse) : tuple[Tensor, Tensor]
+        ``(batch, 1, q_heads, dim)`` in the query's dtype (the layout transformers' attention
+        functions return) and ``(batch, q_heads)`` float32 natural-log log-sum-exp of the scaled
+        logits over the attended keys.
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    q = _grouped_query(query, kv_heads).float()
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (batch, kv_heads, group, length)
+    mask = _key_mask(attention_mask, length)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse[..., None]), values.float())
+    return out.to(query.dtype).reshape(batch, 1, q_heads, dim), lse.reshape(batch, q_heads)
+
+
+def _fused_supported(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and keys.dtype == query.dtype
+        and query.shape[-1] % 8 == 0
+        and query.shape[-1] <= 256
+        and keys.stride(-1) == 1
+        and query.stride(-1) == 1
+    )
+
+
+def _additive_bias(mask: torch.Tensor, batch: int, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    # The memory-efficient kernel wants a float bias whose rows start 16-element aligned: pad the
+    # last dimension and slice (the trick torch's own sdpa front-end uses).
+    rows, length = mask.shape
+    padded = -(-length // 16) * 16
+    bias = torch.zeros((rows, padded), dtype=dtype, device=mask.device)
+    bias = bias[:, :length].masked_fill_(~mask, float("-inf"))
+    return bias[:, None, None, :].expand(batch, kv_heads, group, length)
+
+
+def grouped_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention with its log-sum-exp; see :func:`grouped_decode_attention_reference`.
+
+    On CUDA (fp16/bf16) this is one call of PyTorch's flash kernel (no mask) or memory-efficient
+    kernel (boolean mask, as an additive bias) over ``(batch, kv_heads, group, dim)`` queries;
+    elsewhere it is the reference.
+    """
+    if not _fused_supported(query, keys):
+        return grouped_decode_attention_reference(query, keys, values, attention_mask, scaling)
+    batch, q_heads, _, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    q = _grouped_query(query, kv_heads)
+    group = q.shape[2]
+    mask = _key_mask(attention_mask, length)
+    if mask is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, False, False, scale=scaling)[:2]
+    else:
+        bias = _additive_bias(mask, batch, kv_heads, group, query.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, keys, values, bias, True, 0.0, False, scale=scaling
+        )[:2]
+        lse = lse[..., :group]
+    return out.reshape(batch, 1, q_heads, dim), lse.reshape(batch, q_heads)
+
+
+# -- candidate scores ---------------------------------------------------------------------
+def candidate_scores(query: torch.Tensor, candidates: torch.Tensor, lse: torch.Tensor, scaling: float) -> torch.Tensor:
+    """SCOPE scores of candidate entries from the step's log-sum-exp (plain torch, any device).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(batch, q_heads, 1, dim)``.
+    candidates : Tensor
+        ``(batch, kv_heads, n, dim)`` keys of the candidates.
+    lse : Tensor
+        ``(batch, q_heads)`` float32 log-sum-exp of the step's scaled logits over the whole
+        attended context.
+    scaling : float
+        Softmax scale.
+
+    Returns
+    -------
+    Tensor
+        ``(batch, kv_heads, n)`` float32: each candidate's softmax probability (over the whole
+        context) summed over the KV head's query group -- what
+        :func:`scope_kv.selection.attention_scores` gives for these slots.
+    """
+    batch, kv_heads = candidates.shape[:2]
+    q = _grouped_query(query, kv_heads).float()
+    logits = torch.matmul(q, candidates.float().transpose(-1, -2)) * scaling
+    return torch.exp(logits - lse.reshape(batch, kv_heads, -1, 1)).sum(dim=2)
+
+
+# -- evict one ----------------------------------------------------------------------------
+def evict_one_reference_(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lse: torch.Tensor,
+    start: int,
+    stop: int,
+    end: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Remove the lowest-scoring candidate of each ``(batch, kv_head)`` in place (plain torch).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(batch, q_heads, 1, dim)``.
+    keys, values : Tensor
+        ``(batch, kv_heads, capacity, dim)`` storage.
+    lse : Tensor
+        ``(batch, q_heads)`` float32 log-sum-exp of the step's attention.
+    start, stop, end : int
+        Candidates are slots ``[start, stop)``; ``[stop, end)`` are the recent entries, never
+        evicted. ``start < stop <= end - 1``.
+    scaling : float
+        Softmax scale.
+
+    Returns
+    -------
+    Tensor
+        ``(batch, kv_heads)`` int64 evicted slot offsets (relative to ``start``). Afterwards
+        ``[start, end - 1)`` holds the kept entries in their previous order.
+    """
+    scores = candidate_scores(query, keys[:, :, start:stop], lse, scaling)
+    evicted = scores.argmin(dim=-1)  # first minimum, like the Triton kernel
+    n = end - 1 - start
+    index = torch.arange(n, device=keys.device).expand(*evicted.shape, n)
+    index = index + (index >= evicted[..., None]).long()
+    for store in (keys, values):
+        region = store[:, :, start:end]
+        gathered = torch.gather(region, 2, index[..., None].expand(-1, -1, -1, store.shape[-1]))
+        store[:, :, start : end - 1].copy_(gathered)
+    return evicted
+
+
+@functools.cache
+def _evict_one_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def evict_one_kernel(
+        q_ptr, k_ptr, v_ptr, lse_ptr, out_ptr,
+        start, stop, end, scaling, kv_heads,
+        sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sl_b,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per (batch row, KV head): it owns that head's whole pool, so the shift
+        # below races with no other program.
+        pid = tl.program_id(0)
+        b = pid // kv_heads
+        h = pid % kv_heads
+        d = tl.arange(0, DIM)
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < GROUP
+        q = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + b * sl_b + h * GROUP + g, mask=g_ok, other=float("inf"))
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        best_val = tl.full((), float("inf"), tl.float32)
+        best_idx = tl.full((), 0, tl.int32)
+        for j0 in range(start, stop, BLOCK):
+            offs = j0 + tl.arange(0, BLOCK)
+            ok = offs < stop
+            k = tl.load(k_base + offs[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
+            logits = tl.dot(k, tl.trans(q.to(k.dtype)), out_dtype=tl.float32) * scaling  # (BLOCK, GROUP_PAD)
+            p = tl.sum(tl.exp(logits - lse[None, :]), axis=1)
+            p = tl.where(ok, p, float("inf"))
+            blk_val = tl.min(p, axis=0)
+            blk_idx = tl.argmin(p, axis=0).to(tl.int32) + j0 - start
+            better = blk_val < best_val
+            best_idx = tl.where(better, blk_idx, best_idx)
+            best_val = tl.where(better, blk_val, best_val)
+        tl.store(out_ptr + pid, best_idx.to(tl.int64))
+        # Close the gap: slots (evicted, end) move one slot left, block by block in ascending
+        # order; each block loads before any thread stores (barrier), and a block only stores
+        # where the previous blocks have already loaded.
+        for j0 in range(start + best_idx, end - 1, BLOCK):
+            offs = j0 + tl.arange(0, BLOCK)
+            ok = offs < end - 1
+            kk = tl.load(k_base + (offs + 1)[:, None] * sk_s + d[None, :], mask=ok[:, None])
+            vv = tl.load(v_base + (offs + 1)[:, None] * sv_s + d[None, :], mask=ok[:, None])
+            tl.debug_barrier()
+            tl.store(k_base + offs[:, None] * sk_s + d[None, :], kk, mask=ok[:, None])
+            tl.store(v_base + offs[:, None] * sv_s + d[None, :], vv, mask=ok[:, None])
+
+    return evict_one_kernel
+
+
+def evict_one_(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lse: torch.Tensor,
+    start: int,
+    stop: int,
+    end: int,
+    scaling: float,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Fused :func:`evict_one_reference_` (one Triton launch); same arguments and result.
+
+    ``use_triton=None`` picks Triton for CUDA tensors when it is installed, else the
+    reference; ``True`` forces it (on the CPU only under ``TRITON_INTERPRET=1``).
+    """
+    if use_triton is None:
+        use_triton = keys.is_cuda and triton_available()
+    if not use_triton:
+        return evict_one_reference_(query, keys, values, lse, start, stop, end, scaling)
+    import triton
+
+    batch, q_heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or query.stride(-1) != 1 or dim & (dim - 1):
+        return evict_one_reference_(query, keys, values, lse, start, stop, end, scaling)
+    lse = lse.float().contiguous()
+    evicted = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
+    _evict_one_kernel()[(batch * kv_heads,)](
+        query, keys, values, lse, evicted,
+        start, stop, end, float(scaling), kv_heads,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+    )
+    return evicted

@@ -1,0 +1,139 @@
+"""The base of every prefill compressor (SCOPE_SPEC §1, §4).
+
+A prefill compressor decides, once per prompt, which prompt entries each layer keeps in
+its prefill pool. It is a frozen configuration with no state: what it gathers while the
+prompt runs lives in a per-layer ``memo`` dict owned by :class:`scope_kv.cache.ScopeLayer`,
+which also does the eviction itself (:func:`scope_kv.selection.keep_top_`). A compressor
+answers three questions:
+
+* ``observe(memo, ...)`` -- called after every prefill forward's attention, with that
+  forward's queries: keep what scoring will need (a window of queries, running scores...);
+* ``keep_counts(real, layer_idx, num_layers)`` -- how many entries each batch row keeps;
+* ``scores(memo, ...)`` -- one score per prompt slot and KV head; the best ``count`` are kept.
+
+Compression runs when the prefill has ended, i.e. at the first decoding step (the only
+point where chunked prefill is known to be over), before that step's entry is appended.
+
+GQA: KV is stored per KV head, so each KV head keeps one set. Scores that come from
+attention are computed per query head and *summed over the KV head's query group*: the
+group shares the kept entries, so they should be the ones the group attends to most in
+total (for a group of one this is exactly the published per-head rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["PrefillCompressor", "check_int"]
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise TypeError / ValueError unless ``value`` is an int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+@dataclass(frozen=True)
+class PrefillCompressor:
+    """Base of every prefill compressor.
+
+    Parameters
+    ----------
+    budget : int
+        Prompt entries kept per layer and KV head. A prompt (batch row) with at most
+        ``budget`` real tokens is kept whole.
+    """
+
+    budget: int
+
+    # Whether the layer must capture the attention module's input hidden states during prefill
+    # (only adapters of external scorers need them; our own compressors score from queries).
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int(f"{type(self).__name__}.budget", self.budget, 1)
+
+    def keep_counts(
+        self, real: torch.Tensor, layer_idx: int, num_layers: int, module: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Entries kept per batch row.
+
+        Parameters
+        ----------
+        real : Tensor
+            ``(batch,)`` int64 real (non-padding) prompt entries held by each row.
+        layer_idx, num_layers : int
+            The layer, and the model's number of decoder layers (for per-layer budgets).
+        module : nn.Module, optional
+            The layer's attention module (adapters of external methods may need it).
+
+        Returns
+        -------
+        Tensor
+            ``(batch,)`` int64, ``min(budget, real)`` unless a subclass says otherwise.
+        """
+        return real.clamp(max=self.budget)
+
+    def observe(
+        self,
+        memo: dict[str, Any],
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        start: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+    ) -> None:
+        """Record what scoring needs from one prefill forward (default: nothing).
+
+        Parameters
+        ----------
+        memo : dict
+            The layer's per-prompt scratch space (emptied after compression).
+        module : nn.Module
+            The attention module.
+        query : Tensor
+            ``(batch, q_heads, q, dim)`` this forward's queries (post-RoPE); they sit at slots
+            ``[length - q, length)``.
+        keys : Tensor
+            ``(batch, kv_heads, length, dim)`` every key held, this forward's included.
+        start : Tensor
+            ``(batch,)`` leading invalid (padding) slots per row.
+        scaling : float
+            The model's softmax scale.
+        softcap : float or None
+            Logit soft-capping, if the model uses it.
+        """
+
+    def scores(
+        self,
+        memo: dict[str, Any],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        start: torch.Tensor,
+    ) -> torch.Tensor:
+        """Score every prompt slot; the layer keeps the best ``keep_counts`` per row and KV head.
+
+        Parameters
+        ----------
+        memo : dict
+            What :meth:`observe` recorded.
+        keys, values : Tensor
+            ``(batch, kv_heads, prompt, dim)`` the prefill pool.
+        start : Tensor
+            ``(batch,)`` leading invalid slots per row (the caller masks them out).
+
+        Returns
+        -------
+        Tensor
+            ``(batch, kv_heads, prompt)``; higher is kept first, ``+inf`` always kept.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{type(self).__name__.lower()}:{self.budget}"

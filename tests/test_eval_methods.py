@@ -1,0 +1,76 @@
+"""Method specs: parsing, validation, and clear failures for methods this install lacks."""
+
+from __future__ import annotations
+
+import pytest
+
+import scope_kv
+from scope_kv import Adaptive, Discontinuous, Slide
+from scope_kv.eval.methods import MethodSpecError, parse_method, parse_methods
+
+_HAS_PREFILL = all(hasattr(scope_kv, n) for n in ("SnapKV", "PyramidKV", "H2O", "StreamingLLM"))
+_HAS_UNIFIED = all(hasattr(scope_kv, n) for n in ("UnifiedH2O", "UnifiedStreamingLLM"))
+needs_prefill = pytest.mark.skipif(not _HAS_PREFILL, reason="prefill compressors not in this scope_kv yet")
+needs_unified = pytest.mark.skipif(not _HAS_UNIFIED, reason="unified baselines not in this scope_kv yet")
+
+
+def test_scope_strategies():
+    assert parse_method("full").is_full
+    assert parse_method(" slide : 512 / 256 ").decoding == Slide(512, 256)
+    assert parse_method("adaptive:512/256", max_new_tokens=4096).decoding == Adaptive(512, 256, max_new_tokens=4096)
+    assert parse_method("adaptive:512/256,T=4096").decoding.delta == 15
+    assert parse_method("discontinuous:512/256,delta=3").decoding == Discontinuous(512, 256, delta=3)
+    assert parse_method("slide:512/256").spec == "slide:512/256"
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("", "empty"),
+        ("slide:512", "budget and a recent window"),
+        ("slide:256/512", "recent"),
+        ("slide:5x/2", "whole number"),
+        ("adaptive:512/256", "T=<max_new_tokens>"),
+        ("lru:10/2", "unknown method"),
+        ("slide:64/32+snapkv:256", "prefill compressor"),
+        ("full,budget=3", "budget"),
+        ("a+b+c", "at most one"),
+        ("slide:64/32,oops", "key=value"),
+    ],
+)
+def test_bad_specs_say_what_to_write(spec, match):
+    with pytest.raises(MethodSpecError, match=match):
+        parse_method(spec)
+
+
+def test_bad_spec_fails_alone():
+    methods, errors = parse_methods(["full", "slide:8/4", "slide:4/8", "nonsense", "slide:8/4"], max_new_tokens=64)
+    assert [m.spec for m in methods] == ["full", "slide:8/4"]
+    assert set(errors) == {"slide:4/8", "nonsense", "slide:8/4"}  # the duplicate too
+
+
+@pytest.mark.skipif(_HAS_PREFILL and _HAS_UNIFIED, reason="every method is available")
+def test_missing_scope_kv_names_fail_with_a_clear_message():
+    methods, errors = parse_methods(["slide:8/4", "snapkv:2048+slide:512/256", "unified-h2o:2560/256"])
+    assert [m.spec for m in methods] == ["slide:8/4"]
+    for spec, message in errors.items():
+        assert "does not provide" in message and "scope_kv." in message
+
+
+@needs_prefill
+def test_prefill_specs_build_scope_kv_objects():
+    m = parse_method("snapkv:2048+slide:512/256")
+    assert m.prefill == scope_kv.SnapKV(budget=2048) and m.decoding == Slide(512, 256)
+    m = parse_method("snapkv:1024,window=8,kernel=7,pooling=max")
+    assert m.prefill == scope_kv.SnapKV(budget=1024, window=8, kernel=7, pooling="max") and m.decoding is None
+    assert parse_method("pyramidkv:2048,beta=20+full").prefill == scope_kv.PyramidKV(2048, beta=20)
+    assert parse_method("h2o:2048,recent=8+discontinuous:512/256", 4096).prefill == scope_kv.H2O(2048, recent=8)
+    assert parse_method("streamingllm:2048,sinks=4").prefill == scope_kv.StreamingLLM(2048, sinks=4)
+
+
+@needs_unified
+def test_unified_specs():
+    assert parse_method("unified-h2o:2560/256").decoding == scope_kv.UnifiedH2O(2560, 256)
+    assert parse_method("unified-streamingllm:2560/256").decoding == scope_kv.UnifiedStreamingLLM(2560, 256)
+    with pytest.raises(MethodSpecError, match="no prefill"):
+        parse_method("snapkv:2048+unified-h2o:2560/256")

@@ -1,0 +1,175 @@
+"""The decode fast path (scope_kv.kernels) against its plain-torch references and against the
+reference selection path (scope_kv.selection), on the CPU; Triton runs under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, kernels
+from scope_kv.attention import _scope_sdpa_mask
+from scope_kv.selection import attention_scores, compact_, select_heavy
+from transformers.masking_utils import sdpa_mask
+
+SHAPES = [  # (batch, q_heads, kv_heads, dim)
+    pytest.param((1, 4, 4, 16), id="mha"),
+    pytest.param((2, 8, 2, 16), id="gqa4"),
+    pytest.param((3, 6, 1, 32), id="mqa"),
+]
+
+
+def _inputs(shape, length, seed, capacity=None):
+    batch, q_heads, kv_heads, dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    capacity = capacity or length
+    query = torch.randn(batch, q_heads, 1, dim, generator=gen) * 2
+    keys = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    return query, keys, values
+
+
+def _padding_mask(batch, length, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pads = torch.randint(0, length // 3, (batch,), generator=gen)
+    mask = torch.arange(length)[None, :] >= pads[:, None]
+    return mask[:, None, None, :]  # (batch, 1, 1, length): transformers' sdpa decode mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padded"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grouped_attention_reference_matches_sdpa(shape, masked, seed):
+    batch, q_heads, kv_heads, dim = shape
+    query, keys, values = _inputs(shape, 37, seed)
+    mask = _padding_mask(batch, 37, seed) if masked else None
+    scale = dim**-0.5
+    out, lse = kernels.grouped_decode_attention_reference(query, keys, values, mask, scale)
+    group = q_heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), attn_mask=mask, scale=scale
+    )
+    assert out.shape == (batch, 1, q_heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    logits = torch.matmul(query, keys.repeat_interleave(group, 1).transpose(-1, -2))[:, :, 0] * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, :, 0], float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padded"])
+def test_candidate_scores_equal_full_softmax_scores(shape, masked):
+    batch, _, _, dim = shape
+    query, keys, values = _inputs(shape, 50, 3)
+    mask = _padding_mask(batch, 50, 3) if masked else None
+    _, lse = kernels.grouped_decode_attention_reference(query, keys, values, mask, dim**-0.5)
+    valid = None if mask is None else mask[:, 0, 0]
+    full = attention_scores(query, keys, valid, dim**-0.5)
+    fast = kernels.candidate_scores(query, keys[:, :, 30:45], lse, dim**-0.5)
+    torch.testing.assert_close(fast, full[:, :, 30:45], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evict_one_reference_equals_reference_compaction(shape, seed):
+    dim = shape[-1]
+    start, stop, end, capacity = 11, 40, 52, 60
+    query, keys, values = _inputs(shape, end, seed, capacity)
+    keys[:, :, end:] = float("nan")  # beyond the held slots: must never be read into the pool
+    _, lse = kernels.grouped_decode_attention_reference(query, keys[:, :, :end], values[:, :, :end], None, dim**-0.5)
+    k_ref, v_ref = keys.clone(), values.clone()
+    scores = attention_scores(query, k_ref[:, :, :end], None, dim**-0.5)[:, :, start:stop]
+    heavy = select_heavy(scores, stop - start - 1)
+    new_end = compact_(k_ref, v_ref, start, end, heavy, end - stop)
+    k_fast, v_fast = keys.clone(), values.clone()
+    evicted = kernels.evict_one_reference_(query, k_fast, v_fast, lse, start, stop, end, dim**-0.5)
+    assert new_end == end - 1
+    assert evicted.shape == shape[:1] + shape[2:3]
+    torch.testing.assert_close(k_fast[:, :, :new_end], k_ref[:, :, :new_end], rtol=0, atol=0)
+    torch.testing.assert_close(v_fast[:, :, :new_end], v_ref[:, :, :new_end], rtol=0, atol=0)
+
+
+_TRITON_CHECK = """
+import sys, torch
+from scope_kv import kernels
+batch, q_heads, kv_heads, dim, start, stop, end = map(int, sys.argv[1:])
+gen = torch.Generator().manual_seed(start + stop + end)
+query = torch.randn(batch, q_heads, 1, dim, generator=gen) * 2
+keys = torch.randn(batch, kv_heads, end + 7, dim, generator=gen)
+values = torch.randn(batch, kv_heads, end + 7, dim, generator=gen)
+_, lse = kernels.grouped_decode_attention_reference(query, keys[:, :, :end], values[:, :, :end], None, dim**-0.5)
+k_ref, v_ref, k_tri, v_tri = keys.clone(), values.clone(), keys.clone(), values.clone()
+e_ref = kernels.evict_one_reference_(query, k_ref, v_ref, lse, start, stop, end, dim**-0.5)
+e_tri = kernels.evict_one_(query, k_tri, v_tri, lse, start, stop, end, dim**-0.5, use_triton=True)
+assert torch.equal(e_ref, e_tri), (e_ref, e_tri)
+assert torch.equal(k_ref, k_tri) and torch.equal(v_ref, v_tri)  # untouched slots included
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("span", [(0, 5, 9), (11, 40, 52), (3, 140, 200)], ids=["tiny", "mid", "multiblock"])
+def test_evict_one_triton_matches_reference(shape, span):
+    """The Triton kernel under TRITON_INTERPRET=1 (read when Triton is imported, hence a fresh
+    process) against the plain-torch reference: same evicted slots, bit-identical storage."""
+    if not kernels.triton_available():
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = [str(x) for x in (*shape, *span)]
+    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_scope_sdpa_mask_skips_only_when_every_slot_is_visible():
+    assert _scope_sdpa_mask(2, 1, 10, q_offset=9, kv_offset=0, device="cpu") is None
+    # A static-style buffer (slots beyond the query) keeps its mask, identical to transformers'.
+    got = _scope_sdpa_mask(2, 1, 16, q_offset=9, kv_offset=0, device="cpu", allow_is_causal_skip=False)
+    expected = sdpa_mask(2, 1, 16, q_offset=9, kv_offset=0, device="cpu", allow_is_causal_skip=False)
+    assert got is not None and torch.equal(got, expected)
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[0, :3] = False
+    got = _scope_sdpa_mask(2, 1, 10, q_offset=9, kv_offset=0, attention_mask=padding, device="cpu")
+    assert got is not None and not got[0, 0, 0, :3].any() and got[1].all()
+
+
+STRATEGIES = [
+    pytest.param(lambda: Slide(12, 5), id="slide"),
+    pytest.param(lambda: Adaptive(12, 5, max_new_tokens=40), id="adaptive"),
+    pytest.param(lambda: Discontinuous(12, 5, max_new_tokens=40), id="discontinuous"),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
+def test_fast_decode_path_matches_reference_path(strategy, padded):
+    """Whole-model check: the fast path (forced on the CPU, plain-torch kernels) generates the
+    same tokens and leaves the same held K/V as the reference path."""
+    model = make_model("llama")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (2, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[0, :5] = 0
+        mask[0, :5] = 0
+    caches = []
+    outputs = []
+    for fast in (False, True):
+        cache = ScopeCache(model, decoding=strategy())
+        for layer in cache.layers:
+            layer.fast_decode = fast
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+                             do_sample=False, pad_token_id=0)
+        caches.append(cache)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    for ref, fast in zip(caches[0].layers, caches[1].layers):
+        assert ref.length == fast.length and ref.selections == fast.selections > 0
+        torch.testing.assert_close(fast.keys[:, :, : fast.length], ref.keys[:, :, : ref.length], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.values[:, :, : fast.length], ref.values[:, :, : ref.length], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,37 @@
+"""benchmarks/decode.py runs end to end on the CPU (--smoke: tiny model) and writes what it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    out = tmp_path / "decode"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--smoke", "--out", str(out),
+           "--methods", "dynamic", "static", "scope-full", "slide-noselect", "slide", "discontinuous"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".md").exists()
+    methods = {p["method"] for p in result["points"]}
+    assert methods == {"dynamic", "static", "scope-full", "slide-noselect", "slide", "discontinuous"}
+    settings = result["settings"]
+    for p in result["points"]:
+        assert p["ms_mean"] > 0 and p["ms_median"] > 0
+        if p["method"] == "slide":
+            # Slide holds the prompt plus at most the budget; it selects once the pool is full.
+            assert p["held_entries"] <= settings["prompt"] + settings["budget"]
+            assert (p["selections"] > 0) == (p["generated"] >= settings["budget"])
+        if p["method"] == "dynamic":
+            assert p["held_entries"] == settings["prompt"] + p["generated"]
+    summary = {(r["method"], r["batch_tag"], r["workload"]) for r in result["summary"]}
+    assert ("slide", 1, max(settings["workloads"])) in summary
+    assert all(r["tokens_per_s"] > 0 for r in result["summary"])
+    assert any(t["target"].startswith("selection cost") for t in result["targets"])
