@@ -45,6 +45,16 @@ class TinyTokenizer:
         return " ".join(str(i) for i in ids)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core CI machine
+    # oversubscription makes each forward several times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     m = make_model("llama")

@@ -75,46 +75,72 @@ def test_candidate_scores_equal_full_softmax_scores(shape, masked):
     torch.testing.assert_close(fast, full[:, :, 30:45], rtol=1e-5, atol=1e-7)
 
 
+def _as_set(keys, values):
+    """Held (key, value) pairs per (row, head) in a canonical order: the fast path keeps the same
+    entries as the reference path, not necessarily in the same slots."""
+    order = keys[..., 0].argsort(dim=-1)[..., None]
+    return (torch.gather(keys, 2, order.expand_as(keys)), torch.gather(values, 2, order.expand_as(values)))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_evict_one_reference_equals_reference_compaction(shape, seed):
+@pytest.mark.parametrize("rotation", [0, 3])
+def test_evict_one_keeps_what_reference_compaction_keeps(shape, seed, rotation):
+    """One evict-one step against select_heavy + compact_ on the same pool in arrival order:
+    same entries kept; the ring's rotation and the newest entry's move are undone by unrotate_."""
     dim = shape[-1]
-    start, stop, end, capacity = 11, 40, 52, 60
+    batch, _, kv_heads, _ = shape
+    start, end, recent, capacity = 11, 52, 12, 60
     query, keys, values = _inputs(shape, end, seed, capacity)
     keys[:, :, end:] = float("nan")  # beyond the held slots: must never be read into the pool
     _, lse = kernels.grouped_decode_attention_reference(query, keys[:, :, :end], values[:, :, :end], None, dim**-0.5)
+    # Arrival order for the reference; the fast path gets the same pool with its ring rotated.
     k_ref, v_ref = keys.clone(), values.clone()
-    scores = attention_scores(query, k_ref[:, :, :end], None, dim**-0.5)[:, :, start:stop]
-    heavy = select_heavy(scores, stop - start - 1)
-    new_end = compact_(k_ref, v_ref, start, end, heavy, end - stop)
+    n_cand = end - start - recent
+    scores = attention_scores(query, k_ref[:, :, :end], None, dim**-0.5)[:, :, start : start + n_cand]
+    new_end = compact_(k_ref, v_ref, start, end, select_heavy(scores, n_cand - 1), recent)
+    ring0 = end - 1 - recent
     k_fast, v_fast = keys.clone(), values.clone()
-    evicted = kernels.evict_one_reference_(query, k_fast, v_fast, lse, start, stop, end, dim**-0.5)
-    assert new_end == end - 1
-    assert evicted.shape == shape[:1] + shape[2:3]
-    torch.testing.assert_close(k_fast[:, :, :new_end], k_ref[:, :, :new_end], rtol=0, atol=0)
-    torch.testing.assert_close(v_fast[:, :, :new_end], v_ref[:, :, :new_end], rtol=0, atol=0)
+    order = (torch.arange(recent) - rotation) % recent  # slot i of the ring holds arrival index order[i]
+    for store in (k_fast, v_fast):
+        store[:, :, ring0 : end - 1] = store[:, :, ring0 : end - 1][:, :, order]
+    ptr = torch.full((batch, kv_heads), rotation, dtype=torch.int32)
+    kernels.evict_one_reference_(query, k_fast, v_fast, lse, ptr, start, end, recent, dim**-0.5)
+    assert new_end == end - 1 and torch.all(ptr == (rotation + 1) % recent)
+    for a, b in zip(_as_set(k_fast[:, :, :new_end], v_fast[:, :, :new_end]), _as_set(k_ref[:, :, :new_end], v_ref[:, :, :new_end])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The ring in arrival order again equals the reference's newest `recent` entries.
+    kernels.unrotate_(k_fast, v_fast, ptr, new_end, recent)
+    assert torch.all(ptr == 0)
+    torch.testing.assert_close(k_fast[:, :, new_end - recent : new_end], k_ref[:, :, new_end - recent : new_end])
+    torch.testing.assert_close(v_fast[:, :, new_end - recent : new_end], v_ref[:, :, new_end - recent : new_end])
 
 
 _TRITON_CHECK = """
 import sys, torch
 from scope_kv import kernels
-batch, q_heads, kv_heads, dim, start, stop, end = map(int, sys.argv[1:])
-gen = torch.Generator().manual_seed(start + stop + end)
+batch, q_heads, kv_heads, dim, start, end, recent, rotation = map(int, sys.argv[1:])
+gen = torch.Generator().manual_seed(start + end + rotation)
 query = torch.randn(batch, q_heads, 1, dim, generator=gen) * 2
 keys = torch.randn(batch, kv_heads, end + 7, dim, generator=gen)
 values = torch.randn(batch, kv_heads, end + 7, dim, generator=gen)
 _, lse = kernels.grouped_decode_attention_reference(query, keys[:, :, :end], values[:, :, :end], None, dim**-0.5)
 k_ref, v_ref, k_tri, v_tri = keys.clone(), values.clone(), keys.clone(), values.clone()
-e_ref = kernels.evict_one_reference_(query, k_ref, v_ref, lse, start, stop, end, dim**-0.5)
-e_tri = kernels.evict_one_(query, k_tri, v_tri, lse, start, stop, end, dim**-0.5, use_triton=True)
+p_ref = torch.full((batch, kv_heads), rotation, dtype=torch.int32)
+p_tri = p_ref.clone()
+e_ref = kernels.evict_one_reference_(query, k_ref, v_ref, lse, p_ref, start, end, recent, dim**-0.5)
+e_tri = kernels.evict_one_(query, k_tri, v_tri, lse, p_tri, start, end, recent, dim**-0.5, use_triton=True)
 assert torch.equal(e_ref, e_tri), (e_ref, e_tri)
+assert torch.equal(p_ref, p_tri)
 assert torch.equal(k_ref, k_tri) and torch.equal(v_ref, v_tri)  # untouched slots included
 print("OK")
 """
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("span", [(0, 5, 9), (11, 40, 52), (3, 140, 200)], ids=["tiny", "mid", "multiblock"])
+@pytest.mark.parametrize(
+    "span", [(0, 9, 3, 0), (0, 9, 8, 5), (11, 52, 12, 7), (3, 200, 50, 49)], ids=["tiny", "ring-only", "mid", "multiblock"]
+)
 def test_evict_one_triton_matches_reference(shape, span):
     """The Triton kernel under TRITON_INTERPRET=1 (read when Triton is imported, hence a fresh
     process) against the plain-torch reference: same evicted slots, bit-identical storage."""
@@ -171,5 +197,7 @@ def test_fast_decode_path_matches_reference_path(strategy, padded):
     assert torch.equal(outputs[0], outputs[1])
     for ref, fast in zip(caches[0].layers, caches[1].layers):
         assert ref.length == fast.length and ref.selections == fast.selections > 0
-        torch.testing.assert_close(fast.keys[:, :, : fast.length], ref.keys[:, :, : ref.length], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast.values[:, :, : fast.length], ref.values[:, :, : ref.length], rtol=1e-5, atol=1e-5)
+        got = _as_set(fast.keys[:, :, : fast.length], fast.values[:, :, : fast.length])
+        want = _as_set(ref.keys[:, :, : ref.length], ref.values[:, :, : ref.length])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -54,7 +54,7 @@ def kept_positions(layer, k, b, pad):
     valid = layer.keys[b, :, int(layer.start[b]) : layer.length]
     out = []
     for h in range(k.shape[1]):
-        distance = torch.cdist(valid[h], k[b, h])
+        distance = (valid[h][:, None, :] - k[b, h][None, :, :]).abs().amax(dim=-1)  # exact, unlike cdist
         positions = distance.argmin(dim=-1)
         assert torch.all(distance.min(dim=-1).values < 1e-5)
         out.append(sorted((positions - pad).tolist()))
@@ -145,9 +145,10 @@ def test_padded_rows_are_compressed_as_if_alone_and_pads_never_kept(compressor):
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_chunked_prefill_compresses_like_one_shot(compressor):
+    # (A one-token chunk is indistinguishable from a decoding step, for the core as for us.)
     q, k, v = make_inputs(n=50, seed=6)
     whole = run_prefill(compressor, q, k, v, layer_idx=1, num_layers=3)
-    chunked = run_prefill(compressor, q, k, v, chunks=[7, 20, 1, 22], layer_idx=1, num_layers=3)
+    chunked = run_prefill(compressor, q, k, v, chunks=[7, 20, 2, 21], layer_idx=1, num_layers=3)
     assert whole.length == chunked.length
     torch.testing.assert_close(whole.keys[:, :, : whole.length], chunked.keys[:, :, : chunked.length])
 
@@ -171,10 +172,13 @@ def test_pyramidkv_budgets_shrink_with_depth_and_average_the_budget(n, layers):
     mean = sum(budgets) / layers
     # The published floor in the per-layer step makes the mean exceed the budget by < (L - 1) / 2.
     assert 16 <= mean < 16 + (layers - 1) / 2 + 1e-9 or n < 16
-    if n >= 2 * 12 and (max(budgets) - min(budgets)) % (layers - 1) == 0:
-        assert mean == 16
-    if n > 2 * 12 + 4:
-        assert budgets[0] > budgets[-1]
+    if n >= 2 * 12:
+        # Exactly the budget when the published step divides: top + bottom layers average 2 (budget - window).
+        low, high = 12 // 4, 24 - 12 // 4
+        if high < n - 4 and (high - low) % (layers - 1) == 0:
+            assert mean == 16
+    if n >= 200 and 18 >= layers - 1:
+        assert budgets[0] > budgets[-1]  # a real pyramid once the prompt and the range allow one
 
 
 def test_h2o_scores_are_causal():

