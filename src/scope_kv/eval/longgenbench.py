@@ -271,8 +271,11 @@ def fit_to_tokens(
         If even one question (with the instruction and demos) does not fit.
     """
 
+    # A chat-templated text already holds the special tokens the template wants.
+    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
+
     def length(ex: Example) -> int:
-        return len(tokenizer(build_prompt(ex, tokenizer, chat_template), add_special_tokens=not chat_template)["input_ids"])
+        return len(tokenizer(build_prompt(ex, tokenizer, chat_template), add_special_tokens=not templated)["input_ids"])
 
     if length(example) <= max_prompt_tokens:
         return example

@@ -1,0 +1,121 @@
+"""Unified baselines (SCOPE_SPEC §4): one budget over prompt and generated entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import prefill_reference as ref
+from conftest import make_model
+from scope_kv import ScopeCache, ScopeLayer, SnapKV, UnifiedH2O, UnifiedStreamingLLM
+
+DIM = 8
+
+
+class _Attention(torch.nn.Module):
+    pass
+
+
+def _held_positions(layer, k_all, b=0):
+    valid = layer.keys[b, :, int(layer.start[b]) : layer.length]
+    out = []
+    for h in range(k_all.shape[1]):
+        distance = (valid[h][:, None, :] - k_all[b, h][None, :, :]).abs().amax(dim=-1)
+        assert torch.all(distance.min(dim=-1).values < 1e-6)
+        out.append(distance.argmin(dim=-1).tolist())
+    return out
+
+
+def _drive(strategy, prompt=24, steps=30, q_heads=4, kv_heads=2, seed=0):
+    """Prefill `prompt` random entries, then decode `steps`; yields (layer, q, k, t) after each step."""
+    g = torch.Generator().manual_seed(seed)
+    n = prompt + steps
+    q = torch.randn(1, q_heads, n, DIM, generator=g) * 1.5
+    k = torch.randn(1, kv_heads, n, DIM, generator=g) * 1.5
+    v = torch.randn(1, kv_heads, n, DIM, generator=g)
+    module = _Attention()
+    layer = ScopeLayer(0, strategy, frozenset({id(module)}))
+    keys, _ = layer.update(k[:, :, :prompt], v[:, :, :prompt])
+    layer.after_attention(module, q[:, :, :prompt], keys, None, ref.default_scale(DIM), None)
+    for t in range(steps):
+        pos = prompt + t
+        keys, _ = layer.update(k[:, :, pos : pos + 1], v[:, :, pos : pos + 1])
+        mask = layer.attention_mask_for("sdpa", 1, torch.float32)  # what the attention function passes
+        layer.after_attention(module, q[:, :, pos : pos + 1], keys, mask, ref.default_scale(DIM), None)
+        yield layer, q, k, pos
+
+
+@pytest.mark.parametrize("budget,recent", [(16, 4), (20, 1), (30, 10)])
+def test_unified_h2o_matches_the_spec_rule_step_by_step(budget, recent):
+    held = None
+    for layer, q, k, pos in _drive(UnifiedH2O(budget, recent)):
+        if held is None:
+            held = [list(range(pos)) for _ in range(k.shape[1])]
+        held = ref.unified_h2o_step(q[0, :, pos], k[0], [h + [pos] for h in held], budget, recent, ref.default_scale(DIM))
+        assert _held_positions(layer, k) == held
+        assert layer.length == min(budget, pos + 1)
+
+
+@pytest.mark.parametrize("budget,recent", [(16, 4), (10, 9)])
+def test_unified_streamingllm_keeps_the_first_and_the_newest(budget, recent):
+    for layer, q, k, pos in _drive(UnifiedStreamingLLM(budget, recent)):
+        n = pos + 1
+        expected = list(range(n)) if n <= budget else list(range(budget - recent)) + list(range(n - recent, n))
+        assert _held_positions(layer, k) == [expected, expected]
+
+
+@pytest.mark.parametrize("strategy", [UnifiedH2O(4096, 8), UnifiedStreamingLLM(4096, 8)], ids=["h2o", "streamingllm"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_budget_above_the_total_equals_the_full_cache(strategy, backend):
+    model = make_model("llama", backend)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (2, 30))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    full = model.generate(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **gen)
+    ours = model.generate(input_ids=ids, attention_mask=mask, past_key_values=ScopeCache(model, decoding=strategy), **gen)
+    assert torch.equal(full, ours)
+
+
+@pytest.mark.parametrize("strategy", [UnifiedH2O(20, 6), UnifiedStreamingLLM(20, 6)], ids=["h2o", "streamingllm"])
+def test_one_budget_bounds_everything_and_padded_rows_decode_alone(strategy):
+    model = make_model("qwen3", "sdpa")
+    torch.manual_seed(2)
+    ids = torch.randint(3, 128, (3, 30))
+    mask = torch.ones_like(ids)
+    pads = [0, 12, 24]  # the last row's prompt (6 tokens) is far below the budget
+    for b, pad in enumerate(pads):
+        ids[b, :pad], mask[b, :pad] = 0, 0
+    gen = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    cache = ScopeCache(model, decoding=strategy)
+    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen)
+    for idx in range(2):
+        layer = cache.layers[idx]
+        assert layer.length == 20
+        held = (layer.length - layer.start).tolist()
+        assert held == [20, 20, 6 + 9]  # the newest entry of the last step is not in the cache yet
+    for b, pad in enumerate(pads):
+        alone = model.generate(input_ids=ids[b : b + 1, pad:], past_key_values=ScopeCache(model, decoding=strategy), **gen)
+        assert torch.equal(alone[0, 30 - pad :], out[b, 30:]), f"row {b}"
+
+
+def test_unified_over_a_compressed_prefill():
+    """Prefill compression first, then one unified budget over what is left plus the output."""
+    model = make_model("llama")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (1, 40))
+    cache = ScopeCache(model, prefill=SnapKV(budget=16, window=4), decoding=UnifiedH2O(24, 4))
+    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert cache.kv_length(0) == 16 + 2  # compressed prompt plus two decoded entries, below 24
+    cache = ScopeCache(model, prefill=SnapKV(budget=16, window=4), decoding=UnifiedH2O(24, 4))
+    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert cache.kv_length(0) == cache.kv_length(1) == 24
+
+
+def test_unified_budget_must_exceed_recent():
+    with pytest.raises(ValueError, match="recent"):
+        UnifiedH2O(8, 8)
+    with pytest.raises(ValueError, match="recent"):
+        UnifiedStreamingLLM(4, 5)
