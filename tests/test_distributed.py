@@ -237,8 +237,7 @@ def test_interrupted_two_process_run_resumes(workspace, single_fidelity):
     for (example, _), row in before.items():  # each rank wrote only the examples it owns
         assert row["index"] % 2 == int(next(p for p in parts if row in _records(p)).name.split("-")[1])
 
-    output = _run_launched("torchrun", ["-v", *args])
-    assert "resuming" in output
+    _run_launched("torchrun", args)
     _assert_same_files(single_fidelity, out, "fidelity")
     merged = {(r["example"], r["method"]): r for r in _records(out / "fidelity.jsonl")}
     for key, row in before.items():

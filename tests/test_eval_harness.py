@@ -187,3 +187,15 @@ def test_shard_from_environment(monkeypatch):
     assert [i for i in range(7) if Shard(1, 3).owns(i)] == [1, 4]
     with pytest.raises(ValueError):
         Shard(2, 2)
+
+
+def test_prompt_relative_unified_budget_in_replay(model, examples, tmp_path):
+    import scope_kv
+
+    if not hasattr(scope_kv, "UnifiedH2O"):
+        pytest.skip("unified baselines not in this scope_kv yet")
+    methods = _methods(12, ("slide:8/4", "unified-h2o:prompt+8/4"))
+    rows = run_fidelity(model, TinyTokenizer(), examples[:1], methods, tmp_path, FidelitySettings(steps=12))
+    peaks = {r["method"]: r.get("kv_entries_peak") for r in rows}
+    # Same KV memory as SCOPE's slide on the whole prompt: prompt + 8 per layer.
+    assert peaks["unified-h2o:prompt+8/4"] == peaks["slide:8/4"] == 2 * (PROMPT + 8)

@@ -74,3 +74,17 @@ def test_unified_specs():
     assert parse_method("unified-streamingllm:2560/256").decoding == scope_kv.UnifiedStreamingLLM(2560, 256)
     with pytest.raises(MethodSpecError, match="no prefill"):
         parse_method("snapkv:2048+unified-h2o:2560/256")
+
+
+@needs_unified
+def test_prompt_relative_budget_gives_equal_memory_per_prompt():
+    m = parse_method("unified-h2o:prompt+64/32")
+    assert m.decoding is None and not m.is_full
+    assert m.decoding_for(1000) == scope_kv.UnifiedH2O(1064, 32)
+    assert parse_method("unified-streamingllm:prompt+64/32").decoding_for(10) == scope_kv.UnifiedStreamingLLM(74, 32)
+    with pytest.raises(MethodSpecError, match="prompt length"):
+        m.decoding_for(None)
+    with pytest.raises(MethodSpecError, match="unified baselines"):
+        parse_method("slide:prompt+64/32")
+    with pytest.raises(MethodSpecError, match="recent window"):
+        parse_method("unified-h2o:64/prompt+3")

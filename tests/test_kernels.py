@@ -180,9 +180,13 @@ STRATEGIES = [
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
-def test_fast_decode_path_matches_reference_path(strategy, padded):
+@pytest.mark.parametrize("snapkv", [False, True], ids=["fullprompt", "snapkv"])
+def test_fast_decode_path_matches_reference_path(strategy, padded, snapkv):
     """Whole-model check: the fast path (forced on the CPU, plain-torch kernels) generates the
-    same tokens and leaves the same held K/V as the reference path."""
+    same tokens and leaves the same held K/V as the reference path, also when a prefill
+    compressor made the layers supply their own masks."""
+    from scope_kv import SnapKV
+
     model = make_model("llama")
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, 128, (2, 24), generator=gen)
@@ -193,7 +197,7 @@ def test_fast_decode_path_matches_reference_path(strategy, padded):
     caches = []
     outputs = []
     for fast in (False, True):
-        cache = ScopeCache(model, decoding=strategy())
+        cache = ScopeCache(model, decoding=strategy(), prefill=SnapKV(12, window=4) if snapkv else None)
         for layer in cache.layers:
             layer.fast_decode = fast
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,

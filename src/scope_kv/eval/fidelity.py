@@ -251,7 +251,7 @@ def run_fidelity(
                     inner.reset()
                     inner.set_description(f"{example.id} {method.spec}")
                 start = time.perf_counter()
-                cache = method.make_cache(model)
+                cache = method.make_cache(model, ids.shape[1])
                 result = replay(model, cache, ids, reference, on_step=inner.update if inner is not None else None)
                 steps = len(result["kl"])
                 row = {

@@ -5,13 +5,16 @@ Grammar (whitespace is ignored)::
     spec     := prefill "+" decoding | prefill | decoding
     decoding := "full"
               | ("slide" | "adaptive" | "discontinuous") ":" B "/" r ["," key=value]...
-              | ("unified-h2o" | "unified-streamingllm") ":" B "/" r
+              | ("unified-h2o" | "unified-streamingllm") ":" N "/" r
+    N        := tokens | "prompt+" tokens      (the second: the prompt's length plus tokens)
     prefill  := ("snapkv" | "pyramidkv" | "h2o" | "streamingllm") ":" C ["," key=value]...
 
 Examples: ``full``, ``slide:512/256``, ``adaptive:512/256`` (planned for the run's generation
 length unless ``,T=<tokens>`` or ``,delta=<step>`` is given), ``snapkv:2048+slide:512/256``,
 ``snapkv:2048,window=8,kernel=7,pooling=max``, ``pyramidkv:2048,beta=20+full``,
-``unified-h2o:2560/256`` (one budget over prompt and generated entries, SCOPE_SPEC §4).
+``unified-h2o:2560/256`` (one budget over prompt and generated entries, SCOPE_SPEC §4),
+``unified-h2o:prompt+512/256`` (that budget set per prompt to its length + 512: the same KV
+memory as ``slide:512/256`` on the whole prompt).
 
 Prefill compressors and unified baselines are looked up in :mod:`scope_kv` by name when a
 spec is parsed, so a spec naming one that this install lacks fails with a message for that
@@ -74,25 +77,45 @@ class Method:
     spec: str
     prefill: Any = None
     decoding: Any = None
-    options: dict = field(default_factory=dict, compare=False, repr=False)
+    per_prompt: tuple | None = field(default=None, compare=False, repr=False)  # (class, extra, recent)
 
     @property
     def is_full(self) -> bool:
-        return self.prefill is None and self.decoding is None
+        return self.prefill is None and self.decoding is None and self.per_prompt is None
 
-    def make_cache(self, model: Any) -> Any:
-        """A fresh :class:`scope_kv.ScopeCache` for ``model`` configured as this method."""
+    def decoding_for(self, prompt_tokens: int | None) -> Any:
+        """The decoding strategy for a prompt of ``prompt_tokens`` tokens (``prompt+N`` budgets)."""
+        if self.per_prompt is None:
+            return self.decoding
+        if prompt_tokens is None:
+            raise MethodSpecError(f"{self.spec}: a 'prompt+N' budget needs the prompt length (make_cache(model, prompt_tokens)).")
+        cls, extra, recent = self.per_prompt
+        return cls(prompt_tokens + extra, recent)
+
+    def make_cache(self, model: Any, prompt_tokens: int | None = None) -> Any:
+        """A fresh :class:`scope_kv.ScopeCache` for ``model`` configured as this method.
+
+        ``prompt_tokens`` (the prompt's length, padding included) resolves ``prompt+N`` budgets.
+        """
         import scope_kv
 
+        decoding = self.decoding_for(prompt_tokens)
         if self.prefill is None:
-            return scope_kv.ScopeCache(model, decoding=self.decoding)
+            return scope_kv.ScopeCache(model, decoding=decoding)
         try:
-            return scope_kv.ScopeCache(model, prefill=self.prefill, decoding=self.decoding)
+            return scope_kv.ScopeCache(model, prefill=self.prefill, decoding=decoding)
         except TypeError as exc:  # a ScopeCache without the prefill argument
             raise MethodSpecError(
                 f"{self.spec}: this version of scope_kv.ScopeCache takes no prefill compressor ({exc}). "
                 "Drop the prefill part of the spec or upgrade scope_kv."
             ) from exc
+
+
+@dataclass(frozen=True)
+class _PerPrompt:
+    cls: type
+    extra: int
+    recent: int
 
 
 def _lookup(class_name: str, spec: str) -> type:
@@ -118,8 +141,8 @@ def _value(text: str) -> Any:
     return text
 
 
-def _split_part(part: str, spec: str) -> tuple[str, list[int], dict[str, Any]]:
-    """``name:1/2,key=value`` -> (name, [1, 2], {key: value})."""
+def _split_part(part: str, spec: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """``name:1/2,key=value`` -> (name, [1, 2], {key: value}); ``prompt+N`` -> ("prompt", N)."""
     head, _, rest = part.partition(":")
     name = _ALIASES.get(head.lower(), head.lower())
     numbers: list[int] = []
@@ -128,6 +151,10 @@ def _split_part(part: str, spec: str) -> tuple[str, list[int], dict[str, Any]]:
         fields = rest.split(",")
         if fields[0] and "=" not in fields[0]:
             for n in fields[0].split("/"):
+                relative = re.fullmatch(r"prompt\+(\d+)", n)
+                if relative:
+                    numbers.append(("prompt", int(relative.group(1))))
+                    continue
                 if not re.fullmatch(r"\d+", n):
                     raise MethodSpecError(
                         f"{spec!r}: {n!r} in {part!r} is not a whole number; write budgets as e.g. slide:512/256."
@@ -153,6 +180,18 @@ def _build_decoding(name: str, numbers: list[int], kwargs: dict, spec: str, max_
         )
     cls = _lookup(DECODING_KINDS[name], spec)
     budget, recent = numbers
+    if isinstance(recent, tuple):
+        raise MethodSpecError(f"{spec!r}: only the budget may be written prompt+N, not the recent window.")
+    if isinstance(budget, tuple):
+        if not name.startswith("unified-"):
+            raise MethodSpecError(
+                f"{spec!r}: prompt+N budgets are for the unified baselines; {name}'s budget counts generated tokens only."
+            )
+        try:
+            cls(budget[1] + recent + 1, recent, **kwargs)  # validate the settings once, at parse time
+        except (TypeError, ValueError) as exc:
+            raise MethodSpecError(f"{spec!r}: {exc}") from exc
+        return _PerPrompt(cls, budget[1], recent)
     if name in _SCHEDULED and "max_new_tokens" not in kwargs and "delta" not in kwargs:
         if max_new_tokens is None:
             raise MethodSpecError(
@@ -166,7 +205,7 @@ def _build_decoding(name: str, numbers: list[int], kwargs: dict, spec: str, max_
 
 
 def _build_prefill(name: str, numbers: list[int], kwargs: dict, spec: str) -> Any:
-    if len(numbers) != 1:
+    if len(numbers) != 1 or isinstance(numbers[0], tuple):
         raise MethodSpecError(
             f"{spec!r}: {name} takes one prefill budget (tokens kept), e.g. {name}:2048; "
             "other settings go after a comma, e.g. snapkv:2048,window=8."
@@ -197,7 +236,7 @@ def parse_method(spec: str, max_new_tokens: int | None = None) -> Method:
     text = re.sub(r"\s+", "", spec)
     if not text:
         raise MethodSpecError("empty method spec; write e.g. 'full' or 'slide:512/256'.")
-    parts = text.split("+")
+    parts = re.split(r"\+(?=[A-Za-z])(?<!prompt\+)", text)
     if len(parts) > 2:
         raise MethodSpecError(f"{spec!r}: at most one '+' (prefill+decoding), e.g. snapkv:2048+slide:512/256.")
     prefill = decoding = None
@@ -228,6 +267,8 @@ def parse_method(spec: str, max_new_tokens: int | None = None) -> Method:
             prefill = _build_prefill(name, nums, kw, text)
         else:
             decoding = _build_decoding(name, nums, kw, text, max_new_tokens)
+    if isinstance(decoding, _PerPrompt):
+        return Method(spec=text, prefill=prefill, decoding=None, per_prompt=(decoding.cls, decoding.extra, decoding.recent))
     return Method(spec=text, prefill=prefill, decoding=decoding)
 
 

@@ -181,7 +181,7 @@ def run_longgenbench(
                 prepared[example.id] = (ex, _encode(text, tokenizer, settings.chat_template, device))
             ex, inputs = prepared[example.id]
             bars.start(f"{example.id} {method.spec}")
-            cache = method.make_cache(model)
+            cache = method.make_cache(model, inputs["input_ids"].shape[1])
             trace = KVTrace(cache, account, on_token=bars.token)
             with torch.no_grad():
                 out = model.generate(
