@@ -31,8 +31,10 @@ What is measured, exactly (benchmarks/NOTES.md has the reasoning):
 * ``slide-noselect`` holds exactly what Slide holds (prompt + B) but never selects: Slide's
   step time over it is the per-step cost of selection.
 * ``*+graph`` methods capture one decode step in a CUDA graph and replay it (StaticCache and
-  Slide in its steady state, whose shapes are static); ``static+compile`` is
-  ``torch.compile(mode="reduce-overhead")``.
+  Slide in its steady state, whose shapes are static; ``slide-noselect+graph`` replays one
+  step of a fixed length); ``static+compile`` is ``torch.compile(mode="reduce-overhead")``.
+* ``*-ref`` methods run ScopeCache's reference (plain-torch, pre-fast-path) decode step
+  (``layer.fast_decode = False``); the others take the fast path on CUDA (scope_kv.kernels).
 """
 
 from __future__ import annotations
@@ -541,15 +543,15 @@ def _curve(points: list[dict], method: str, tag: Any, workload: int) -> list[dic
 
 
 def throughput(rows: list[dict], workload: int) -> float | None:
-    """tokens/s over a P -> workload decode, integrating the sampled mean step times (trapezoid,
-    held flat beyond the first/last sample)."""
+    """tokens/s over a P -> workload decode, integrating the sampled mean step times (trapezoid;
+    held flat before the first sample, which for captured Slide is its steady state)."""
     pts = [(p["generated"], p["ms_mean"]) for p in rows if p["generated"] <= workload]
     if not pts:
         return None
     if pts[0][0] > 0:
         pts.insert(0, (0, pts[0][1]))
     if pts[-1][0] < workload:
-        pts.append((workload, pts[-1][1]))
+        return None  # never extrapolate forward: the cache grows (or ran out of memory) there
     total_ms = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pts, pts[1:]))
     batch = rows[0]["batch"]
     return batch * workload / (total_ms / 1e3) if total_ms > 0 else None

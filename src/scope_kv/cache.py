@@ -416,6 +416,7 @@ class ScopeLayer(CacheLayerMixin):
         self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
+        self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
 
     def attention_mask_for(self, backend: str, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The mask for this layer's held slots, in ``backend``'s format.

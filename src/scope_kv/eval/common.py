@@ -10,15 +10,13 @@ same directory skips the (example, method) pairs already recorded in either kind
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -340,12 +338,6 @@ class ResultStore:
         for path in parts:
             path.unlink(missing_ok=True)
         return rows
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[Callable[[], float]]:
-    start = time.perf_counter()
-    yield lambda: time.perf_counter() - start
 
 
 def chunks(items: Iterable[Any], shard: Shard) -> list[tuple[int, Any]]:
