@@ -56,7 +56,7 @@ def settings(smoke: bool) -> dict[str, Any]:
         return dict(dtype="float32", prompt=64, new=32, budget=16, recent=4, prefill_budget=32,
                     eval_limit=4, eval_steps=16, eval_prompt_tokens=4096, eval_methods=["slide:8/2", "adaptive:8/2"])
     return dict(dtype="bfloat16", prompt=1024, new=256, budget=128, recent=32, prefill_budget=512,
-                eval_limit=12, eval_steps=128, eval_prompt_tokens=4096, eval_methods=["slide:64/16", "adaptive:64/16"])
+                eval_limit=10, eval_steps=128, eval_prompt_tokens=4096, eval_methods=["slide:64/16", "adaptive:64/16"])
 
 
 def methods(s: dict[str, Any]) -> list[tuple[str, int, Any]]:
@@ -150,6 +150,16 @@ def _layer_device(model, idx: int):
     return torch.device(where)
 
 
+def _set_current_device(device):
+    import torch
+
+    def hook(module, args):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    return hook
+
+
 def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -209,12 +219,12 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
         run: dict[str, Any] = {"method": name, "batch": batch}
         try:
             a, run["seconds_1gpu"] = generate(single, factory(single), batch)
+            tokens_by_method[name] = a
             cache = factory(split)
             b, run["seconds_split"] = generate(split, cache, batch)
             run["identical"] = bool(torch.equal(a, b))
             run["tokens"] = int(a.numel())
             run["first_difference"] = None if run["identical"] else int((a != b).flatten().nonzero()[0])
-            tokens_by_method[name] = a
             pools = {}
             for idx, layer in enumerate(getattr(cache, "layers", [])):
                 if isinstance(layer, ScopeLayer):
@@ -232,6 +242,29 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
         result["runs"].append(run)
         (out / "split.partial.json").write_text(json.dumps(result, indent=1))
         print(f"split: {name}: {run}", flush=True)
+    failed = [r for r in result["runs"] if r["batch"] == 1 and (r.get("error") or not r.get("identical", True))]
+    if os.environ.get("MULTI_GPU_DIAGNOSE"):  # exercise the diagnosis in a smoke run
+        failed = result["runs"][3:4]
+    if failed:
+        # Diagnose: the same methods again with the current CUDA device set to each layer's own
+        # device (fused kernels launched by Triton run on the *current* device, not the tensors').
+        result["runs_with_per_layer_current_device"] = []
+        handles = [layer.register_forward_pre_hook(_set_current_device(_layer_device(split, i)))
+                   for i, layer in enumerate(split.model.layers)]
+        by_name = {name: (batch, factory) for name, batch, factory in methods(s)}
+        for r in failed:
+            batch, factory = by_name[r["method"]]
+            run = {"method": r["method"]}
+            try:
+                b, run["seconds_split"] = generate(split, factory(split), batch)
+                a = tokens_by_method.get(r["method"])
+                run["identical"] = None if a is None else bool(torch.equal(a, b))
+            except Exception as exc:  # noqa: BLE001
+                run["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            result["runs_with_per_layer_current_device"].append(run)
+            print(f"split (per-layer current device): {run}", flush=True)
+        for h in handles:
+            h.remove()
     if "dynamic" in tokens_by_method and "scope-unbounded" in tokens_by_method:
         # Not required to be identical: on CUDA the scope decode step uses a grouped attention call
         # (another kernel than transformers' sdpa call), so bf16 rounding may differ.
@@ -425,6 +458,9 @@ def render(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {r['method']} | {r['batch']} | {'yes' if r['identical'] else 'NO (first at ' + str(r['first_difference']) + ')'} "
                          f"| {_yn(r.get('pools_on_layer_device'))} | {r['seconds_1gpu']:.2f} | {r['seconds_split']:.2f} |")
+        for r in split.get("runs_with_per_layer_current_device", []):
+            lines.append(f"\nrerun with `torch.cuda.set_device(<layer's device>)` before each layer: {r['method']}: "
+                         + (f"ERROR {r['error'][:200]}" if "error" in r else f"identical to one GPU: {_yn(r['identical'])}"))
         if "unbounded_vs_dynamic_matching_prefix" in split:
             lines.append(f"\nScopeCache without a budget vs DynamicCache (same placement): first "
                          f"{split['unbounded_vs_dynamic_matching_prefix']} of {s.get('new')} tokens identical.")

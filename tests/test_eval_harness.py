@@ -162,6 +162,7 @@ def test_longgenbench_run_records(model, examples, tmp_path):
     again = run_longgenbench(model, TinyTokenizer(), examples[:2], _methods(16), tmp_path, settings)
     assert _strip(again) == _strip(rows)
 
+    pytest.importorskip("matplotlib")
     report = make_report(tmp_path)
     text = report.read_text()
     assert "| gsm8k | slide:8/4 |" in text
@@ -170,6 +171,7 @@ def test_longgenbench_run_records(model, examples, tmp_path):
 
 
 def test_report_on_fidelity(model, examples, tmp_path):
+    pytest.importorskip("matplotlib")
     methods = _methods(12, ("full", "slide:8/4"))
     run_fidelity(model, TinyTokenizer(), examples[:2], methods, tmp_path, FidelitySettings(steps=12))
     text = make_report(tmp_path, tmp_path / "out").read_text()

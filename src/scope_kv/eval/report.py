@@ -86,7 +86,12 @@ _LGB_COLUMNS = [
 
 
 def _figure(ncols: int = 1):
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "scope-kv report draws its plots with matplotlib: pip install matplotlib (or pip install 'scope-kv[eval]')."
+        ) from None
 
     fig = Figure(figsize=(6.4 * ncols, 4.2), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
