@@ -55,8 +55,8 @@ def settings(smoke: bool) -> dict[str, Any]:
     if smoke:
         return dict(dtype="float32", prompt=64, new=32, budget=16, recent=4, prefill_budget=32,
                     eval_limit=4, eval_steps=16, eval_prompt_tokens=4096, eval_methods=["slide:8/2", "adaptive:8/2"])
-    return dict(dtype="bfloat16", prompt=1024, new=256, budget=128, recent=32, prefill_budget=512,
-                eval_limit=10, eval_steps=128, eval_prompt_tokens=4096, eval_methods=["slide:64/16", "adaptive:64/16"])
+    return dict(dtype="bfloat16", prompt=1024, new=192, budget=96, recent=32, prefill_budget=512,
+                eval_limit=8, eval_steps=96, eval_prompt_tokens=4096, eval_methods=["slide:48/16", "adaptive:48/16"])
 
 
 def methods(s: dict[str, Any]) -> list[tuple[str, int, Any]]:

@@ -201,3 +201,13 @@ def test_prompt_relative_unified_budget_in_replay(model, examples, tmp_path):
     peaks = {r["method"]: r.get("kv_entries_peak") for r in rows}
     # Same KV memory as SCOPE's slide on the whole prompt: prompt + 8 per layer.
     assert peaks["unified-h2o:prompt+8/4"] == peaks["slide:8/4"] == 2 * (PROMPT + 8)
+
+
+def test_reference_that_ends_at_once(model):
+    ids = TinyTokenizer()("abc" * 20, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        first = int(model(input_ids=ids).logits[0, -1].argmax())
+    eos_model = make_model("llama")
+    eos_model.generation_config.eos_token_id = first  # the very first greedy token ends the turn
+    assert reference_run(eos_model, ids, 5, allow_eos=True).tokens.numel() == 0
+    assert reference_run(eos_model, ids, 5).tokens.numel() == 5  # by default eos is never chosen

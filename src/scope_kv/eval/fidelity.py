@@ -142,7 +142,8 @@ def reference_run(model: Any, input_ids: torch.Tensor, steps: int, allow_eos: bo
         logits = _forward(model, torch.tensor([[nxt]], device=input_ids.device), cache)
         log_probs.append(torch.log_softmax(logits, -1).cpu())
         entries.append(sum(account.entries(cache)))
-    return Reference(torch.tensor(tokens, dtype=torch.long), torch.stack(log_probs), entries)
+    stacked = torch.stack(log_probs) if log_probs else torch.empty((0, logits.shape[-1]))
+    return Reference(torch.tensor(tokens, dtype=torch.long), stacked, entries)
 
 
 @torch.no_grad()
@@ -222,6 +223,9 @@ def run_fidelity(
             start = time.perf_counter()
             reference = reference_run(model, ids, settings.steps, settings.allow_eos)
             ref_seconds = time.perf_counter() - start
+            if reference.tokens.numel() == 0:
+                logger.warning("%s: the reference ended at once (end-of-turn first); nothing to compare", example.id)
+                continue
             base = {
                 "example": example.id,
                 "index": index,
