@@ -15,7 +15,8 @@ What it does (docs/multi_gpu.md explains how to read the results):
    ``device_map="auto"`` and a ``max_memory`` of 70% of the weights per GPU, which forces a split
    over both GPUs. Each method generates greedily (fixed length) from the same random prompt on
    both; the tokens must be identical. For the split model the device of every layer's pools is
-   compared with the device accelerate runs that layer on.
+   compared with the device accelerate runs that layer on. (With one GPU only, the split is over
+   the GPU and the CPU, and the data-parallel stage is skipped.)
 3. **eval**: ``scope-kv eval fidelity`` on the shipped LongGenBench GSM8K prompts, timed end to
    end (process start, model load, run, merge) with ``accelerate launch --num_processes 1`` and
    ``accelerate launch --multi_gpu --num_processes 2``; the merged result files are compared
@@ -178,7 +179,10 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
     else:
         weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         single_kwargs = dict(device_map={"": 0})
-        split_kwargs = dict(device_map="auto", max_memory={0: int(0.7 * weight_bytes), 1: int(0.7 * weight_bytes)})
+        if torch.cuda.device_count() >= 2:
+            split_kwargs = dict(device_map="auto", max_memory={0: int(0.7 * weight_bytes), 1: int(0.7 * weight_bytes)})
+        else:  # one GPU only: split over the GPU and the CPU (the last layers run on the CPU)
+            split_kwargs = dict(device_map="auto", max_memory={0: int(0.75 * weight_bytes), "cpu": 4 * weight_bytes})
     single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **single_kwargs).eval()
     split = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **split_kwargs).eval()
     layers = split.config.num_hidden_layers
@@ -530,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"environment": _environment(), "smoke": a.cpu_smoke}
     with tempfile.TemporaryDirectory(prefix="multi_gpu_") as tmp:
         work = pathlib.Path(tmp)
-        stages = ["build", "split"] + ([] if a.skip_eval else ["eval"])
+        gpus = len(report["environment"]["gpus"])
+        stages = ["build", "split"] + ([] if a.skip_eval or (gpus < 2 and not a.cpu_smoke) else ["eval"])
         for name in stages:
             left = a.budget - (time.monotonic() - start)
             if left < 30:

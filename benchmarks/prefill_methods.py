@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=None, help="keep only the first K questions of the prompt")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "prefill_methods.json"))
+    parser.add_argument("--only", action="append", default=None, metavar="METHOD",
+                        help="run only this method (repeatable) and replace its row in an existing --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,10 +161,18 @@ def main(argv: list[str] | None = None) -> int:
                     prefill_budget=prefill, decoding_budget=budget, recent=recent,
                     delta=(args.new_tokens - recent) // (budget - recent))
 
+    out = pathlib.Path(args.out)
     rows = []
+    if args.only:
+        previous = json.loads(out.read_text())
+        if previous["settings"] != settings:
+            raise SystemExit(f"--only: {out} was measured with other settings ({previous['settings']}); rerun all methods.")
+        rows = previous["rows"]
     for name, make in methods(prompt, prefill, budget, recent, args.new_tokens).items():
-        result = run(model, ids, make, args.new_tokens)
-        rows.append({"method": name, **result})
+        if args.only and name not in args.only:
+            continue
+        result = {"method": name, **run(model, ids, make, args.new_tokens)}
+        rows = [result if row["method"] == name else row for row in rows] if args.only else rows + [result]
         print(f"done: {name}", file=sys.stderr, flush=True)
 
     lines = [
@@ -179,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['bytes_at_end'] / 2**20:.1f} MiB | {row['decode_tok_s']} |"
         )
     print("\n".join(lines))
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = dict(torch=torch.__version__, transformers=transformers.__version__, scope_kv=scope_kv.__version__,
                 threads=torch.get_num_threads())

@@ -96,6 +96,7 @@ def test_one_budget_bounds_everything_and_padded_rows_decode_alone(strategy):
         assert layer.length == 20
         held = (layer.length - layer.start).tolist()
         assert held == [20, 20, 6 + 9]  # the newest entry of the last step is not in the cache yet
+        assert layer.capacity <= strategy.budget + 1  # the storage the prompt needed was given back
     for b, pad in enumerate(pads):
         alone = model.generate(input_ids=ids[b : b + 1, pad:], past_key_values=ScopeCache(model, decoding=strategy), **gen)
         assert torch.equal(alone[0, 30 - pad :], out[b, 30:]), f"row {b}"

@@ -453,8 +453,12 @@ class ScopeLayer(CacheLayerMixin):
     # -- helpers --------------------------------------------------------------------------
     def _shrink(self) -> None:
         """Give back the storage prefill compression freed (one copy, once per prompt)."""
-        headroom = _MIN_GROWTH if self.decoding is None else self.decoding.max_held
-        needed = self.length + headroom
+        if self.decoding is None:
+            needed = self.length + _MIN_GROWTH
+        elif self.decoding.evicts_prompt:
+            needed = max(self.length, self.decoding.max_held)  # one budget over every entry
+        else:
+            needed = self.prefill_length + self.decoding.max_held
         if self.capacity <= needed:
             return
         shape = (*self.keys.shape[:2], needed, self.keys.shape[-1])
