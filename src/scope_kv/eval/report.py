@@ -100,9 +100,11 @@ def _figure(ncols: int = 1):
 
 def _scatter(summary: Sequence[dict[str, Any]], y: str, ylabel: str, title: str, path: pathlib.Path) -> None:
     fig, (ax,) = _figure()
-    for row in summary:
-        ax.scatter(row["kv_mib_peak"], row[y], s=40)
-        ax.annotate(row["method"], (row["kv_mib_peak"], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = "osD^v<>pPX*h"
+    for i, row in enumerate(summary):
+        # A legend, not annotations: methods at equal memory sit on top of each other.
+        ax.scatter(row["kv_mib_peak"], row[y], s=45, marker=markers[i % len(markers)], label=row["method"], alpha=0.85)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("KV cache held at peak (MiB, per sequence)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
