@@ -1,6 +1,7 @@
 """The CUDA paths of scope_kv.kernels (flash / memory-efficient grouped attention, the Triton
-evict-one kernel) against the plain-torch references. Skipped without a GPU (CI has none); run
-on the device machine with ``pytest tests/test_kernels_gpu.py``."""
+evict-one kernel) against the plain-torch references. Marked ``gpu``: the default run
+deselects them (CI has no GPU; see pyproject's addopts); run them on a GPU machine with
+``pytest -m gpu tests/test_kernels_gpu.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from scope_kv import kernels
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

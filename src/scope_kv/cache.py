@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ScopeCache", "ScopeLayer"]
 
-# Unbounded (``decoding=None``) layers grow by this factor, so appends cost O(1) amortised.
-_GROWTH = 1.5
+# Unbounded (``decoding=None``) layers grow by this factor, so appends cost O(1) amortised while
+# at most a quarter of the storage sits unused. Bounded strategies instead allocate
+# ``prompt + max_held`` once at prefill: predictable memory, and no transient copy of the whole
+# buffer while decoding (a budget larger than the output reserves slots never used).
+_GROWTH = 1.25
 _MIN_GROWTH = 128
 
 
