@@ -182,7 +182,7 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
         if torch.cuda.device_count() >= 2:
             split_kwargs = dict(device_map="auto", max_memory={0: int(0.7 * weight_bytes), 1: int(0.7 * weight_bytes)})
         else:  # one GPU only: split over the GPU and the CPU (the last layers run on the CPU)
-            split_kwargs = dict(device_map="auto", max_memory={0: int(0.75 * weight_bytes), "cpu": 4 * weight_bytes})
+            split_kwargs = dict(device_map="auto", max_memory={0: int(0.85 * weight_bytes), "cpu": 4 * weight_bytes})
     single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **single_kwargs).eval()
     split = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **split_kwargs).eval()
     layers = split.config.num_hidden_layers
