@@ -137,8 +137,16 @@ def _sync() -> None:
 
 
 def _layer_device(model, idx: int):
-    """Where accelerate runs decoder layer ``idx`` (from ``hf_device_map``, most specific key)."""
+    """Where accelerate runs decoder layer ``idx``: its hook's execution device (a layer mapped to
+    "cpu" next to a GPU is offloaded: its weights stay on the CPU but it runs on the main GPU),
+    else ``hf_device_map``'s most specific entry."""
     import torch
+
+    layer = model.model.layers[idx]
+    for module in (layer.self_attn.k_proj, layer.self_attn, layer):
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
     device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
     name = f"model.layers.{idx}"
