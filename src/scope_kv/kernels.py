@@ -24,6 +24,8 @@ Why these three:
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from typing import Any
 
@@ -380,11 +382,14 @@ def evict_one_(
     group = q_heads // kv_heads
     lse = lse.float().contiguous()
     evicted = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
-    _evict_one_kernel()[(batch * kv_heads,)](
-        query, keys, values, lse, ring_ptr, evicted,
-        start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
-    )
+    # Launch on the tensors' GPU, not the current one (a model split over GPUs has layers elsewhere).
+    on_device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    with on_device:
+        _evict_one_kernel()[(batch * kv_heads,)](
+            query, keys, values, lse, ring_ptr, evicted,
+            start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+        )
     return evicted

@@ -86,7 +86,15 @@ def current_shard(rank: int | None = None, world_size: int | None = None) -> Sha
         except ImportError:
             logger.info("accelerate not installed: sharding from RANK/WORLD_SIZE")
             return Shard(int(os.environ.get("RANK", "0")), env_world)
-        state = PartialState()
+        # Without a GPU, PartialState() ignores a torchrun-style environment (it reports one
+        # process); cpu=True makes it join the gloo process group the launcher prepared.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.num_processes != env_world:
+            logger.warning(
+                "WORLD_SIZE=%d but accelerate sees %d process(es): sharding from RANK/WORLD_SIZE",
+                env_world, state.num_processes,
+            )
+            return Shard(int(os.environ.get("RANK", "0")), env_world)
         return Shard(state.process_index, state.num_processes, state)
     return Shard()
 
@@ -237,6 +245,16 @@ def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _end_torn_line(path: pathlib.Path) -> None:
+    """A run killed mid-write leaves a last line without its newline: end it, so that the next
+    record appended starts a line of its own (the torn line stays unreadable and is redone)."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
 class ResultStore:
     """Resumable, shardable JSON-lines results for one harness in one directory.
 
@@ -261,6 +279,7 @@ class ResultStore:
         self.path = self.dir / f"{name}.jsonl"
         self.part = self.dir / f"{name}.part-{shard.rank}-of-{shard.world_size}.jsonl"
         self._check_config(config)
+        _end_torn_line(self.part)
 
     def _check_config(self, config: dict[str, Any]) -> None:
         path = self.dir / f"{self.name}.config.json"
