@@ -588,7 +588,7 @@ def _find(summary: list[dict], method: str, tag: Any, workload: int) -> dict | N
 
 
 def targets(result: dict) -> list[dict]:
-    """The issue's targets, computed from this run's own numbers (ratios within one run)."""
+    """The performance targets, computed from this run's own numbers (ratios within one run)."""
     s = result["settings"]
     summary = result["summary"]
     n_max = max(s["workloads"])

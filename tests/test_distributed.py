@@ -1,4 +1,4 @@
-"""Data-parallel evaluation: ``scope-kv eval`` split over two processes (issue "Several GPUs").
+"""Data-parallel evaluation: ``scope-kv eval`` split over two processes.
 
 Each process of a launcher's group (``accelerate launch --multi_gpu`` on GPUs, ``torchrun``
 anywhere) evaluates every ``world_size``-th example, appends to its own part file, and the

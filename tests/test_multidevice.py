@@ -1,4 +1,4 @@
-"""ScopeCache on models that accelerate spreads over devices (issue "Several GPUs").
+"""ScopeCache on models that accelerate spreads over devices.
 
 A model loaded with ``device_map=...`` runs each decoder layer on its own execution device,
 with accelerate's hooks moving activations (and, for offloaded layers, weights) in and out.

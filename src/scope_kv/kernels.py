@@ -1,5 +1,5 @@
 """The decode step's fast path: grouped attention that returns its log-sum-exp, candidate
-scoring from that log-sum-exp, and a fused evict-one kernel (DESIGN §4, issue "GPU performance").
+scoring from that log-sum-exp, and a fused evict-one kernel (DESIGN §4).
 
 Every function here has a plain-torch reference beside it (``*_reference``), which is what
 runs on the CPU and what the tests compare the fast versions with (STYLE principle 8).
