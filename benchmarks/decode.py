@@ -52,33 +52,11 @@ from typing import Any, Callable
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, StaticCache
 
+from bench_common import (LLAMA_8B, TINY, Stepper, median, random_kv, build_model, kv_bytes_per_token,
+                          measure_bandwidth, time_steps, weight_bytes_read)
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide
-
-LLAMA_8B = dict(
-    num_hidden_layers=32,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
-TINY = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=128,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
 
 
 # A StaticCache sized for P + N must still take the warm-up and timed steps sampled at L = N.
@@ -154,49 +132,6 @@ def all_methods(s: Settings) -> dict[str, Method]:
     return {m.name: m for m in methods}
 
 
-# -- model --------------------------------------------------------------------------------
-def build_model(geometry: dict[str, Any], device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(**geometry)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
-
-
-def kv_bytes_per_token(model: LlamaForCausalLM) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    elt = next(model.parameters()).element_size()
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * elt
-
-
-def weight_bytes_read(model: LlamaForCausalLM) -> int:
-    """Bytes of weights one decode step reads: every parameter but the input embedding table
-    (a step reads one row of it)."""
-    embed = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-
-
-def measure_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    if device.type != "cuda":
-        return float("nan")
-    n = 1 << 30  # 1 GiB per buffer: far beyond L2
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * n / _median(times)
-
-
 # -- cache states -------------------------------------------------------------------------
 def scope_schedule(decoding: Any, generated: int) -> tuple[int, int]:
     """Decoding-pool size and discontinuous skip counter after ``generated`` decode steps
@@ -212,10 +147,6 @@ def scope_schedule(decoding: Any, generated: int) -> tuple[int, int]:
     return held, skipped
 
 
-def _random_kv(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, dtype=like.dtype, device=like.device)
-
-
 def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, generated: int):
     """A cache in the state it has after the prompt and ``generated`` decode steps, filled with
     random K/V (never zeros: METHOD.md). Returns ``(cache, held_entries_per_row)``."""
@@ -228,13 +159,13 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
         cache = DynamicCache(config=c)
         for i in range(c.num_hidden_layers):
             shape = (batch, heads, prompt + generated, head_dim)
-            cache.update(_random_kv(shape, ref), _random_kv(shape, ref), i)
+            cache.update(random_kv(shape, ref), random_kv(shape, ref), i)
         return cache, prompt + generated
     if method.kind == "static":
         cache = StaticCache(config=c, max_cache_len=prompt + workload + STATIC_MARGIN)
         for i in range(c.num_hidden_layers):
             shape = (batch, heads, prompt + generated, head_dim)
-            cache.update(_random_kv(shape, ref), _random_kv(shape, ref), i)
+            cache.update(random_kv(shape, ref), random_kv(shape, ref), i)
         return cache, prompt + generated
     decoding = method.decoding(workload, s) if method.decoding else None
     cache = ScopeCache(model, decoding=decoding)
@@ -250,12 +181,12 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
         # counters set to match: running `generated` real steps per sample would not fit the
         # device's time limit. Field names are ScopeLayer's (src/scope_kv/cache.py).
         shape = (batch, heads, kept, head_dim)
-        layer.update(_random_kv(shape, ref), _random_kv(shape, ref))
+        layer.update(random_kv(shape, ref), random_kv(shape, ref))
         layer._awaiting_attention = False
         layer._reserve(kept + held + 1)
         dec = (batch, heads, held, head_dim)
-        layer.keys[:, :, kept : kept + held].copy_(_random_kv(dec, ref))
-        layer.values[:, :, kept : kept + held].copy_(_random_kv(dec, ref))
+        layer.keys[:, :, kept : kept + held].copy_(random_kv(dec, ref))
+        layer.values[:, :, kept : kept + held].copy_(random_kv(dec, ref))
         layer.length = kept + held
         layer.seen = prompt + generated
         layer.step = generated
@@ -275,76 +206,7 @@ def cache_kv_bytes(cache) -> int:
     return total
 
 
-def held_entries(cache, fallback: int) -> int:
-    if isinstance(cache, ScopeCache):
-        return cache.kv_length(0)
-    return fallback
-
-
 # -- timing -------------------------------------------------------------------------------
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    n = len(ys)
-    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
-
-
-class Stepper:
-    """Runs decode steps for one cache; eager, CUDA-graph-captured, or torch.compile'd."""
-
-    def __init__(self, model, cache, batch: int, position: int, mode: str, compiled: Callable | None):
-        dev = next(model.parameters()).device
-        self.model, self.cache, self.mode = model, cache, mode
-        self.ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
-        self.pos = torch.full((batch, 1), position, dtype=torch.long, device=dev)
-        self.forward = compiled or model.forward
-        self.graph = None
-
-    def _eager_step(self) -> None:
-        out = self.forward(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
-        self.pos.add_(1)
-
-    def capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._eager_step()  # warm-up on a side stream, as CUDA graph capture requires
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._eager_step()
-
-    def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._eager_step()
-
-
-def time_steps(stepper: Stepper, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Per-step times in ms (CUDA events on GPU, perf_counter on CPU), plus the total as last."""
-    for _ in range(warmup):
-        stepper.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            stepper.step()
-            events[i + 1].record()
-        torch.cuda.synchronize()
-        per = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
-        total = events[0].elapsed_time(events[-1])
-    else:
-        marks = [time.perf_counter()]
-        for _ in range(steps):
-            stepper.step()
-            marks.append(time.perf_counter())
-        per = [(marks[i + 1] - marks[i]) * 1e3 for i in range(steps)]
-        total = (marks[-1] - marks[0]) * 1e3
-    return per + [total]
-
-
 def steps_for(method: Method, s: Settings, workload: int) -> int:
     """Discontinuous selects once every delta+1 eligible steps: time at least one whole cycle."""
     if method.decoding is _discontinuous:
@@ -382,10 +244,9 @@ def measure_point(model, method: Method, s: Settings, batch: int, workload: int,
     times = time_steps(stepper, warmup, n_steps, device)
     per, total = times[:-1], times[-1]
     per_token = kv_bytes_per_token(model)
-    held_now = held_entries(cache, held + warmup + n_steps)
     row.update(
         steps=n_steps,
-        ms_median=_median(per),
+        ms_median=median(per),
         ms_mean=total / n_steps,
         ms_min=min(per),
         ms_max=max(per),
