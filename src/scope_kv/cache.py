@@ -117,6 +117,7 @@ class ScopeLayer(CacheLayerMixin):
         # Evict-one fast path (scope_kv.kernels): the `recent` ring's rotation, per (row, KV head),
         # and whether the decoding pool is out of arrival order.
         self._ring_ptr: torch.Tensor | None = None
+        self._evicted: torch.Tensor | None = None  # the kernel's output slots, reused every step
         self._rotated = False
 
     # -- CacheLayerMixin ------------------------------------------------------------------
@@ -305,7 +306,10 @@ class ScopeLayer(CacheLayerMixin):
             # and moves two entries (layout in scope_kv.kernels); no host sync, static shapes.
             if self._ring_ptr is None or self._ring_ptr.shape != self.keys.shape[:2]:
                 self._ring_ptr = torch.zeros(self.keys.shape[:2], dtype=torch.int32, device=self.keys.device)
-            evict_one_(query, self.keys, self.values, lse, self._ring_ptr, self.prefill_length, self.length, recent, scale)
+            if self._evicted is None or self._evicted.shape != self._ring_ptr.shape:
+                self._evicted = torch.empty(self.keys.shape[:2], dtype=torch.long, device=self.keys.device)
+            evict_one_(query, self.keys, self.values, lse, self._ring_ptr, self.prefill_length, self.length, recent,
+                       scale, out=self._evicted)
             self.length -= 1
             self._rotated = True
             return

@@ -357,11 +357,14 @@ def evict_one_(
     recent: int,
     scaling: float,
     use_triton: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused :func:`evict_one_reference_` (one Triton launch); same arguments and result.
 
     ``use_triton=None`` picks Triton for CUDA tensors when it is installed, else the
-    reference; ``True`` forces it (on the CPU only under ``TRITON_INTERPRET=1``).
+    reference; ``True`` forces it (on the CPU only under ``TRITON_INTERPRET=1``). ``out``, a
+    contiguous ``(batch, kv_heads)`` int64 tensor, receives the evicted slots (a decode loop
+    passes the same one every step: one allocation less per layer and step).
     """
     if use_triton is None:
         use_triton = keys.is_cuda and triton_available()
@@ -381,10 +384,13 @@ def evict_one_(
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
     lse = lse.float().contiguous()
-    evicted = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
-    # Launch on the tensors' GPU, not the current one (a model split over GPUs has layers elsewhere).
-    on_device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
-    with on_device:
+    if out is None or out.shape != (batch, kv_heads) or out.dtype != torch.long or not out.is_contiguous():
+        out = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
+    evicted = out
+    # Launch on the tensors' GPU, not the current one (a model split over GPUs has layers elsewhere);
+    # switching devices costs host time on every layer of every step, so only when it differs.
+    other_gpu = keys.is_cuda and keys.device.index != torch.cuda.current_device()
+    with torch.cuda.device(keys.device) if other_gpu else contextlib.nullcontext():
         _evict_one_kernel()[(batch * kv_heads,)](
             query, keys, values, lse, ring_ptr, evicted,
             start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
