@@ -124,17 +124,28 @@ class Stepper:
             self._eager_step()
 
 
-def time_steps(stepper: Stepper, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Per-step times in ms (CUDA events on GPU, perf_counter on CPU), plus the total as last."""
+def time_steps(stepper: Stepper, warmup: int, steps: int, device: torch.device,
+               after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Time ``steps`` decode steps after ``warmup`` untimed ones.
+
+    Returns ``per`` (ms per step: CUDA events on a GPU, perf_counter on the CPU), ``total``
+    (ms, first to last event) and ``host`` (ms the host took to issue the timed steps, before
+    the final synchronisation: when it is close to ``total`` the step is bound by the host,
+    not by the GPU). ``after_step`` runs after each step, outside nothing (keep it cheap).
+    """
     for _ in range(warmup):
         stepper.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        t0 = time.perf_counter()
         events[0].record()
         for i in range(steps):
             stepper.step()
             events[i + 1].record()
+            if after_step is not None:
+                after_step()
+        host = (time.perf_counter() - t0) * 1e3
         torch.cuda.synchronize()
         per = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
         total = events[0].elapsed_time(events[-1])
@@ -143,6 +154,8 @@ def time_steps(stepper: Stepper, warmup: int, steps: int, device: torch.device) 
         for _ in range(steps):
             stepper.step()
             marks.append(time.perf_counter())
+            if after_step is not None:
+                after_step()
         per = [(marks[i + 1] - marks[i]) * 1e3 for i in range(steps)]
-        total = (marks[-1] - marks[0]) * 1e3
-    return per + [total]
+        total = host = (marks[-1] - marks[0]) * 1e3
+    return dict(per=per, total=total, host=host)
