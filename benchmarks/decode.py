@@ -35,6 +35,8 @@ What is measured, exactly (benchmarks/NOTES.md has the reasoning):
   step of a fixed length); ``static+compile`` is ``torch.compile(mode="reduce-overhead")``.
 * ``*-ref`` methods run ScopeCache's reference (plain-torch, pre-fast-path) decode step
   (``layer.fast_decode = False``); the others take the fast path on CUDA (scope_kv.kernels).
+* ``slide-perlayer`` is Slide with one evict-one launch per layer (``batch_evictions=False``);
+  ``slide`` queues the layers' evictions and runs them in one launch per step (kernels.EvictionBatch).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Method:
     per_workload: bool = False
     hold_budget: bool = False
     fast: bool | None = None  # ScopeLayer.fast_decode: None = auto (on for CUDA), False = reference path
+    batched: bool | None = None  # ScopeLayer.batch_evictions: None = auto (one launch per step on CUDA)
 
 
 def _slide(n: int, s: Settings) -> Slide:
@@ -124,6 +127,7 @@ def all_methods(s: Settings) -> dict[str, Method]:
         Method("slide-noselect+graph", "scope", mode="graph", hold_budget=True),
         Method("slide", "scope", decoding=_slide),
         Method("slide-ref", "scope", decoding=_slide, fast=False),
+        Method("slide-perlayer", "scope", decoding=_slide, batched=False),
         Method("slide+graph", "scope", mode="graph", decoding=_slide),
         Method("adaptive", "scope", decoding=_adaptive, per_workload=True),
         Method("discontinuous", "scope", decoding=_discontinuous, per_workload=True),
@@ -176,6 +180,7 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
         held, skipped = scope_schedule(decoding, generated)
     for layer in cache.layers:
         layer.fast_decode = method.fast
+        layer.batch_evictions = method.batched
         # Prefill pool through the public update(); the decoding pool is written straight into
         # the layer's buffer (as `held` decode steps would have left it) and the layer's
         # counters set to match: running `generated` real steps per sample would not fit the

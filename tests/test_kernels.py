@@ -210,3 +210,110 @@ def test_fast_decode_path_matches_reference_path(strategy, padded, snapkv):
         want = _as_set(ref.keys[:, :, : ref.length], ref.values[:, :, : ref.length])
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+_BATCHED_CHECK = """
+import sys, torch
+from scope_kv import kernels
+def check(seed, batch, q_heads, kv_heads, dim, layers):
+    gen = torch.Generator().manual_seed(seed)
+    work, expected = [], []
+    for _ in range(layers):  # layers differ in prefill length, window and rotation, as PyramidKV's may
+        start = int(torch.randint(0, 20, (1,), generator=gen))
+        recent = int(torch.randint(1, 12, (1,), generator=gen))
+        end = start + recent + 1 + int(torch.randint(0, 90, (1,), generator=gen))
+        q = torch.randn(batch, q_heads, 1, dim, generator=gen) * 2
+        k = torch.randn(batch, kv_heads, end + 5, dim, generator=gen)
+        v = torch.randn(batch, kv_heads, end + 5, dim, generator=gen)
+        _, lse = kernels.grouped_decode_attention_reference(q, k[:, :, :end], v[:, :, :end], None, dim**-0.5)
+        ring = torch.randint(0, recent, (batch, kv_heads), generator=gen, dtype=torch.int32)
+        k_ref, v_ref, r_ref = k.clone(), v.clone(), ring.clone()
+        e_ref = kernels.evict_one_reference_(q, k_ref, v_ref, lse, r_ref, start, end, recent, dim**-0.5)
+        out = torch.full((batch, kv_heads), -1, dtype=torch.long)
+        work.append((q, k, v, lse, ring, out, start, end, recent))
+        expected.append((k_ref, v_ref, r_ref, e_ref))
+    batch_ = kernels.EvictionBatch()
+    for q, k, v, lse, ring, out, start, end, recent in work:
+        assert batch_.add(q, k, v, lse, ring, out, start, end, recent, dim**-0.5)
+    assert len(batch_) == layers
+    batch_.flush()
+    assert len(batch_) == 0
+    for (q, k, v, lse, ring, out, *_), (k_ref, v_ref, r_ref, e_ref) in zip(work, expected):
+        assert torch.equal(out, e_ref), (out, e_ref)
+        assert torch.equal(ring, r_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    print("OK")
+for case in sys.argv[1].split(";"):
+    check(*map(int, case.split(",")))
+"""
+
+
+def test_evict_one_batched_kernel_matches_reference():
+    """One launch for several layers (kernels.EvictionBatch, TRITON_INTERPRET=1) leaves every
+    layer exactly as the per-layer reference does; a group of one takes the per-layer kernel."""
+    assert kernels.triton_available(), "install triton (pip install triton) to test the kernel on the CPU"
+    cases = "0,2,8,2,16,3;1,3,6,1,32,4;2,1,4,4,16,1"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _BATCHED_CHECK, cases], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.count("OK") == 3, done.stderr[-3000:]
+
+
+_BATCHED_MODEL_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import make_model
+from scope_kv import Adaptive, ScopeCache, Slide, SnapKV, kernels
+launches = []
+_launch = kernels.EvictionBatch._launch
+kernels.EvictionBatch._launch = staticmethod(lambda items, *a: (launches.append(len(items)), _launch(items, *a)))
+def as_set(keys, values):
+    # Held entries as a set per (row, head): the ring keeps them rotated, order is not the point.
+    both = torch.cat([keys, values], dim=-1)
+    order = both.sum(-1).argsort(dim=-1)
+    both = torch.gather(both, 2, order[..., None].expand_as(both))
+    return both
+def run(strategy, padded, snapkv, beams):
+    model = make_model("llama")
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 128, (2, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[0, :5] = 0
+        mask[0, :5] = 0
+    results = []
+    for batched in (False, True):
+        launches.clear()
+        cache = ScopeCache(model, decoding=strategy(), prefill=SnapKV(12, window=4) if snapkv else None)
+        for layer in cache.layers:
+            layer.fast_decode = True
+            layer.batch_evictions = batched
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30,
+                             do_sample=False, num_beams=beams, pad_token_id=0)
+        assert len(cache._evictions) == 0  # nothing left queued after generate
+        # Batched: one launch per evicting step covering both layers; per layer: none of these.
+        assert (launches and set(launches) == {2}) if batched else not launches, launches
+        results.append((out, cache))
+    (out_a, a), (out_b, b) = results
+    assert torch.equal(out_a, out_b)
+    for la, lb in zip(a.layers, b.layers):
+        assert la.length == lb.length and la.selections == lb.selections > 0
+        torch.testing.assert_close(as_set(lb.keys[:, :, :lb.length], lb.values[:, :, :lb.length]),
+                                   as_set(la.keys[:, :, :la.length], la.values[:, :, :la.length]), rtol=0, atol=0)
+        assert torch.equal(la._ring_ptr, lb._ring_ptr)
+    print("OK")
+run(lambda: Slide(12, 5), False, False, 1)
+run(lambda: Adaptive(12, 5, max_new_tokens=30), True, True, 1)
+run(lambda: Slide(12, 5), False, False, 2)
+"""
+
+
+def test_batched_evictions_match_per_layer_in_generate():
+    """Whole-model check of the one-launch-per-step path (forced on the CPU under
+    TRITON_INTERPRET=1): the same tokens, held entries and ring pointers as per-layer evictions,
+    with padding + SnapKV, and under beam search (re-indexing between steps)."""
+    assert kernels.triton_available(), "install triton (pip install triton) to test the kernel on the CPU"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _BATCHED_MODEL_CHECK, tests_dir], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.count("OK") == 3, done.stderr[-3000:]

@@ -64,7 +64,6 @@ def test_evict_one_triton_cuda_matches_reference(dtype, span):
 
 def test_fast_path_graph_replay_matches_eager_steps():
     """A CUDA-graph-captured Slide step, replayed, leaves the same cache as eager steps."""
-    import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -112,3 +111,40 @@ def test_fast_path_graph_replay_matches_eager_steps():
         assert a.length == b.length
         torch.testing.assert_close(a.keys[:, :, : a.length], b.keys[:, :, : b.length])
         assert torch.equal(a._ring_ptr, b._ring_ptr)
+
+
+def test_batched_evictions_match_per_layer_on_cuda(monkeypatch):
+    """Eager decoding queues every layer's eviction and runs them in one launch per step
+    (kernels.EvictionBatch, the default on CUDA): the same tokens, held K/V and ring pointers as
+    one launch per layer (batch_evictions=False)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scope_kv import ScopeCache, Slide
+
+    launches: list[int] = []
+    launch = kernels.EvictionBatch._launch
+    monkeypatch.setattr(kernels.EvictionBatch, "_launch",
+                        staticmethod(lambda items, *a: (launches.append(len(items)), launch(items, *a))))
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32, vocab_size=512)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    prompt = torch.randint(3, 512, (3, 40), device="cuda")
+    runs = []
+    for batched in (False, True):
+        launches.clear()
+        cache = ScopeCache(model, decoding=Slide(16, 4))
+        for layer in cache.layers:
+            layer.batch_evictions = batched
+        out = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=48, do_sample=False,
+                             pad_token_id=0)
+        assert (launches and set(launches) == {4}) if batched else not launches
+        runs.append((out, cache))
+    (out_a, a), (out_b, b) = runs
+    assert torch.equal(out_a, out_b)
+    for la, lb in zip(a.layers, b.layers):
+        assert la.length == lb.length and la.selections == lb.selections > 0
+        assert torch.equal(la._ring_ptr, lb._ring_ptr) and torch.equal(la._evicted, lb._evicted)
+        assert torch.equal(la.keys[:, :, : la.length], lb.keys[:, :, : lb.length])
+        assert torch.equal(la.values[:, :, : la.length], lb.values[:, :, : lb.length])

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from .attention import enable_scope_attention
 from .decoding import DecodingStrategy
-from .kernels import candidate_scores, evict_one_, unrotate_
+from .kernels import EvictionBatch, candidate_scores, evict_one_, triton_available, unrotate_
 from .prefill.base import PrefillCompressor
 from .selection import attention_scores, compact_, keep_top_, leading_invalid, select_heavy, valid_keys
 
@@ -84,6 +84,7 @@ class ScopeLayer(CacheLayerMixin):
         module_ids: frozenset[int],
         prefill: PrefillCompressor | None = None,
         num_layers: int = 1,
+        evictions: EvictionBatch | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -96,6 +97,14 @@ class ScopeLayer(CacheLayerMixin):
         self._module_ids = module_ids
         # Decode fast path (scope_kv.kernels): None = on for CUDA tensors; True/False forces it.
         self.fast_decode: bool | None = None
+        # Evict-one work shared by the cache's layers and done in one launch per step
+        # (kernels.EvictionBatch); the cache sets `flush_evictions` on its last managed layer.
+        # `batch_evictions`: None = on for CUDA tensors (with Triton), True forces it (on the CPU
+        # only under TRITON_INTERPRET=1), False launches per layer.
+        self._evictions = evictions
+        self.flush_evictions = evictions is None
+        self.batch_evictions: bool | None = None
+        self._queued_at = -1  # the batch's flush count when this layer last queued work there
         self._clear()
 
     def _clear(self) -> None:
@@ -147,6 +156,7 @@ class ScopeLayer(CacheLayerMixin):
             ``(batch, kv_heads, length, dim)`` views of the held slots, tagged so that the scope
             attention function can find this layer.
         """
+        self._settle()
         if self._awaiting_attention:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the previous forward never reached scope_kv's attention function, so "
@@ -204,6 +214,7 @@ class ScopeLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._settle()
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -213,6 +224,7 @@ class ScopeLayer(CacheLayerMixin):
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._settle()
         if self.length > 0:
             idx = beam_idx.to(self.device)
             self.keys = self.keys.index_select(0, idx)
@@ -220,12 +232,14 @@ class ScopeLayer(CacheLayerMixin):
             self._map_batch(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._settle()
         if self.is_initialized:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
             self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._settle()
         if self.is_initialized:
             self.keys = self.keys[indices, ...]
             self.values = self.values[indices, ...]
@@ -308,10 +322,18 @@ class ScopeLayer(CacheLayerMixin):
                 self._ring_ptr = torch.zeros(self.keys.shape[:2], dtype=torch.int32, device=self.keys.device)
             if self._evicted is None or self._evicted.shape != self._ring_ptr.shape:
                 self._evicted = torch.empty(self.keys.shape[:2], dtype=torch.long, device=self.keys.device)
-            evict_one_(query, self.keys, self.values, lse, self._ring_ptr, self.prefill_length, self.length, recent,
-                       scale, out=self._evicted)
+            end, start = self.length, self.prefill_length
             self.length -= 1
             self._rotated = True
+            # Eager decoding at small batches is bound by the host's launches: queue the work and
+            # let one launch after the last layer do every layer's (kernels.EvictionBatch).
+            if self._batched() and self._evictions.add(query, self.keys, self.values, lse, self._ring_ptr,
+                                                       self._evicted, start, end, recent, scale):
+                self._queued_at = self._evictions.flushes
+                if self.flush_evictions:
+                    self._evictions.flush()
+                return
+            evict_one_(query, self.keys, self.values, lse, self._ring_ptr, start, end, recent, scale, out=self._evicted)
             return
         if lse is not None:
             start = self.prefill_length
@@ -325,8 +347,25 @@ class ScopeLayer(CacheLayerMixin):
         heavy = select_heavy(candidates, keep)
         self.length = compact_(self.keys, self.values, self.prefill_length, self.length, heavy, recent)
 
+    def _settle(self) -> None:
+        """Run this layer's eviction if it is still queued (a forward that stopped before the
+        last layer) before the layer's storage is read, written or re-indexed."""
+        batch = self._evictions
+        if batch is not None and self._queued_at == batch.flushes and len(batch):
+            batch.flush()
+
+    def _batched(self) -> bool:
+        want = self.batch_evictions if self.batch_evictions is not None else self.keys.is_cuda
+        return (
+            want
+            and self._evictions is not None
+            and triton_available()
+            and not (self.keys.is_cuda and torch.cuda.is_current_stream_capturing())
+        )
+
     def _unrotate(self, ring_end: int) -> None:
         """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
+        self._settle()
         if self._rotated:
             unrotate_(self.keys, self.values, self._ring_ptr, ring_end, self.decoding.recent)
             self._rotated = False
@@ -380,6 +419,7 @@ class ScopeLayer(CacheLayerMixin):
         """
         if not self._prefill_open:
             return
+        self._settle()
         self._prefill_open = False
         memo, self._memo = self._memo, {}
         prompt = self.prefill_length
@@ -569,12 +609,13 @@ class ScopeCache(Cache):
         config = model.config.get_text_config(decoder=True)
         template = DynamicCache(config=config)
         module_ids = frozenset(id(m) for m in model.modules())
+        self._evictions = EvictionBatch()
         layers: list[Any] = []
         for idx, layer in enumerate(template.layers):
             if isinstance(layer, DynamicSlidingWindowLayer):
                 layers.append(layer)  # bounded by its window already; transformers' own layer
             elif type(layer) is DynamicLayer:
-                layers.append(ScopeLayer(idx, decoding, module_ids, prefill, len(template.layers)))
+                layers.append(ScopeLayer(idx, decoding, module_ids, prefill, len(template.layers), self._evictions))
             elif not isinstance(layer, CacheLayerMixin) and type(layer).__name__ == "DummyLayer":
                 layers.append(layer)
             else:
@@ -590,6 +631,8 @@ class ScopeCache(Cache):
                 "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), set "
                 "`model.config.sliding_window = None` before building the cache."
             )
+        scope_layers = [layer for layer in layers if isinstance(layer, ScopeLayer)]
+        scope_layers[-1].flush_evictions = True  # a forward runs the layers in order: flush after the last
         super().__init__(layers=layers)
         self.decoding = decoding
         self.prefill = prefill

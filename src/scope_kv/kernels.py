@@ -37,6 +37,7 @@ __all__ = [
     "candidate_scores",
     "evict_one_",
     "evict_one_reference_",
+    "EvictionBatch",
     "triton_available",
     "unrotate_",
 ]
@@ -287,63 +288,38 @@ def unrotate_(keys: torch.Tensor, values: torch.Tensor, ring_ptr: torch.Tensor, 
 
 
 @functools.cache
-def _evict_one_kernel() -> Any:
-    import triton
-    import triton.language as tl
+def _evict_one_kernels() -> tuple[Any, Any]:
+    """(one layer's kernel, the batched kernel over several layers), imported on first use."""
+    from . import _triton_kernels
 
-    @triton.jit
-    def evict_one_kernel(
-        q_ptr, k_ptr, v_ptr, lse_ptr, ring_ptr, out_ptr,
-        start, ring0, newest, recent, scaling, kv_heads,
-        sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sl_b,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # One program per (batch row, KV head): it alone touches that head's pool and pointer.
-        pid = tl.program_id(0)
-        b = (pid // kv_heads).to(tl.int64)  # row offsets of a large cache overflow int32
-        h = pid % kv_heads
-        d = tl.arange(0, DIM)
-        g = tl.arange(0, GROUP_PAD)
-        g_ok = g < GROUP
-        q = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + b * sl_b + h * GROUP + g, mask=g_ok, other=float("inf"))
-        k_base = k_ptr + b * sk_b + h * sk_h
-        v_base = v_ptr + b * sv_b + h * sv_h
-        ptr = tl.load(ring_ptr + pid)
-        old = ring0 + ptr
-        best_val = tl.full((), float("inf"), tl.float32)
-        best_idx = tl.full((), 0, tl.int32)
-        # Candidates in the reference's order: [start, ring0), then the ring's oldest entry.
-        for j0 in range(start, ring0 + BLOCK, BLOCK):
-            offs = j0 + tl.arange(0, BLOCK)
-            ok = offs < ring0
-            is_old = (offs == j0) & (offs >= ring0)  # the last iteration scores only `old`
-            slot = tl.where(is_old, old, offs)
-            ok = ok | is_old
-            k = tl.load(k_base + slot[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
-            logits = tl.dot(k, tl.trans(q.to(k.dtype)), out_dtype=tl.float32) * scaling  # (BLOCK, GROUP_PAD)
-            p = tl.sum(tl.exp(logits - lse[None, :]), axis=1)
-            p = tl.where(ok, p, float("inf"))
-            blk_val = tl.min(p, axis=0)
-            blk_idx = tl.sum(tl.where(tl.arange(0, BLOCK) == tl.argmin(p, axis=0), slot, 0), axis=0)
-            better = blk_val < best_val
-            best_idx = tl.where(better, blk_idx, best_idx)
-            best_val = tl.where(better, blk_val, best_val)
-        tl.store(out_ptr + pid, best_idx.to(tl.int64))
-        k_old = tl.load(k_base + old * sk_s + d)
-        v_old = tl.load(v_base + old * sv_s + d)
-        k_new = tl.load(k_base + newest * sk_s + d)
-        v_new = tl.load(v_base + newest * sv_s + d)
-        tl.debug_barrier()
-        # When the ring's oldest entry is the one evicted, best_idx == old and the second store (the
-        # same thread, the same address, later in program order) leaves the newest entry there.
-        tl.store(k_base + best_idx * sk_s + d, k_old)
-        tl.store(v_base + best_idx * sv_s + d, v_old)
-        tl.store(k_base + old * sk_s + d, k_new)
-        tl.store(v_base + old * sv_s + d, v_new)
-        tl.store(ring_ptr + pid, (ptr + 1) % recent)
+    return _triton_kernels.evict_one_kernel, _triton_kernels.evict_one_batched_kernel
 
-    return evict_one_kernel
+
+_TABLE_FIELDS = ("q", "k", "v", "lse", "ring", "out", "start", "ring0", "newest", "recent",
+                 "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sl_b")
+
+
+def _triton_ok(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_ptr: torch.Tensor) -> bool:
+    dim = query.shape[-1]
+    return (
+        keys.stride(-1) == 1
+        and values.stride(-1) == 1
+        and query.stride(-1) == 1
+        and not dim & (dim - 1)
+        and dim >= 16
+        and ring_ptr.is_contiguous()
+        and keys.dtype == values.dtype == query.dtype
+        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+def _on_device(t: torch.Tensor) -> Any:
+    """Launch on the tensors' GPU, not the current one (a model split over GPUs has layers
+    elsewhere); switching devices costs host time on every layer of every step, so only when
+    it differs."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def evict_one_(
@@ -368,34 +344,98 @@ def evict_one_(
     """
     if use_triton is None:
         use_triton = keys.is_cuda and triton_available()
-    batch, q_heads, _, dim = query.shape
-    if (
-        not use_triton
-        or keys.stride(-1) != 1
-        or values.stride(-1) != 1
-        or query.stride(-1) != 1
-        or dim & (dim - 1)
-        or dim < 16
-        or not ring_ptr.is_contiguous()
-    ):
+    if not use_triton or not _triton_ok(query, keys, values, ring_ptr):
         return evict_one_reference_(query, keys, values, lse, ring_ptr, start, end, recent, scaling)
     import triton
 
+    batch, q_heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
     lse = lse.float().contiguous()
     if out is None or out.shape != (batch, kv_heads) or out.dtype != torch.long or not out.is_contiguous():
         out = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
-    evicted = out
-    # Launch on the tensors' GPU, not the current one (a model split over GPUs has layers elsewhere);
-    # switching devices costs host time on every layer of every step, so only when it differs.
-    other_gpu = keys.is_cuda and keys.device.index != torch.cuda.current_device()
-    with torch.cuda.device(keys.device) if other_gpu else contextlib.nullcontext():
-        _evict_one_kernel()[(batch * kv_heads,)](
-            query, keys, values, lse, ring_ptr, evicted,
+    with _on_device(keys):
+        _evict_one_kernels()[0][(batch * kv_heads,)](
+            query, keys, values, lse, ring_ptr, out,
             start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
         )
-    return evicted
+    return out
+
+
+class EvictionBatch:
+    """Evict-one work of several layers, done by one kernel launch per step.
+
+    In an eager decode step the host, not the GPU, sets the pace at small batches, and one
+    Triton launch per layer is most of what selection costs there (benchmarks/NOTES.md). A
+    layer's eviction only has to happen before that layer's *next* append, so layers
+    :meth:`add` their work as they finish attention and :meth:`flush` runs it all at once --
+    one launch over a table of per-layer addresses and sizes (``_TABLE_FIELDS``) per group of
+    layers sharing device, dtype and shapes. The owner flushes after its last layer, and
+    before any layer that still has work here touches its storage again.
+
+    Not used while a CUDA graph is being captured (the table would be captured by address):
+    there each layer launches :func:`evict_one_` itself.
+    """
+
+    def __init__(self) -> None:
+        self._work: list[tuple] = []
+        self.flushes = 0  # flushes so far: a layer that queued at count n is done once it moved on
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+    def add(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
+            ring_ptr: torch.Tensor, out: torch.Tensor, start: int, end: int, recent: int, scaling: float) -> bool:
+        """Queue one layer's :func:`evict_one_` (same arguments; ``out`` required). Returns False,
+        queueing nothing, when the Triton kernel cannot take these tensors (the caller then runs
+        :func:`evict_one_`, which falls back to the reference)."""
+        if not _triton_ok(query, keys, values, ring_ptr) or out.shape != keys.shape[:2] or not out.is_contiguous():
+            return False
+        lse = lse.float().contiguous()  # kept alive here until the launch
+        self._work.append((query, keys, values, lse, ring_ptr, out, start, end, recent, float(scaling)))
+        return True
+
+    def flush(self) -> None:
+        """Run every queued eviction (one launch per group of alike layers)."""
+        if not self._work:
+            return
+        work, self._work = self._work, []
+        self.flushes += 1
+        groups: dict[tuple, list[tuple]] = {}
+        for item in work:
+            query, keys = item[0], item[1]
+            key = (keys.device, keys.dtype, tuple(query.shape), tuple(keys.shape[:2]), keys.shape[-1], item[9])
+            groups.setdefault(key, []).append(item)
+        for (device, dtype, q_shape, _, dim, scaling), items in groups.items():
+            if len(items) == 1:
+                query, keys, values, lse, ring, out, start, end, recent, _ = items[0]
+                evict_one_(query, keys, values, lse, ring, start, end, recent, scaling, use_triton=True, out=out)
+                continue
+            self._launch(items, device, dtype, q_shape, dim, scaling)
+
+    @staticmethod
+    def _launch(items: list[tuple], device: torch.device, dtype: torch.dtype, q_shape: tuple, dim: int,
+                scaling: float) -> None:
+        import triton
+        import triton.language as tl
+
+        rows = []
+        for query, keys, values, lse, ring, out, start, end, recent, _ in items:
+            rows.append((query.data_ptr(), keys.data_ptr(), values.data_ptr(), lse.data_ptr(), ring.data_ptr(),
+                         out.data_ptr(), start, end - 1 - recent, end - 1, recent, query.stride(0), query.stride(1),
+                         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+                         values.stride(2), lse.stride(0)))
+        table = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
+        table = table.to(device, non_blocking=True)
+        batch, q_heads = q_shape[0], q_shape[1]
+        kv_heads = items[0][1].shape[1]
+        group = q_heads // kv_heads
+        kv_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+        with _on_device(items[0][1]):
+            _evict_one_kernels()[1][(batch * kv_heads, len(items))](
+                table, scaling, kv_heads, KV_DTYPE=kv_dtype, FIELDS=len(_TABLE_FIELDS),
+                GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+            )
