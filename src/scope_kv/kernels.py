@@ -19,7 +19,9 @@ Why these three:
   (the pool grows by one and the budget never shrinks). One kernel per layer scores the
   candidates, takes the arg-min and closes the gap in place, keeping the pool's order
   (so the newest ``recent`` entries stay last, exactly as the reference compaction leaves
-  them). The scoring and the shift are fused so the step costs one launch, not ~15.
+  them). The scoring and the shift are fused so the step costs one launch, not ~15; in eager
+  decoding the layers' evictions are queued and done by one launch per step
+  (:class:`EvictionBatch`), since there the host's launches, not the GPU, set the pace.
 """
 
 from __future__ import annotations
