@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import pathlib
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -328,12 +330,9 @@ class ResultStore:
         if not all((self.dir / f"{self.name}.done-{r}-of-{world}").exists() for r in range(world)):
             return False  # another rank merges when it finishes
         lock = self.dir / f"{self.name}.merge.lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not _take_lock(lock):
             return False
         try:
-            os.close(fd)
             self.merge(key, order)
             for r in range(world):
                 (self.dir / f"{self.name}.done-{r}-of-{world}").unlink(missing_ok=True)
@@ -357,6 +356,55 @@ class ResultStore:
         for path in parts:
             path.unlink(missing_ok=True)
         return rows
+
+
+def _take_lock(lock: pathlib.Path) -> bool:
+    """Create ``lock`` holding this host and pid; False when a live process holds it.
+
+    A lock left behind by a process that died while merging (same host, pid gone) is taken
+    over: the merge is idempotent (records are deduplicated by key; parts are removed only after
+    the merged file is in place). A lock this host cannot judge is reported, not ignored.
+    """
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder == "dead":
+                logger.warning("%s was left by a process that no longer runs; merging now.", lock)
+                lock.unlink(missing_ok=True)
+                continue
+            if holder != "alive":
+                logger.warning(
+                    "%s is held by %s, so this process does not merge the part files. If no run is "
+                    "active, delete that file and run the same command again to merge.", lock, holder)
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def _lock_holder(lock: pathlib.Path) -> str:
+    """"alive", "dead", or a description of a holder on another host / of an unreadable lock."""
+    try:
+        text = lock.read_text(encoding="utf-8").split()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return "dead"  # released meanwhile: try again
+    if len(text) != 2 or not text[1].isdigit():
+        # Empty: its creator has not written it yet -- or was killed before it could.
+        return "dead" if age > 60 else "alive"
+    host, pid = text[0], int(text[1])
+    if host != socket.gethostname():
+        return f"process {pid} on host {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        return "alive"
+    return "alive"
 
 
 def chunks(items: Iterable[Any], shard: Shard) -> list[tuple[int, Any]]:
