@@ -21,8 +21,8 @@ def tiny(monkeypatch):
     model.generation_config.eos_token_id = None
     loaded = []
 
-    def fake_load(name, gguf_file, device, dtype, attn):
-        loaded.append((name, gguf_file, str(device), dtype, attn))
+    def fake_load(name, gguf_file, device, dtype, attn, device_map=None):
+        loaded.append((name, gguf_file, str(device), dtype, attn, device_map))
         return model, TinyTokenizer()
 
     monkeypatch.setattr(scope_kv.eval, "load_model", fake_load)
@@ -87,3 +87,27 @@ def test_build_command(tmp_path, capsys):
     assert "wrote 2 gsm8k examples" in capsys.readouterr().out
     examples = scope_kv.eval.load_examples(path=out)
     assert [e.k for e in examples] == [2, 2]
+
+
+def test_device_map_reaches_the_loader(tiny, tmp_path):
+    out = tmp_path / "fid"
+    assert main(["eval", "fidelity", "--limit", "1", "--steps", "6", "-m", "slide:8/4", "--device-map", "auto",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert tiny[-1][2] == "None" and tiny[-1][5] == "auto"  # no single device: accelerate places the model
+    assert main(["eval", "fidelity", "--limit", "1", "--steps", "6", "-m", "slide:8/4", "--device-map",
+                 '{"": "cpu"}', "--out", str(tmp_path / "fid2"), "--no-progress"]) == 0
+    assert tiny[-1][5] == {"": "cpu"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device-map", "auto", "--device", "cpu"], "exclude each other"),
+    (["--device-map", "auto", "--rank", "0", "--world-size", "2"], "data-parallel"),
+    (["--device-map", "{not json"], "not valid JSON"),
+    (["--device-map", '["cpu"]'], "must be an object"),
+    (["--device-map", "everywhere"], "must be auto, balanced"),
+])
+def test_device_map_misuse_is_refused(tiny, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "fidelity", "-m", "full", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not tiny  # refused before loading anything

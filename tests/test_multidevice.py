@@ -217,3 +217,29 @@ def test_pools_follow_the_device_each_layer_receives():
         assert layer.capacity >= 6 + Slide(8, 3).max_held  # room for the decoding pool, on that device
     assert cache.get_seq_length() == 6
     assert [cache.kv_length(i) for i in range(LAYERS)] == [6] * LAYERS
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential", "explicit"])
+def test_eval_loader_dispatch_and_input_device(device_map):
+    """What `scope-kv eval --device-map` does to a loaded model (scope_kv.eval.common._dispatch):
+    accelerate hooks on the layers, inputs sent to the embedding's execution device, and Slide's
+    tokens equal to the undispatched model's."""
+    from scope_kv.eval.common import _dispatch, input_device
+
+    model = _model()
+    mapping = {"": "cpu"} if device_map == "explicit" else device_map
+    model = _dispatch(model, mapping)
+    assert getattr(model.model.layers[0], "_hf_hook", None) is not None or hasattr(model, "hf_device_map")
+    assert input_device(model) == torch.device("cpu")
+    ids, mask = _prompt(2)
+    assert torch.equal(_generate(model, ScopeCache(model, **STRATEGIES["slide"]()), ids, mask), _undispatched("slide"))
+
+
+def test_input_device_of_an_offloaded_embedding():
+    from scope_kv.eval.common import _dispatch, input_device
+
+    model = accelerate.cpu_offload(_model(), execution_device=torch.device("cpu"))
+    assert model.get_input_embeddings().weight.device.type == "meta"
+    assert input_device(model) == torch.device("cpu")
+    with pytest.raises(ValueError, match="device_map must be"):
+        _dispatch(_model(), "everywhere")

@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -27,6 +28,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     model.add_argument("--gguf-file", default=None, help="GGUF file inside --model (de-quantised by transformers)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice under "
                        "`accelerate launch`, else cuda:LOCAL_RANK when a GPU exists, else cpu)")
+    model.add_argument("--device-map", default=None, metavar="MAP",
+                       help="spread one model over this process's devices with accelerate: auto, balanced, "
+                       "balanced_low_0, sequential, or a JSON object {module name: device}; one process only "
+                       "(excludes --device and data-parallel launches)")
     model.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     model.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                        help="attention backend the model is loaded with")
@@ -121,11 +126,40 @@ def _prepare(args: argparse.Namespace, max_new_tokens: int):
         _err(f"no {args.task} examples found in {args.data or 'the shipped data'}.")
         raise SystemExit(2)
     shard = current_shard(args.rank, args.world_size)
-    device = args.device or shard.device()
-    model, tokenizer = load_model(args.model, args.gguf_file, device, args.dtype, args.attn)
+    device_map = _device_map(args.device_map, args.device, shard.world_size)
+    device = None if device_map is not None else args.device or shard.device()
+    model, tokenizer = load_model(args.model, args.gguf_file, device, args.dtype, args.attn, device_map=device_map)
     info = {"model": args.model, "gguf_file": args.gguf_file, "task": args.task,
             "data": str(args.data) if args.data else None, "dtype": args.dtype}
     return methods, errors, examples, shard, model, tokenizer, info
+
+
+def _device_map(value: str | None, device: str | None, world_size: int) -> str | dict | None:
+    """--device-map checked against the other placement options (a clear exit 2 if they clash)."""
+    if value is None:
+        return None
+    if device is not None:
+        _err("--device-map and --device exclude each other: one puts the whole model on one device.")
+        raise SystemExit(2)
+    if world_size > 1:
+        _err(f"--device-map spreads one model over every device this process sees; with {world_size} processes "
+             "they would all claim the same devices. Run one process with --device-map, or data-parallel "
+             "processes without it.")
+        raise SystemExit(2)
+    if value.lstrip()[:1] in ("{", "["):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as exc:
+            _err(f"--device-map: not valid JSON ({exc}).")
+            raise SystemExit(2) from None
+        if not isinstance(mapping, dict):
+            _err("--device-map: the JSON must be an object {module name: device}.")
+            raise SystemExit(2)
+        return mapping
+    if value not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        _err(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object, got {value!r}.")
+        raise SystemExit(2)
+    return value
 
 
 def _print_summary(path: pathlib.Path, columns) -> None:

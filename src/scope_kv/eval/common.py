@@ -111,6 +111,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer for evaluation.
 
@@ -125,6 +126,10 @@ def load_model(
         Where to put the model (``None``: leave it where transformers loaded it, the CPU).
     dtype : str
         ``float32``, ``float16``, ``bfloat16`` or ``auto``.
+    device_map : str, dict or None
+        Spread the model over devices with accelerate (``"auto"``, ``"balanced"``,
+        ``"sequential"`` or a ``{module name: device}`` dict) for a model that does not fit one
+        device; ScopeCache keeps each layer's pools on that layer's device. Excludes ``device``.
 
     Returns
     -------
@@ -133,15 +138,20 @@ def load_model(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if device_map is not None and device is not None:
+        raise ValueError("pass either device (one device) or device_map (a model spread over devices), not both.")
+    placement = {"device_map": device_map} if device_map is not None else {}
     if model in (None, "smollm2") and gguf_file is None:
         lm, tok = _load_smollm2(_DTYPES[dtype] if dtype != "auto" else torch.float32, attn_implementation)
+        if device_map is not None:
+            lm = _dispatch(lm, device_map)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tok = AutoTokenizer.from_pretrained(model, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(
-            model, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, **kwargs
+            model, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, **kwargs, **placement
         ).eval()
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -150,6 +160,37 @@ def load_model(
     if device is not None:
         lm.to(device)
     return lm, tok
+
+
+def _dispatch(model: Any, device_map: str | dict[str, Any]) -> Any:
+    """Spread an already loaded model over devices (accelerate), as from_pretrained(device_map=...) would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(
+                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict, got {device_map!r}."
+            )
+        no_split = getattr(model, "_no_split_modules", None) or []
+        memory = None
+        if device_map != "sequential":
+            memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=device_map)
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embedding's execution device (with a device map the
+    first parameter need not be there, and an offloaded one sits on ``meta``)."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    weight = embed.weight.device
+    return torch.device("cpu") if weight.type == "meta" else weight
 
 
 def _load_smollm2(dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from .common import KVAccount, ResultStore, Shard, chunks
+from .common import KVAccount, ResultStore, Shard, chunks, input_device
 from .longgenbench import Example, build_prompt, fit_to_tokens, truncate_example
 from .methods import Method
 from .runner import _encode, write_csv
@@ -202,7 +202,7 @@ def run_fidelity(
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
     account = KVAccount(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = ["reference", *(m.spec for m in methods)]
     todo = [(i, ex) for i, ex in chunks(examples, shard) if any((ex.id, n) not in done for n in names)]
     bar = inner = None

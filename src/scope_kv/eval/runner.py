@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .common import KVAccount, ResultStore, Shard, chunks
+from .common import KVAccount, ResultStore, Shard, chunks, input_device
 from .longgenbench import Example, build_prompt, fit_to_tokens, score_output, truncate_example
 from .methods import Method
 
@@ -164,7 +164,7 @@ def run_longgenbench(
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
     account = KVAccount(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     eos = model.generation_config.eos_token_id
     todo = [(i, ex, m) for i, ex in chunks(examples, shard) for m in methods if (ex.id, m.spec) not in done]
     if len(done):
