@@ -311,6 +311,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> bool:
+    """ms per step by batch: each kvpress config against Slide eager and captured (the comparison)."""
+    rows = result.get("comparison") or []
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["batch"], r["kvpress_ms"]) for r in rows if r["method"] == method)
+        ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=f"kvpress {method[8:]}")
+    for key, label in (("slide_ms", "ScopeCache Slide, eager"), ("slide_graph_ms", "ScopeCache Slide, CUDA graph")):
+        pts = sorted({(r["batch"], r[key]) for r in rows if r.get(key)})
+        if pts:
+            ax.plot([b for b, _ in pts], [m for _, m in pts], marker="s", linestyle="--", label=label)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("ms per decode step (lower is better)")
+    s = result["settings"]
+    ax.set_title(f"equal KV memory: {s['prompt'] + s['budget']} entries per head")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
@@ -327,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="run every config this many times (rotated order)")
     ap.add_argument("--compare", type=Path, help="decode.py JSON from the same device call")
     ap.add_argument("--time-budget-s", type=float, default=400.0)
+    ap.add_argument("--report", nargs="*", type=Path, help="re-render .md/.png from these JSON files (no run)")
     args = ap.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            write(json.loads(path.read_text()), path.with_suffix(""))
+        return 0
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write(result, args.out)
     print(markdown(result))
     return 0
 
