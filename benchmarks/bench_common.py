@@ -6,7 +6,10 @@ environment (an older transformers), where scope_kv is not installed.
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -159,3 +162,19 @@ def time_steps(stepper: Stepper, warmup: int, steps: int, device: torch.device,
         per = [(marks[i + 1] - marks[i]) * 1e3 for i in range(steps)]
         total = host = (marks[-1] - marks[0]) * 1e3
     return dict(per=per, total=total, host=host)
+
+
+# -- output -------------------------------------------------------------------------------
+def fmt(x: Any, spec: str = ".1f") -> str:
+    """A table cell: "-" for a missing or non-finite number."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+def write_outputs(result: dict, out: Path, markdown: Callable[[dict], str], plot: Callable[[dict, Path], bool]) -> None:
+    """``out``.json (the run), ``out``.md (its tables) and ``out``.png (its plot, when matplotlib is there)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))

@@ -56,8 +56,8 @@ import torch
 import transformers
 from transformers import DynamicCache, StaticCache
 
-from bench_common import (LLAMA_8B, TINY, Stepper, median, random_kv, build_model, kv_bytes_per_token,
-                          measure_bandwidth, time_steps, weight_bytes_read)
+from bench_common import (LLAMA_8B, TINY, Stepper, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median,
+                          random_kv, time_steps, weight_bytes_read, write_outputs)
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide
 
 
@@ -536,12 +536,6 @@ def targets(result: dict) -> list[dict]:
 
 
 # -- output -------------------------------------------------------------------------------
-def _fmt(x: Any, spec: str = ".1f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(x, spec)
-
-
 def markdown(result: dict) -> str:
     env = result["env"]
     s = result["settings"]
@@ -550,7 +544,7 @@ def markdown(result: dict) -> str:
         "",
         f"Prompt {s['prompt']}; workloads {s['workloads']}; budget {s['budget']}, recent {s['recent']}; "
         f"{s['warmup']} warm-up + {s['steps']} timed steps per sample; bandwidth "
-        f"{_fmt(result['bandwidth_bytes_per_s'] / 1e12, '.2f')} TB/s (copy, read+write); weights read per step "
+        f"{fmt(result['bandwidth_bytes_per_s'] / 1e12, '.2f')} TB/s (copy, read+write); weights read per step "
         f"{result['weight_bytes_read'] / 1e9:.2f} GB; command `{env['command']}`.",
         "",
         "| method | batch | P->N | tokens/s | ms/step by generated length (mean) | x roofline (by L) | peak alloc GiB | KV alloc GiB |",
@@ -562,7 +556,7 @@ def markdown(result: dict) -> str:
         peak = row["peak_allocated"] / 2**30 if row["peak_allocated"] else None
         lines.append(
             f"| {row['method']} | {row['batch']}{' (max)' if row['batch_tag'] == 'max' else ''} | "
-            f"{s['prompt']}->{row['workload']} | {_fmt(row['tokens_per_s'])} | {ms} | {roof} | {_fmt(peak, '.1f')} | "
+            f"{s['prompt']}->{row['workload']} | {fmt(row['tokens_per_s'])} | {ms} | {roof} | {fmt(peak, '.1f')} | "
             f"{row['kv_bytes_allocated_max'] / 2**30:.2f} |"
         )
     lines += ["", "## Targets (from this run)", "", "| target | value | goal | met | detail |", "| --- | --- | --- | --- | --- |"]
@@ -606,13 +600,6 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (tests, no GPU needed)")
@@ -638,11 +625,11 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(path.read_text())
             result["summary"] = summarise(result)
             result["targets"] = targets(result)
-            write(result, path.with_suffix(""))
+            write_outputs(result, path.with_suffix(""), markdown, plot)
         return 0
     with torch.inference_mode():
         result = run(args)
-    write(result, args.out)
+    write_outputs(result, args.out, markdown, plot)
     print(markdown(result))
     return 0
 

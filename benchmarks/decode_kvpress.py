@@ -49,8 +49,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from bench_common import LLAMA_8B, TINY, Stepper, build_model, kv_bytes_per_token, measure_bandwidth, median, \
-    random_kv, time_steps, weight_bytes_read
+from bench_common import LLAMA_8B, TINY, Stepper, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median, \
+    random_kv, time_steps, weight_bytes_read, write_outputs
 
 
 # -- kvpress ------------------------------------------------------------------------------
@@ -275,10 +275,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _fmt(x: Any, spec: str = ".2f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def markdown(result: dict) -> str:
     env, s = result["env"], result["settings"]
     lines = [
@@ -294,17 +290,19 @@ def markdown(result: dict) -> str:
     for r in result["points"]:
         peak = r["peak_allocated"] / 2**30 if r["peak_allocated"] else None
         lines.append(f"| {r['method']} | {r['batch']} | {r.get('repeat', 0)} | {r['ms_mean']:.2f} | {r['ms_median']:.2f} | "
-                     f"{r['ms_max']:.2f} | {_fmt(r.get('host_ms_mean'))} | "
-                     f"{r['held_min']}..{r['held_max']} | {r['cuts']} | {_fmt(r.get('roofline_ratio'))} | {_fmt(peak, '.1f')} |")
+                     f"{r['ms_max']:.2f} | {fmt(r.get('host_ms_mean'), '.2f')} | "
+                     f"{r['held_min']}..{r['held_max']} | {r['cuts']} | {fmt(r.get('roofline_ratio'), '.2f')} | "
+                     f"{fmt(peak, '.1f')} |")
     if result.get("comparison"):
         lines += ["", f"## Against ScopeCache Slide at equal KV memory ({result['compare_with']})", "",
                   "| kvpress config | batch | kvpress ms | Slide eager ms | Slide graph ms | kvpress / Slide eager | "
                   "kvpress / Slide graph | version-normalised (eager) | peak entries kvpress / Slide |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in result["comparison"]:
-            lines.append(f"| {c['method']} | {c['batch']} | {c['kvpress_ms']:.2f} | {_fmt(c['slide_ms'])} | "
-                         f"{_fmt(c['slide_graph_ms'])} | {_fmt(c['speedup_eager'])} | {_fmt(c['speedup_graph'])} | "
-                         f"{_fmt(c.get('speedup_eager_version_normalised'))} | {c['kvpress_peak_entries']} / "
+            lines.append(f"| {c['method']} | {c['batch']} | {c['kvpress_ms']:.2f} | {fmt(c['slide_ms'], '.2f')} | "
+                         f"{fmt(c['slide_graph_ms'], '.2f')} | {fmt(c['speedup_eager'], '.2f')} | "
+                         f"{fmt(c['speedup_graph'], '.2f')} | "
+                         f"{fmt(c.get('speedup_eager_version_normalised'), '.2f')} | {c['kvpress_peak_entries']} / "
                          f"{c['slide_peak_entries']} |")
     for e in result["errors"]:
         lines.append(f"\nNot measured: {e['method']} batch {e['batch']}: {e['error']}")
@@ -342,13 +340,6 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
@@ -369,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         for path in args.report:
-            write(json.loads(path.read_text()), path.with_suffix(""))
+            write_outputs(json.loads(path.read_text()), path.with_suffix(""), markdown, plot)
         return 0
     result = run(args)
-    write(result, args.out)
+    write_outputs(result, args.out, markdown, plot)
     print(markdown(result))
     return 0
 
