@@ -364,8 +364,9 @@ class ScopeLayer(CacheLayerMixin):
         )
 
     def _unrotate(self, ring_end: int) -> None:
-        """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
-        self._settle()
+        """Back to arrival order (the reference layout) after evict-one steps; O(recent).
+
+        Its callers run after :meth:`update` has settled this layer's queued eviction."""
         if self._rotated:
             unrotate_(self.keys, self.values, self._ring_ptr, ring_end, self.decoding.recent)
             self._rotated = False
@@ -418,8 +419,7 @@ class ScopeLayer(CacheLayerMixin):
         :meth:`ScopeCache.finish_prefill`) to inspect the compressed cache before decoding.
         """
         if not self._prefill_open:
-            return
-        self._settle()
+            return  # (an open prefill means no decode step, so no queued eviction, since it ran)
         self._prefill_open = False
         memo, self._memo = self._memo, {}
         prompt = self.prefill_length
