@@ -262,16 +262,11 @@ _BATCHED_MODEL_CHECK = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from conftest import make_model
+from test_kernels import _as_set
 from scope_kv import Adaptive, ScopeCache, Slide, SnapKV, kernels
 launches = []
 _launch = kernels.EvictionBatch._launch
 kernels.EvictionBatch._launch = staticmethod(lambda items, *a: (launches.append(len(items)), _launch(items, *a)))
-def as_set(keys, values):
-    # Held entries as a set per (row, head): the ring keeps them rotated, order is not the point.
-    both = torch.cat([keys, values], dim=-1)
-    order = both.sum(-1).argsort(dim=-1)
-    both = torch.gather(both, 2, order[..., None].expand_as(both))
-    return both
 def run(strategy, padded, snapkv, beams):
     model = make_model("llama")
     gen = torch.Generator().manual_seed(11)
@@ -297,8 +292,10 @@ def run(strategy, padded, snapkv, beams):
     assert torch.equal(out_a, out_b)
     for la, lb in zip(a.layers, b.layers):
         assert la.length == lb.length and la.selections == lb.selections > 0
-        torch.testing.assert_close(as_set(lb.keys[:, :, :lb.length], lb.values[:, :, :lb.length]),
-                                   as_set(la.keys[:, :, :la.length], la.values[:, :, :la.length]), rtol=0, atol=0)
+        got = _as_set(lb.keys[:, :, :lb.length], lb.values[:, :, :lb.length])
+        want = _as_set(la.keys[:, :, :la.length], la.values[:, :, :la.length])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert torch.equal(la._ring_ptr, lb._ring_ptr)
     print("OK")
 run(lambda: Slide(12, 5), False, False, 1)

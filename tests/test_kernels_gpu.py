@@ -62,18 +62,23 @@ def test_evict_one_triton_cuda_matches_reference(dtype, span):
     assert torch.equal(k_ref[same], k_tri[same]) and torch.equal(v_ref[same], v_tri[same])
 
 
+def _tiny_llama(layers: int) -> torch.nn.Module:
+    """A small bf16 Llama (GQA 8/2, head dim 32) with random weights, on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32, vocab_size=512)
+    with torch.device("cuda"):
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+
+
 def test_fast_path_graph_replay_matches_eager_steps():
     """A CUDA-graph-captured Slide step, replayed, leaves the same cache as eager steps."""
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scope_kv import ScopeCache, Slide
 
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                         num_key_value_heads=2, head_dim=32, vocab_size=512)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = _tiny_llama(layers=2)
     prompt = torch.randint(0, 512, (2, 40), device="cuda")
     with torch.inference_mode():
         caches, logits = [], []
@@ -117,19 +122,13 @@ def test_batched_evictions_match_per_layer_on_cuda(monkeypatch):
     """Eager decoding queues every layer's eviction and runs them in one launch per step
     (kernels.EvictionBatch, the default on CUDA): the same tokens, held K/V and ring pointers as
     one launch per layer (batch_evictions=False)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scope_kv import ScopeCache, Slide
 
     launches: list[int] = []
     launch = kernels.EvictionBatch._launch
     monkeypatch.setattr(kernels.EvictionBatch, "_launch",
                         staticmethod(lambda items, *a: (launches.append(len(items)), launch(items, *a))))
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                         num_key_value_heads=2, head_dim=32, vocab_size=512)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = _tiny_llama(layers=4)
     prompt = torch.randint(3, 512, (3, 40), device="cuda")
     runs = []
     for batched in (False, True):
