@@ -139,7 +139,7 @@ def all_methods(s: Settings) -> dict[str, Method]:
 # -- cache states -------------------------------------------------------------------------
 def scope_schedule(decoding: Any, generated: int) -> tuple[int, int]:
     """Decoding-pool size and discontinuous skip counter after ``generated`` decode steps
-    (replays the strategy's own ``plan``; SCOPE_SPEC §3)."""
+    (replays the strategy's own ``plan``; docs/method.md §3)."""
     held, skipped = 0, 0
     if decoding is None:
         return generated, 0
@@ -153,7 +153,7 @@ def scope_schedule(decoding: Any, generated: int) -> tuple[int, int]:
 
 def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, generated: int):
     """A cache in the state it has after the prompt and ``generated`` decode steps, filled with
-    random K/V (never zeros: METHOD.md). Returns ``(cache, held_entries_per_row)``."""
+    random K/V (never zeros, which can time faster than real data). Returns ``(cache, held_entries_per_row)``."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     heads = c.num_key_value_heads
@@ -181,21 +181,11 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
     for layer in cache.layers:
         layer.fast_decode = method.fast
         layer.batch_evictions = method.batched
-        # Prefill pool through the public update(); the decoding pool is written straight into
-        # the layer's buffer (as `held` decode steps would have left it) and the layer's
-        # counters set to match: running `generated` real steps per sample would not fit the
-        # device's time limit. Field names are ScopeLayer's (src/scope_kv/cache.py).
-        shape = (batch, heads, kept, head_dim)
-        layer.update(random_kv(shape, ref), random_kv(shape, ref))
-        layer._awaiting_attention = False
-        layer._reserve(kept + held + 1)
-        dec = (batch, heads, held, head_dim)
-        layer.keys[:, :, kept : kept + held].copy_(random_kv(dec, ref))
-        layer.values[:, :, kept : kept + held].copy_(random_kv(dec, ref))
-        layer.length = kept + held
-        layer.seen = prompt + generated
-        layer.step = generated
-        layer.skipped = skipped
+        # The state `generated` decode steps leave (running them per sample would not fit the
+        # device's time limit), through the layer's public load_state.
+        shape = (batch, heads, kept + held, head_dim)
+        layer.load_state(random_kv(shape, ref), random_kv(shape, ref), prefill_length=kept,
+                         seen=prompt + generated, step=generated, skipped=skipped)
     return cache, kept + held
 
 

@@ -28,6 +28,7 @@ import transformers
 from bench_common import LLAMA_8B, build_model, random_kv
 from scope_kv import ScopeCache, Slide
 from scope_kv.kernels import evict_one_
+from scope_kv.testing import attend
 
 
 def per_call(fn: Callable[[], None], calls: int) -> dict[str, float]:
@@ -65,26 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     cache = ScopeCache(model, decoding=Slide(budget, args.recent))
     layer = cache.layers[0]
     ref = next(model.parameters())
-    layer.update(random_kv((b, heads, p, dim), ref), random_kv((b, heads, p, dim), ref))
-    layer._awaiting_attention = False
-    layer._reserve(p + budget + 1)
-    layer.keys[:, :, p : p + budget + 1].copy_(random_kv((b, heads, budget + 1, dim), ref))
-    layer.values[:, :, p : p + budget + 1].copy_(random_kv((b, heads, budget + 1, dim), ref))
-    layer.step = layer.seen = 4 * budget
+    # A Slide layer at budget, deep into a generation, through the layer's public load_state.
+    shape = (b, heads, p + budget, dim)
+    layer.load_state(random_kv(shape, ref), random_kv(shape, ref), prefill_length=p, seen=p + 4 * budget,
+                     step=4 * budget)
     module = model.model.layers[0].self_attn
     query = random_kv((b, qh, 1, dim), ref)
     lse = torch.randn(b, qh, device=dev, dtype=torch.float32) + 10
-    keys_view = layer.keys[:, :, : p + budget + 1]
+    new_k, new_v = random_kv((b, heads, 1, dim), ref), random_kv((b, heads, 1, dim), ref)
     ring = torch.zeros(b, heads, dtype=torch.int32, device=dev)
     out = torch.empty(b, heads, dtype=torch.long, device=dev)
     tiny = torch.zeros(16, device=dev)
     end = p + budget + 1
 
-    def after_attention() -> None:
-        # One Slide step at budget: the pool holds budget + 1 (the step's entry appended), one goes.
-        layer.length = end
-        layer._decode_pending = True
-        layer.after_attention(module, query, keys_view, None, dim**-0.5, None, lse)
+    def decode_step() -> None:
+        # One Slide step at budget: the step's entry is appended (the pool holds budget + 1), the
+        # attention's record is handed over, one entry goes (the layer is at budget again).
+        layer.update(new_k, new_v)
+        attend(layer, module, query, scaling=dim**-0.5, lse=lse)
 
     def device_switch() -> None:
         with torch.cuda.device(dev):
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   args.recent, dim**-0.5),
         "evict_one_reference_ (plain torch)": lambda: evict_one_(query, layer.keys, layer.values, lse, ring, p, end,
                                                                    args.recent, dim**-0.5, use_triton=False),
-        "ScopeLayer.after_attention (Slide at budget)": after_attention,
+        "ScopeLayer.update + after_attention (Slide at budget)": decode_step,
     }
     rows = []
     with torch.inference_mode():

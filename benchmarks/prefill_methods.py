@@ -6,7 +6,7 @@ kvpress press through the adapter when kvpress is installed) this prefills the p
 the KV entries held per layer and KV head right after prefill compression, greedily decodes a
 fixed number of tokens (no early stop), and records the entries held at the end.
 
-Settings: the paper's LongGenBench-4K setting (SCOPE_SPEC §2, §4) is prefill budget C = 2048,
+Settings: the paper's LongGenBench-4K setting (docs/method.md §2, §6) is prefill budget C = 2048,
 decoding budget B = 512, recent r = 256, T = 4096 new tokens, SnapKV/PyramidKV window 8,
 kernel 7, max pooling. Scaled here:
 

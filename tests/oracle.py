@@ -1,4 +1,4 @@
-"""An independent oracle of SCOPE_SPEC §3, built on a full `DynamicCache`.
+"""An independent oracle of SCOPE's decoding rule (docs/method.md §3), built on a full `DynamicCache`.
 
 The oracle never evicts anything: the cache holds every entry, and attention is restricted
 to the set the spec's rule keeps (a boolean ``kept`` mask per layer, batch row and KV head
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -28,6 +29,9 @@ class Rule:
     budget: int
     recent: int
     delta: int | None = None
+    # Score of one KV head's candidates: score(probs (group, L), keys (L, dim)) -> (L,) floats.
+    # None: SCOPE's (the group's summed probabilities).
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def budget_at(self, t: int) -> int:
         if self.kind == "slide":
@@ -86,11 +90,11 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     out = torch.matmul(probs, v).to(query.dtype).transpose(1, 2).contiguous()
 
     if decode and state.rule is not None:
-        _select(state, layer, probs[:, :, -1, :], group)
+        _select(state, layer, probs[:, :, -1, :], key.float(), group)
     return out, None
 
 
-def _select(state: OracleState, layer: int, probs: torch.Tensor, group: int) -> None:
+def _select(state: OracleState, layer: int, probs: torch.Tensor, keys: torch.Tensor, group: int) -> None:
     rule = state.rule
     t = state.step[layer]
     state.step[layer] += 1
@@ -111,7 +115,11 @@ def _select(state: OracleState, layer: int, probs: torch.Tensor, group: int) -> 
             positions = [p for p in range(start, kept.shape[-1]) if kept[b, h, p]]
             assert len(positions) == n_decoding
             candidates = positions[: len(positions) - rule.recent]
-            score = {p: float(probs[b, h * group : (h + 1) * group, p].sum()) for p in candidates}
+            if rule.score is None:
+                score = {p: float(probs[b, h * group : (h + 1) * group, p].sum()) for p in candidates}
+            else:
+                values = rule.score(probs[b, h * group : (h + 1) * group], keys[b, h])
+                score = {p: float(values[p]) for p in candidates}
             ranked = sorted(candidates, key=lambda p: -score[p])
             for p in ranked[budget - rule.recent :]:
                 kept[b, h, p] = False

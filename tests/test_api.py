@@ -9,6 +9,7 @@ import scope_kv
 
 EXPECTED = {
     "Adaptive",
+    "AttentionStep",
     "DecodingStrategy",
     "Discontinuous",
     "H2O",

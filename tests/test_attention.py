@@ -1,12 +1,15 @@
-"""The attention-interface plumbing: registration, idempotence, flash mask coordinates."""
+"""The attention-interface plumbing: registration, idempotence, how the attention function finds its layer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from transformers import DynamicCache
 
-from conftest import make_model
-from scope_kv import ScopeCache, Slide
-from scope_kv.attention import _physical_flash_mask, enable_scope_attention
+from conftest import ARCHS, make_model
+from scope_kv import ScopeCache, ScopeLayer, Slide
+from scope_kv.attention import _attention_modules, enable_scope_attention
+from scope_kv.compat import cache_argument
 
 
 def test_enable_is_idempotent_and_keeps_the_backend():
@@ -18,17 +21,47 @@ def test_enable_is_idempotent_and_keeps_the_backend():
         assert model.config._attn_implementation == f"scope_{backend}"
 
 
-def test_flash_mask_is_sliced_in_physical_coordinates():
-    # logical 2-D mask of 10 columns: row 0 has 3 left pads; the layer holds 6 physical slots
-    # (pads first) and the step adds 1 query: kv_length = 7, offset 0.
-    mask = torch.ones(2, 10, dtype=torch.bool)
-    mask[0, :3] = False
-    sliced = _physical_flash_mask(2, 1, 7, q_offset=6, kv_offset=0, attention_mask=mask)
-    assert torch.equal(sliced, mask[:, :7])  # transformers' right-slicing would drop the pads
-    assert not sliced[0, :3].any() and sliced[0, 3:].all()
-    # no padding in the held slots -> None (plain causal flash path)
-    assert _physical_flash_mask(2, 1, 7, attention_mask=torch.ones(2, 10, dtype=torch.bool)) is None
-    assert _physical_flash_mask(2, 1, 7, attention_mask=None) is None
-    # for a stock cache (offset + length == mask length) it equals transformers' right slice
-    full = _physical_flash_mask(2, 1, 10, attention_mask=mask)
-    assert torch.equal(full, mask[:, -10:])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_modules_receive_the_cache_by_keyword(arch):
+    """The one fact the layer routing rests on (scope_kv.attention): every decoder layer calls its
+    attention module with the cache as a keyword argument, so a forward pre-hook can hand the
+    module's ScopeLayer to the attention function. Fails if a transformers release changes it."""
+    model = make_model(arch, "sdpa")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    seen = []
+    modules = _attention_modules(model)
+    assert len(modules) == model.config.num_hidden_layers
+    handles = [m.register_forward_pre_hook(lambda m, a, kw: seen.append((m.layer_idx, cache_argument(kw) is cache)),
+                                           with_kwargs=True) for m in modules]
+    try:
+        ids = torch.randint(3, 100, (1, 12))
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(seen) == sorted((i, True) for i in range(len(modules)) for _ in range(2))
+    for layer in cache.layers:
+        if isinstance(layer, ScopeLayer):
+            assert layer.step == 1 and layer.attending is None  # each forward reached after_attention
+
+
+def test_attention_on_keys_the_layer_did_not_return_is_refused():
+    model = make_model("llama", "sdpa")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 5, 16)
+    layer.update(k, k)
+    with pytest.raises(RuntimeError, match="did not\\s+return"):
+        layer.check_attended(k.clone())
+    layer.check_attended(layer.attending)
+
+
+def test_routing_is_a_pass_through_for_other_caches():
+    model = make_model("llama", "sdpa")
+    ScopeCache(model, decoding=Slide(8, 3))  # model now routes through scope_sdpa
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        a = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+        b = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

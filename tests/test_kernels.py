@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from conftest import make_model
 
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, kernels
-from scope_kv.attention import _scope_sdpa_mask
 from scope_kv.selection import attention_scores, compact_, select_heavy
-from transformers.masking_utils import sdpa_mask
 
 SHAPES = [  # (batch, q_heads, kv_heads, dim)
     pytest.param((1, 4, 4, 16), id="mha"),
@@ -158,18 +156,6 @@ def test_evict_one_triton_matches_reference():
     assert done.returncode == 0 and done.stdout.count("OK") == len(TRITON_CASES), done.stderr[-3000:]
 
 
-def test_scope_sdpa_mask_skips_only_when_every_slot_is_visible():
-    assert _scope_sdpa_mask(2, 1, 10, q_offset=9, kv_offset=0, device="cpu") is None
-    # A static-style buffer (slots beyond the query) keeps its mask, identical to transformers'.
-    got = _scope_sdpa_mask(2, 1, 16, q_offset=9, kv_offset=0, device="cpu", allow_is_causal_skip=False)
-    expected = sdpa_mask(2, 1, 16, q_offset=9, kv_offset=0, device="cpu", allow_is_causal_skip=False)
-    assert got is not None and torch.equal(got, expected)
-    padding = torch.ones(2, 10, dtype=torch.bool)
-    padding[0, :3] = False
-    got = _scope_sdpa_mask(2, 1, 10, q_offset=9, kv_offset=0, attention_mask=padding, device="cpu")
-    assert got is not None and not got[0, 0, 0, :3].any() and got[1].all()
-
-
 STRATEGIES = [
     pytest.param(lambda: Slide(12, 5), id="slide"),
     pytest.param(lambda: Adaptive(12, 5, max_new_tokens=40), id="adaptive"),
@@ -284,7 +270,7 @@ def run(strategy, padded, snapkv, beams):
             layer.batch_evictions = batched
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30,
                              do_sample=False, num_beams=beams, pad_token_id=0)
-        assert len(cache._evictions) == 0  # nothing left queued after generate
+        assert len(cache.layers[0].ring.batch) == 0  # nothing left queued after generate
         # Batched: one launch per evicting step covering both layers; per layer: none of these.
         assert (launches and set(launches) == {2}) if batched else not launches, launches
         results.append((out, cache))
@@ -296,7 +282,7 @@ def run(strategy, padded, snapkv, beams):
         want = _as_set(la.keys[:, :, :la.length], la.values[:, :, :la.length])
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert torch.equal(la._ring_ptr, lb._ring_ptr)
+        assert torch.equal(la.ring.ptr, lb.ring.ptr)
     print("OK")
 run(lambda: Slide(12, 5), False, False, 1)
 run(lambda: Adaptive(12, 5, max_new_tokens=30), True, True, 1)

@@ -115,7 +115,7 @@ def test_fast_path_graph_replay_matches_eager_steps():
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert a.length == b.length
         torch.testing.assert_close(a.keys[:, :, : a.length], b.keys[:, :, : b.length])
-        assert torch.equal(a._ring_ptr, b._ring_ptr)
+        assert torch.equal(a.ring.ptr, b.ring.ptr)
 
 
 def test_batched_evictions_match_per_layer_on_cuda(monkeypatch):
@@ -144,6 +144,6 @@ def test_batched_evictions_match_per_layer_on_cuda(monkeypatch):
     assert torch.equal(out_a, out_b)
     for la, lb in zip(a.layers, b.layers):
         assert la.length == lb.length and la.selections == lb.selections > 0
-        assert torch.equal(la._ring_ptr, lb._ring_ptr) and torch.equal(la._evicted, lb._evicted)
+        assert torch.equal(la.ring.ptr, lb.ring.ptr) and torch.equal(la.ring.evicted, lb.ring.evicted)
         assert torch.equal(la.keys[:, :, : la.length], lb.keys[:, :, : lb.length])
         assert torch.equal(la.values[:, :, : la.length], lb.values[:, :, : lb.length])

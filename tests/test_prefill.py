@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import prefill_reference as ref
 from conftest import make_model
 from scope_kv import H2O, PyramidKV, ScopeCache, ScopeLayer, Slide, SnapKV, StreamingLLM
+from scope_kv.testing import attend
 from scope_kv.prefill.h2o import accumulated_attention
 
 DIM = 8
@@ -43,7 +44,7 @@ def run_prefill(compressor, q, k, v, pads=None, chunks=None, layer_idx=0, num_la
         keys, _ = layer.update(k[:, :, pos : pos + size], v[:, :, pos : pos + size])
         length = keys.shape[-2]
         mask = torch.arange(length)[None, :] >= pads[:, None]  # 2-D padding mask (flash format)
-        layer.after_attention(module, q[:, :, pos : pos + size], keys, mask, ref.default_scale(DIM), None)
+        attend(layer, module, q[:, :, pos : pos + size], mask, scaling=ref.default_scale(DIM))
         pos += size
     layer.finish_prefill()
     return layer
@@ -221,7 +222,7 @@ def test_h2o_prefill_memory_is_prompt_times_block_not_prompt_squared():
     layer = ScopeLayer(0, None, frozenset({id(module)}), H2O(budget=512, recent=8, block=block), 1)
     keys, _ = layer.update(k, v)
     with _LargestTensor() as spy:
-        layer.after_attention(module, q, keys, None, ref.default_scale(DIM), None)
+        attend(layer, module, q, scaling=ref.default_scale(DIM))
     assert spy.largest <= q_heads * block * n
     assert spy.largest < n * n
     layer.finish_prefill()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from scope_kv import Discontinuous, ScopeLayer, Slide
-from scope_kv.selection import attention_scores, compact_, select_heavy, valid_keys
+from scope_kv.masks import valid_slots
+from scope_kv.selection import attention_scores, compact_, select_heavy
+from scope_kv.testing import attend
 
 
 def _brute_force_keep(query, keys, valid, scaling, start, end, recent, keep):
@@ -56,19 +58,6 @@ def test_kept_set_equals_brute_force(seed, q_heads, kv_heads):
         assert heavy[b, h].tolist() == idx
 
 
-def test_valid_keys_understands_every_mask_format():
-    batch, length = 2, 6
-    pads = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    sdpa = pads[:, None, None, :]
-    eager = torch.zeros(batch, 1, 1, length).masked_fill(~sdpa, torch.finfo(torch.float32).min)
-    flash = pads.long()
-    for mask in (sdpa, eager, flash):
-        assert torch.equal(valid_keys(mask, batch, length, torch.device("cpu")), pads)
-    assert valid_keys(None, batch, length, torch.device("cpu")) is None
-    # longer 4-D masks (sized for a longer layer) are sliced to the held length
-    assert valid_keys(torch.ones(1, 1, 1, 9, dtype=torch.bool), batch, length, torch.device("cpu")).shape == (2, 6)
-
-
 def test_compaction_keeps_key_value_pairs_and_order():
     batch, heads, cap, dim = 2, 3, 20, 4
     start, end, recent = 5, 17, 3
@@ -102,14 +91,14 @@ def _drive(strategy, prompt=12, steps=60, batch=2, kv_heads=2, q_heads=4, dim=8,
     layer = ScopeLayer(0, strategy, frozenset({id(module)}))
     k = torch.randn(batch, kv_heads, prompt, dim, generator=g)
     layer.update(k, torch.randn_like(k))
-    layer.after_attention(module, torch.randn(batch, q_heads, prompt, dim, generator=g), layer.keys[:, :, :prompt], None, None, None)
+    attend(layer, module, torch.randn(batch, q_heads, prompt, dim, generator=g))
     history = []
     for t in range(steps):
         k = torch.randn(batch, kv_heads, 1, dim, generator=g)
         keys, values = layer.update(k, -k)
         assert keys.shape[-2] == layer.length and torch.equal(keys[:, :, -1:], k)
         query = torch.randn(batch, q_heads, 1, dim, generator=g) * 3
-        layer.after_attention(module, query, keys, None, None, None)
+        attend(layer, module, query)
         history.append((t, layer.length))
         # keys/values stay paired through every compaction (values were stored as -keys)
         assert torch.equal(layer.values[:, :, prompt : layer.length], -layer.keys[:, :, prompt : layer.length])
@@ -130,7 +119,7 @@ def test_layer_rejects_another_model():
     k = torch.randn(1, 1, 3, 4)
     layer.update(k, k)
     with pytest.raises(ValueError, match="another model"):
-        layer.after_attention(_FakeModule(), torch.randn(1, 1, 3, 4), k, None, None, None)
+        attend(layer, _FakeModule(), torch.randn(1, 1, 3, 4))
 
 
 def test_layer_detects_attention_that_bypassed_scope():
@@ -140,3 +129,47 @@ def test_layer_detects_attention_that_bypassed_scope():
     layer.update(k, k)  # ... and the attention function never ran
     with pytest.raises(RuntimeError, match="never reached scope_kv's attention"):
         layer.update(k[:, :, :1], k[:, :, :1])
+
+
+@pytest.mark.parametrize(
+    "strategy", [Slide(8, 3), Discontinuous(10, 2, delta=3), None], ids=["slide", "discontinuous", "unbounded"]
+)
+def test_load_state_continues_exactly_like_the_run_it_copies(strategy):
+    """A layer put into a state with load_state behaves, step for step, as the layer that got there."""
+    g = torch.Generator().manual_seed(7)
+    module = _FakeModule()
+    a = ScopeLayer(0, strategy, frozenset({id(module)}))
+    k = torch.randn(2, 2, 12, 8, generator=g)
+    a.update(k, -k)
+    attend(a, module, torch.randn(2, 4, 12, 8, generator=g))
+    steps = [(torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 4, 1, 8, generator=g) * 3) for _ in range(40)]
+    for k, q in steps[:20]:
+        a.update(k, -k)
+        attend(a, module, q)
+    b = ScopeLayer(0, strategy, frozenset({id(module)}))
+    b.load_state(a.keys[:, :, : a.length], a.values[:, :, : a.length], prefill_length=a.prefill_length,
+                 seen=a.seen, step=a.step, skipped=a.skipped)
+    assert (b.length, b.seen, b.step, b.skipped, b.capacity) == (a.length, a.seen, a.step, a.skipped, a.capacity)
+    for k, q in steps[20:]:
+        for layer in (a, b):
+            layer.update(k, -k)
+            attend(layer, module, q)
+        assert (a.length, a.seen, a.step, a.skipped) == (b.length, b.seen, b.step, b.skipped)
+        assert torch.equal(a.keys[:, :, : a.length], b.keys[:, :, : b.length])
+        assert torch.equal(a.values[:, :, : a.length], b.values[:, :, : b.length])
+
+
+def test_load_state_refuses_states_the_strategy_cannot_be_in():
+    module = _FakeModule()
+    layer = ScopeLayer(0, Slide(8, 3), frozenset({id(module)}))
+    kv = torch.randn(1, 2, 30, 8)
+    with pytest.raises(ValueError, match="exceeds"):
+        layer.load_state(kv, kv, prefill_length=12, step=100)  # 18 decoding entries > budget 8
+    with pytest.raises(ValueError, match="exceeds"):
+        layer.load_state(kv[:, :, :16], kv[:, :, :16], prefill_length=12, step=2)  # 4 entries after 2 steps
+    with pytest.raises(ValueError, match="prefill_length"):
+        layer.load_state(kv, kv, prefill_length=0)
+    layer.load_state(kv[:, :, :20], kv[:, :, :20], prefill_length=12, seen=400, step=388)
+    assert layer.capacity == 12 + Slide(8, 3).max_held
+    with pytest.raises(ValueError, match="empty layer"):
+        layer.load_state(kv, kv, prefill_length=12)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import prefill_reference as ref
 from conftest import make_model
 from scope_kv import ScopeCache, ScopeLayer, SnapKV, UnifiedH2O, UnifiedStreamingLLM
+from scope_kv.testing import attend
 
 DIM = 8
 
@@ -37,12 +38,11 @@ def _drive(strategy, prompt=24, steps=30, q_heads=4, kv_heads=2, seed=0):
     module = _Attention()
     layer = ScopeLayer(0, strategy, frozenset({id(module)}))
     keys, _ = layer.update(k[:, :, :prompt], v[:, :, :prompt])
-    layer.after_attention(module, q[:, :, :prompt], keys, None, ref.default_scale(DIM), None)
+    attend(layer, module, q[:, :, :prompt], scaling=ref.default_scale(DIM))
     for t in range(steps):
         pos = prompt + t
         keys, _ = layer.update(k[:, :, pos : pos + 1], v[:, :, pos : pos + 1])
-        mask = layer.attention_mask_for("sdpa", 1, torch.float32)  # what the attention function passes
-        layer.after_attention(module, q[:, :, pos : pos + 1], keys, mask, ref.default_scale(DIM), None)
+        attend(layer, module, q[:, :, pos : pos + 1], scaling=ref.default_scale(DIM))  # the layer's own mask
         yield layer, q, k, pos
 
 

@@ -9,14 +9,17 @@ to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
                          max_new_tokens=4096)
 """
 
-from .cache import ScopeCache, ScopeLayer
+from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
+from .layer import ScopeLayer
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
+from .step import AttentionStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adaptive",
+    "AttentionStep",
     "DecodingStrategy",
     "Discontinuous",
     "H2O",

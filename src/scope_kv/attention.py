@@ -1,11 +1,21 @@
 """The scope-aware attention function, registered with transformers' attention interface.
 
 `ScopeCache(model)` switches the model's ``attn_implementation`` from ``X`` to ``scope_X``
-(``X`` in sdpa / eager / flash_attention_2 / flash_attention_3). The ``scope_X`` function runs
-``X`` unchanged and, when the keys it receives come from a :class:`~scope_kv.cache.ScopeLayer`,
-hands the step's query to that layer so it can score and select *after* the attention (the
-step attends to the pool before eviction, SCOPE_SPEC §3). For any other cache it is a pure
-pass-through, so a model set up once still works, token for token, with ``DynamicCache``.
+(``X`` in sdpa / eager / flash_attention_2 / flash_attention_3). For a managed layer the
+``scope_X`` function runs ``X`` over the layer's held slots (with the layer's own mask once
+prompt entries were evicted), then hands the layer one :class:`~scope_kv.step.AttentionStep`
+so it can score and select *after* the attention: the step attends to the pool before
+eviction (docs/method.md §3). For any other cache it is a pure pass-through, so a model set up
+once still works, token for token, with ``DynamicCache``.
+
+How the function finds its layer: transformers passes an attention function the module, the
+tensors and the attention module's ``**kwargs``, but not the cache. A forward pre-hook on each
+attention module (:func:`_route_layer`) reads the cache from that call's own arguments and
+adds the module's :class:`~scope_kv.cache.ScopeLayer` to the kwargs under :data:`LAYER_KWARG`;
+transformers forwards those kwargs to the attention function unchanged. The hook holds no
+state and does nothing for any other cache. It relies on one fact about transformers' decoder
+layers -- they call the attention module with the cache as a keyword argument -- which
+``tests/test_attention.py`` checks on every architecture tested.
 
 Registering named functions is transformers' extension mechanism (the registries are
 process-wide); it happens when the first ScopeCache is built, never at import, and is
@@ -19,18 +29,26 @@ from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .compat import cache_argument
 from .kernels import grouped_decode_attention
+from .masks import transformers_mask_function
+from .step import AttentionStep
 
-__all__ = ["PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
+__all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
 
 PREFIX = "scope_"
 SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# The attention kwarg that carries a managed layer from _route_layer to the attention function.
+LAYER_KWARG = "scope_layer"
+_ROUTE_HANDLE = "_scope_kv_route"
 
 
-def _eager_function(module: torch.nn.Module) -> Callable[..., Any]:
+def _base_function(backend: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if backend != "eager":
+        return ALL_ATTENTION_FUNCTIONS[backend]
     # "eager" is not in the registry: each modeling file defines its own (softcapping, sinks...).
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
@@ -41,27 +59,16 @@ def _eager_function(module: torch.nn.Module) -> Callable[..., Any]:
     return fn
 
 
-def _physical_flash_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """Flash attention's 2-D padding mask, sliced as ``[kv_offset, kv_offset + kv_length)``.
-
-    transformers' own version slices from the right, which for ScopeCache (physical length
-    shorter than the logical mask) would drop the pad columns at the front. For every stock
-    cache both slicings coincide.
-    """
-    if attention_mask is None:
-        return None
-    mask = attention_mask[:, kv_offset : kv_offset + kv_length]
-    if mask.shape[1] == kv_length and bool(mask.all()):
-        return None
-    return mask
+def _plain_softmax(module: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
+    """Whether the call is plain softmax attention the grouped decode path computes exactly: no
+    soft-capping, sinks, window or dropout, and no mask or a boolean 4-D one."""
+    return (
+        kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and not (module.training and kwargs.get("dropout", 0.0))
+        and getattr(module, "sinks", None) is None
+        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
+    )
 
 
 def _make_attention(backend: str) -> Callable[..., Any]:
@@ -73,98 +80,69 @@ def _make_attention(backend: str) -> Callable[..., Any]:
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layer = getattr(key, "_scope_layer", None)
-        if layer is not None and layer.own_mask:
-            # Once prefill compression or a unified baseline has evicted prompt entries, rows keep
-            # different numbers of pads (or filler) and layers different lengths (PyramidKV), so the
-            # mask transformers built no longer describes this layer's slots: the layer supplies its
-            # own, in this backend's format.
-            attention_mask = layer.attention_mask_for(backend, query.shape[2], query.dtype)
-        if layer is not None and backend == "sdpa" and _fast_decode(layer, module, query, attention_mask, kwargs):
+        layer = kwargs.pop(LAYER_KWARG, None)
+        base = _base_function(backend, module)
+        if layer is None:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        layer.check_attended(key)
+        if layer.own_mask:
+            # Once prompt entries were evicted, rows keep different numbers of pads (or filler) and
+            # layers different lengths (PyramidKV): the mask transformers built no longer describes
+            # this layer's slots, so the layer supplies its own (docs/method.md §8).
+            attention_mask = layer.attention_mask(backend, query.shape[2], query.dtype)
+        scaling = kwargs.get("scaling")
+        step = AttentionStep(
+            module, query, key, value, attention_mask, backend,
+            scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
+            softcap=kwargs.get("softcap"),
+        )
+        if backend == "sdpa" and layer.wants_lse(step) and _plain_softmax(module, attention_mask, kwargs):
             # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
             # log-sum-exp, from which the layer scores its candidates in O(budget).
-            scaling = kwargs.get("scaling")
-            scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-            output, lse = grouped_decode_attention(query, key, value, attention_mask, scaling)
-            layer.after_attention(module, query, key, attention_mask, scaling, None, lse=lse)
+            output, lse = grouped_decode_attention(query, key, value, attention_mask, step.scaling)
+            layer.after_attention(step.with_lse(lse))
             return output, None
-        base = _eager_function(module) if backend == "eager" else ALL_ATTENTION_FUNCTIONS[backend]
         output = base(module, query, key, value, attention_mask, **kwargs)
-        if layer is not None:
-            layer.after_attention(
-                module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")
-            )
+        layer.after_attention(step)
         return output
 
     scope_attention.__name__ = f"{PREFIX}{backend}_attention"
     return scope_attention
 
 
-def _fast_decode(layer: Any, module: torch.nn.Module, query: torch.Tensor, attention_mask: Any, kwargs: dict) -> bool:
-    """Whether this step can take the grouped decode path: a ScopeLayer decode step (one query
-    token) with plain softmax attention (no soft-capping, sinks, window or dropout) and no mask or
-    a boolean one. ``layer.fast_decode``: None = on for CUDA tensors, True/False forces it."""
-    wanted = layer.fast_decode if layer.fast_decode is not None else query.is_cuda
-    return (
-        wanted
-        and query.shape[2] == 1
-        and layer._decode_pending
-        and kwargs.get("softcap") is None
-        and kwargs.get("sliding_window") is None
-        and not (module.training and kwargs.get("dropout", 0.0))
-        and getattr(module, "sinks", None) is None
-        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
-    )
+def _route_layer(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook of an attention module: hand the call's managed layer to the attention
+    function through the call's own kwargs (see the module docstring)."""
+    cache = cache_argument(kwargs)
+    managed_layer = getattr(cache, "managed_layer", None)
+    if managed_layer is None:
+        return None  # another cache, or none: a pass-through
+    layer = managed_layer(module.layer_idx)
+    if layer is None:
+        return None  # a layer transformers manages itself (sliding window)
+    layer.observe_input(kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings"))
+    return args, {**kwargs, LAYER_KWARG: layer}
 
 
-def _scope_sdpa_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: Any = 0,
-    kv_offset: int = 0,
-    mask_function: Callable[..., Any] = causal_mask_function,
-    attention_mask: torch.Tensor | None = None,
-    local_size: int | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """transformers' sdpa mask, except that one new token with no padding and every held slot
-    behind it gets no mask even while tracing or capturing a CUDA graph (transformers then
-    materialises an all-True mask, which costs a mask build and the slower masked kernel per
-    layer). Exact for any cache: every slot is visible to the query."""
-    if (
-        attention_mask is None
-        and q_length == 1
-        and isinstance(q_offset, int)
-        and kv_offset + kv_length - 1 <= q_offset
-        and mask_function is causal_mask_function
-        and local_size is None
-    ):
-        return None
-    return sdpa_mask(
-        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-        attention_mask=attention_mask, local_size=local_size, **kwargs,
-    )
-
-
-def _mask_function(backend: str) -> Callable[..., Any]:
-    if backend == "sdpa":
-        return _scope_sdpa_mask
-    if backend == "eager":
-        return eager_mask
-    return _physical_flash_mask
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules, found without per-architecture code: the innermost modules that
+    carry a ``layer_idx`` (decoder layers may carry one too, and contain the attention)."""
+    indexed = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
+    return [m for m in indexed if not any(c is not m and getattr(c, "layer_idx", None) is not None for c in m.modules())]
 
 
 def _register(backend: str) -> str:
     name = PREFIX + backend
     if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(name, _make_attention(backend))
-        AttentionMaskInterface.register(name, _mask_function(backend))
+        AttentionMaskInterface.register(name, transformers_mask_function(backend))
     return name
 
 
 def enable_scope_attention(model: torch.nn.Module) -> str:
     """Route ``model``'s attention through scope_kv's function; returns the implementation name.
+
+    Idempotent: the implementation is switched and the routing hooks installed once.
 
     Raises
     ------
@@ -173,19 +151,22 @@ def enable_scope_attention(model: torch.nn.Module) -> str:
         through transformers' ``AttentionInterface`` (then SCOPE could never select).
     """
     current = model.config._attn_implementation
-    if current.startswith(PREFIX):
-        return current
-    if current not in SUPPORTED_BACKENDS:
-        raise ValueError(
-            f"attn_implementation={current!r} is not supported by scope_kv; load the model with "
-            f"attn_implementation= one of {SUPPORTED_BACKENDS}."
-        )
-    name = _register(current)
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise ValueError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
-            "so scope_kv cannot see its queries. Only models whose attention calls "
-            "ALL_ATTENTION_FUNCTIONS.get_interface(...) are supported."
-        )
-    return name
+    if not current.startswith(PREFIX):
+        if current not in SUPPORTED_BACKENDS:
+            raise ValueError(
+                f"attn_implementation={current!r} is not supported by scope_kv; load the model with "
+                f"attn_implementation= one of {SUPPORTED_BACKENDS}."
+            )
+        name = _register(current)
+        model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            raise ValueError(
+                f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+                "so scope_kv cannot see its queries. Only models whose attention calls "
+                "ALL_ATTENTION_FUNCTIONS.get_interface(...) are supported."
+            )
+        current = name
+    for module in _attention_modules(model):
+        if getattr(module, _ROUTE_HANDLE, None) is None:
+            setattr(module, _ROUTE_HANDLE, module.register_forward_pre_hook(_route_layer, with_kwargs=True))
+    return current

@@ -1,31 +1,33 @@
-"""SCOPE's decoding strategies: how many generated-token entries a layer keeps, and when it selects.
+"""SCOPE's decoding strategies: how many generated-token entries a layer keeps, when it
+selects, and how it scores the candidates (Wu et al., 2025; docs/method.md §3-§5).
 
 A strategy is a frozen, validated configuration. It holds no state: the per-layer state
 (decoding step ``t`` and the discontinuous skip counter) lives on
-:class:`scope_kv.cache.ScopeLayer`. Scoring, top-k and compaction are shared code in
-:mod:`scope_kv.selection`; a strategy only answers two questions (SCOPE_SPEC §3):
+:class:`scope_kv.cache.ScopeLayer`, which also does the top-k and the compaction
+(:mod:`scope_kv.selection`). A strategy answers three questions:
 
 * ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t``;
-* ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter.
+* ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter;
+* ``score(step, first, last)`` -- the score of each candidate slot (higher is kept). The
+  default is SCOPE's: the current query's softmax probability over the whole held context,
+  summed over each KV head's query group. Strategies that keep it get the fast paths (scores
+  from the attention's log-sum-exp, the fused evict-one kernel); one that overrides it is
+  scored by its own rule on every path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .selection import attention_scores
+from ._checks import check_int
+
+if TYPE_CHECKING:
+    from .step import AttentionStep
 
 __all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous", "UnifiedH2O", "UnifiedStreamingLLM"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,14 @@ class DecodingStrategy:
     budget: int
     recent: int
 
-    # Unified baselines (SCOPE_SPEC §4) evict from prompt and generated entries alike; SCOPE's
+    # Unified baselines (docs/method.md §7) evict from prompt and generated entries alike; SCOPE's
     # own strategies only ever touch the decoding pool.
     evicts_prompt: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
-        _check_int(f"{cls}.budget", self.budget, 2)
-        _check_int(f"{cls}.recent", self.recent, 1)
+        check_int(f"{cls}.budget", self.budget, 2)
+        check_int(f"{cls}.recent", self.recent, 1)
         if self.recent >= self.budget:
             raise ValueError(
                 f"{cls}: recent ({self.recent}) must be smaller than budget ({self.budget}); "
@@ -93,6 +95,33 @@ class DecodingStrategy:
         """
         return n_decoding >= self.budget_at(t), skipped
 
+    # -- scoring ------------------------------------------------------------------------
+    def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
+        """Score the held slots ``[first, last)`` of a decode step; the best are kept.
+
+        Parameters
+        ----------
+        step : AttentionStep
+            The step's attention: ``query`` ``(batch, q_heads, 1, dim)``, ``keys`` / ``values``
+            ``(batch, kv_heads, length, dim)`` (every held entry, this step's included), ``valid``,
+            ``scaling``, ``softcap``, ``lse``.
+        first, last : int
+            The candidate slots (SCOPE's strategies: the decoding pool but its newest ``recent``;
+            unified baselines: every held slot).
+
+        Returns
+        -------
+        Tensor
+            ``(batch, kv_heads, last - first)`` float scores; ties are broken as
+            docs/method.md §9 says.
+        """
+        return step.probabilities(first, last)
+
+    @property
+    def default_scores(self) -> bool:
+        """Whether this strategy scores by SCOPE's rule (then the fused fast paths apply)."""
+        return type(self).score is DecodingStrategy.score
+
     def describe(self) -> str:
         return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}"
 
@@ -118,9 +147,9 @@ def _resolve_delta(cls: str, budget: int, recent: int, max_new_tokens: int | Non
             f"(delta is derived as (max_new_tokens - recent) // (budget - recent))."
         )
     if delta is not None:
-        _check_int(f"{cls}.delta", delta, 1)
+        check_int(f"{cls}.delta", delta, 1)
         return delta
-    _check_int(f"{cls}.max_new_tokens", max_new_tokens, 1)
+    check_int(f"{cls}.max_new_tokens", max_new_tokens, 1)
     derived = (max_new_tokens - recent) // (budget - recent)
     if derived < 1:
         raise ValueError(
@@ -138,7 +167,7 @@ class Adaptive(DecodingStrategy):
     ``delta = (max_new_tokens - recent) // (budget - recent)`` unless given directly, so the
     budget reaches ``B`` near the end of a ``max_new_tokens``-long output. Selects at every
     step at which the pool holds ``B(t)``. The paper's formula leaves ``B(t)`` unbounded past
-    ``t = (B - r) * delta``; we cap it at ``B``, the documented maximum (SCOPE_SPEC §2).
+    ``t = (B - r) * delta``; we cap it at ``B``, the documented maximum (docs/method.md §4).
     """
 
     max_new_tokens: int | None = None
@@ -180,7 +209,7 @@ class Discontinuous(Adaptive):
 
 @dataclass(frozen=True)
 class UnifiedH2O(DecodingStrategy):
-    """Unified H2O baseline (SCOPE_SPEC §4; H2O, Zhang et al., NeurIPS 2023).
+    """Unified H2O baseline (H2O, Zhang et al., NeurIPS 2023, as the unified baseline of Wu et al., 2025; docs/method.md §7).
 
     One budget over the prompt's and the generated entries together: once a layer holds more
     than ``budget`` entries, keep the newest ``recent`` and the top ``budget - recent`` of all
@@ -197,34 +226,13 @@ class UnifiedH2O(DecodingStrategy):
 
     evicts_prompt: ClassVar[bool] = True
 
-    def prompt_scores(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        valid: torch.Tensor | None,
-        scaling: float,
-        softcap: float | None,
-    ) -> torch.Tensor:
-        """``(batch, kv_heads, length)`` score of every held entry (higher is kept first).
-
-        Parameters
-        ----------
-        query : Tensor
-            ``(batch, q_heads, 1, dim)`` the step's query.
-        keys : Tensor
-            ``(batch, kv_heads, length, dim)`` every held key.
-        valid : Tensor or None
-            ``(batch, length)`` boolean, the slots the step may attend to.
-        """
-        return attention_scores(query, keys, valid, scaling, softcap)
-
     def describe(self) -> str:
         return f"unified_h2o:{self.budget}/{self.recent}"
 
 
 @dataclass(frozen=True)
 class UnifiedStreamingLLM(UnifiedH2O):
-    """Unified StreamingLLM baseline (SCOPE_SPEC §4; Xiao et al., ICLR 2024).
+    """Unified StreamingLLM baseline (Xiao et al., ICLR 2024, as the unified baseline of Wu et al., 2025; docs/method.md §7).
 
     One budget over prompt and generated entries: keep the first ``budget - recent`` entries
     (attention sinks and the start of the prompt) and the newest ``recent``.
@@ -237,17 +245,9 @@ class UnifiedStreamingLLM(UnifiedH2O):
         Newest entries always kept.
     """
 
-    def prompt_scores(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        valid: torch.Tensor | None,
-        scaling: float,
-        softcap: float | None,
-    ) -> torch.Tensor:
-        batch, kv_heads, length, _ = keys.shape
-        earlier_first = -torch.arange(length, device=keys.device, dtype=torch.float32)
-        return earlier_first.expand(batch, kv_heads, length)
+    def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
+        earlier_first = -torch.arange(first, last, device=step.keys.device, dtype=torch.float32)
+        return earlier_first.expand(step.batch, step.keys.shape[1], last - first)
 
     def describe(self) -> str:
         return f"unified_streamingllm:{self.budget}/{self.recent}"

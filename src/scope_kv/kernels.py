@@ -1,8 +1,8 @@
 """The decode step's fast path: grouped attention that returns its log-sum-exp, candidate
-scoring from that log-sum-exp, and a fused evict-one kernel (DESIGN §4).
+scoring from that log-sum-exp, and a fused evict-one kernel (docs/method.md §5).
 
 Every function here has a plain-torch reference beside it (``*_reference``), which is what
-runs on the CPU and what the tests compare the fast versions with (STYLE principle 8).
+runs on the CPU and what the tests compare the fast versions with.
 
 Why these three:
 
@@ -12,7 +12,7 @@ Why these three:
   (transformers' sdpa path materialises 4x K/V for Llama-3 whenever a mask is passed), and
   returns the per-head log-sum-exp the flash / memory-efficient kernels compute anyway.
 * **Candidate scores from the log-sum-exp.** SCOPE scores a decoding-pool entry by the
-  current query's softmax probability over the *whole* context (SCOPE_SPEC §3). With the
+  current query's softmax probability over the *whole* context (docs/method.md §5). With the
   step's log-sum-exp ``m`` that is ``exp(s * q.k - m)``: O(budget) work per head instead of a
   second pass over the prompt.
 * **Evict one.** Slide and Adaptive, once at budget, evict exactly one entry per step
@@ -27,11 +27,12 @@ Why these three:
 from __future__ import annotations
 
 import contextlib
-
 import functools
 from typing import Any
 
 import torch
+
+from .masks import decode_key_mask
 
 __all__ = [
     "grouped_decode_attention",
@@ -40,6 +41,7 @@ __all__ = [
     "evict_one_",
     "evict_one_reference_",
     "EvictionBatch",
+    "EvictRing",
     "triton_available",
     "unrotate_",
 ]
@@ -63,15 +65,6 @@ def _grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
         raise ValueError(f"grouped decode attention needs one query token and q_heads % kv_heads == 0, got "
                          f"query {tuple(query.shape)} and {kv_heads} KV heads.")
     return query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
-
-
-def _key_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``(batch or 1, length)`` boolean "may attend" from transformers' 4-D sdpa mask."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
-        raise ValueError("grouped decode attention takes None or a boolean 4-D sdpa mask.")
-    return attention_mask[:, 0, -1, :length]
 
 
 def grouped_decode_attention_reference(
@@ -105,7 +98,7 @@ def grouped_decode_attention_reference(
     kv_heads, length = keys.shape[1], keys.shape[2]
     q = _grouped_query(query, kv_heads).float()
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (batch, kv_heads, group, length)
-    mask = _key_mask(attention_mask, length)
+    mask = decode_key_mask(attention_mask, length)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
@@ -154,7 +147,7 @@ def grouped_decode_attention(
     kv_heads, length = keys.shape[1], keys.shape[2]
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
-    mask = _key_mask(attention_mask, length)
+    mask = decode_key_mask(attention_mask, length)
     if mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, False, False, scale=scaling)[:2]
     else:
@@ -196,7 +189,7 @@ def candidate_scores(query: torch.Tensor, candidates: torch.Tensor, lse: torch.T
 
 
 # -- evict one ----------------------------------------------------------------------------
-# Layout of one (batch row, KV head)'s decoding pool when a step evicts one entry (SCOPE_SPEC §3:
+# Layout of one (batch row, KV head)'s decoding pool when a step evicts one entry (docs/method.md §3:
 # the newest `recent` entries are kept, every older decoding entry is a candidate)::
 #
 #     start ............ ring0 ............... ring0 + recent = end - 1    end - 1
@@ -441,3 +434,86 @@ class EvictionBatch:
                 table, scaling, kv_heads, KV_DTYPE=kv_dtype, FIELDS=len(_TABLE_FIELDS),
                 GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
             )
+
+
+class EvictRing:
+    """One layer's evict-one state: the ``recent`` ring's rotation (layout above), the kernel's
+    output buffer, and whether the layer's eviction still waits in a shared :class:`EvictionBatch`.
+
+    Parameters
+    ----------
+    batch : EvictionBatch or None
+        Where eager decode steps queue their evictions (``None``: launch per layer).
+
+    Attributes
+    ----------
+    ptr : Tensor or None
+        ``(batch, kv_heads)`` int32 ring rotation, advanced on the device by every eviction.
+    evicted : Tensor or None
+        ``(batch, kv_heads)`` int64 slot evicted by the last step (reused every step).
+    rotated : bool
+        Whether the pool is out of arrival order (``ptr`` may be non-zero).
+    flush_after : bool
+        Whether this layer flushes the shared batch after queueing (the cache's last layer).
+    """
+
+    def __init__(self, batch: EvictionBatch | None = None) -> None:
+        self.batch = batch
+        self.flush_after = batch is None
+        self.reset()
+
+    def reset(self) -> None:
+        self.ptr: torch.Tensor | None = None
+        self.evicted: torch.Tensor | None = None
+        self.rotated = False
+        self._queued_at = -1  # the batch's flush count when this layer last queued work there
+
+    def settle(self) -> None:
+        """Run this layer's eviction if it is still queued (a forward that stopped before the
+        last layer), before the layer's storage is read, written or re-indexed."""
+        if self.batch is not None and self._queued_at == self.batch.flushes and len(self.batch):
+            self.batch.flush()
+
+    def evict(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
+              start: int, end: int, recent: int, scaling: float, batched: bool | None = None) -> None:
+        """Evict one entry of the pool ``[start, end)`` per ``(row, KV head)`` (:func:`evict_one_`).
+
+        ``batched`` queues the work in the shared :class:`EvictionBatch`: one launch per step for
+        every layer, since eager decoding is bound by the host's launches (``None``: for CUDA
+        tensors; ``True`` works on the CPU only under ``TRITON_INTERPRET=1``). Never while a CUDA
+        graph is being captured (the batch's address table would be captured). Otherwise, or
+        when the kernel cannot take these tensors, the eviction runs now.
+        """
+        want = batched if batched is not None else keys.is_cuda
+        batched = (
+            want
+            and self.batch is not None
+            and triton_available()
+            and not (keys.is_cuda and torch.cuda.is_current_stream_capturing())
+        )
+        shape = keys.shape[:2]
+        if self.ptr is None or self.ptr.shape != shape:
+            self.ptr = torch.zeros(shape, dtype=torch.int32, device=keys.device)
+        if self.evicted is None or self.evicted.shape != shape:
+            self.evicted = torch.empty(shape, dtype=torch.long, device=keys.device)
+        self.rotated = True
+        if batched and self.batch.add(
+            query, keys, values, lse, self.ptr, self.evicted, start, end, recent, scaling
+        ):
+            self._queued_at = self.batch.flushes
+            if self.flush_after:
+                self.batch.flush()
+            return
+        evict_one_(query, keys, values, lse, self.ptr, start, end, recent, scaling, out=self.evicted)
+
+    def unrotate(self, keys: torch.Tensor, values: torch.Tensor, ring_end: int, recent: int) -> None:
+        """Back to arrival order (the reference layout), O(recent); a no-op unless rotated."""
+        if self.rotated:
+            unrotate_(keys, values, self.ptr, ring_end, recent)
+            self.rotated = False
+
+    def map_batch(self, fn: Any) -> None:
+        """Apply a batch re-indexing (beam search, ``num_return_sequences``) to the ring state."""
+        if self.ptr is not None:
+            self.ptr = fn(self.ptr).contiguous()
+        self.evicted = None

@@ -1,6 +1,6 @@
 """Shared mechanics of heavy-hitter selection: scoring, top-k and in-place compaction.
 
-Every decoding strategy uses these; none re-implements them (STYLE principle 1).
+Every decoding strategy and prefill compressor uses these; none re-implements them.
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "valid_keys",
-    "leading_invalid",
     "attention_scores",
     "causal_probs",
     "select_heavy",
@@ -17,56 +15,6 @@ __all__ = [
     "compact_",
     "keep_top_",
 ]
-
-
-def valid_keys(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """Which key slots the step's last query may attend to, from the mask transformers built.
-
-    Parameters
-    ----------
-    attention_mask : Tensor or None
-        Whatever the model passed to its attention function: ``None``; a boolean
-        ``(batch or 1, heads or 1, q, kv)`` mask (sdpa); an additive float mask of the same shape
-        (eager); or a 2-D ``(batch, kv)`` padding mask (flash attention).
-    batch, length : int
-        Batch size and number of key slots held.
-
-    Returns
-    -------
-    Tensor or None
-        Boolean ``(batch, length)``, or ``None`` when every slot is valid.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 2:
-        mask = attention_mask[:, :length].to(device=device, dtype=torch.bool)
-    elif attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, :length]
-        if row.dtype == torch.bool:
-            mask = row
-        else:
-            mask = row > torch.finfo(row.dtype).min / 2
-    else:
-        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
-    return mask.expand(batch, length).to(device)
-
-
-def leading_invalid(valid: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """Leading invalid (padding) slots per batch row.
-
-    Parameters
-    ----------
-    valid : Tensor or None
-        Boolean ``(batch, length)`` from :func:`valid_keys`; ``None`` means every slot is valid.
-
-    Returns
-    -------
-    Tensor
-        ``(batch,)`` int64: how many slots at the front of each row are invalid.
-    """
-    if valid is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return (valid.long().cumsum(-1) == 0).sum(-1)
 
 
 def attention_scores(
@@ -95,7 +43,7 @@ def attention_scores(
     -------
     Tensor
         ``(batch, kv_heads, length)`` float32 scores; each query head's softmax is over the whole
-        held context (SCOPE_SPEC §3), and a KV head's score is the sum over its query group
+        held context (docs/method.md §5), and a KV head's score is the sum over its query group
         (KV is stored per KV head, so this is the group's total attention to the entry).
     """
     batch, q_heads, _, dim = query.shape
@@ -180,10 +128,17 @@ def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     Tensor
         ``(batch, kv_heads, k)`` int64 indices into the candidate axis, sorted ascending so the
         kept entries keep their order.
+
+    Notes
+    -----
+    Ties at the cut keep the lower index (a stable sort), the same rule as :func:`keep_top_`;
+    candidates are in arrival order, so among equal scores the older entry stays
+    (docs/method.md §9).
     """
     if k == 0:
         return scores.new_empty((*scores.shape[:2], 0), dtype=torch.long)
-    return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
 
 
 def gather_(keys: torch.Tensor, values: torch.Tensor, start: int, end: int, index: torch.Tensor) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -66,8 +66,6 @@ class KVPressPrefill(PrefillCompressor):
     budget: int | None
     press: Any
 
-    needs_hidden_states: ClassVar[bool] = True
-
     def __init__(self, press: Any, budget: int | None = None) -> None:
         # The press comes first (the base class's field order would put budget first).
         object.__setattr__(self, "press", press)
@@ -89,6 +87,13 @@ class KVPressPrefill(PrefillCompressor):
                     f"KVPressPrefill: {type(self.press).__name__} has no compression_ratio in [0, 1) "
                     f"(got {ratio!r}); pass budget=<entries kept per layer> instead."
                 )
+
+    def observe_input(self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any) -> None:
+        # Presses score from the module's input (they recompute queries themselves); chunked
+        # prefill appends one piece per chunk.
+        memo.setdefault("hidden_states", []).append(hidden_states.detach())
+        if position_embeddings is not None:
+            memo.setdefault("position_embeddings", []).append(tuple(p.detach() for p in position_embeddings))
 
     def keep_counts(
         self, real: torch.Tensor, layer_idx: int, num_layers: int, module: torch.nn.Module | None = None

@@ -1,4 +1,4 @@
-"""The base of every prefill compressor (SCOPE_SPEC §1, §4).
+"""The base of every prefill compressor (docs/method.md §6).
 
 A prefill compressor decides, once per prompt, which prompt entries each layer keeps in
 its prefill pool. It is a frozen configuration with no state: what it gathers while the
@@ -23,19 +23,13 @@ total (for a group of one this is exactly the published per-head rule).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from .._checks import check_int
+
 __all__ = ["PrefillCompressor", "check_int"]
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Raise TypeError / ValueError unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -50,10 +44,6 @@ class PrefillCompressor:
     """
 
     budget: int
-
-    # Whether the layer must capture the attention module's input hidden states during prefill
-    # (only adapters of external scorers need them; our own compressors score from queries).
-    needs_hidden_states: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_int(f"{type(self).__name__}.budget", self.budget, 1)
@@ -78,6 +68,24 @@ class PrefillCompressor:
             ``(batch,)`` int64, ``min(budget, real)`` unless a subclass says otherwise.
         """
         return real.clamp(max=self.budget)
+
+    def observe_input(
+        self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any
+    ) -> None:
+        """Record a prefill forward's attention *input*, before the attention runs (default: nothing).
+
+        Our own compressors score from the queries :meth:`observe` receives; adapters of external
+        scorers that recompute them from the module's input (kvpress presses) keep it here.
+
+        Parameters
+        ----------
+        memo : dict
+            The layer's per-prompt scratch space.
+        hidden_states : Tensor
+            ``(batch, q, hidden)`` the attention module's input.
+        position_embeddings : tuple of Tensor or None
+            ``(cos, sin)``, each ``(batch, q, rotary_dim)``, as the model passes them.
+        """
 
     def observe(
         self,

@@ -1,0 +1,575 @@
+"""`ScopeLayer`: one decoder layer's SCOPE cache -- a prefill pool and a decoding pool in one buffer.
+
+Layout of one managed layer's storage, per batch row and KV head (never per query head)::
+
+    slot:  0 ......... prefill_length ............. length ........ capacity
+           [ prefill pool (pads first) | decoding pool | free (pre-allocated) ]
+
+* ``seen``            logical tokens this layer has processed (what `get_seq_length` reports;
+                      generate slices ``input_ids`` with it and positions derive from it);
+* ``length``          physical slots held (what the attention mask is sized for);
+* ``prefill_length``  the prefill/decoding boundary, recorded when a prefill forward runs.
+
+Left padding stays at the front of the prefill pool and is never evicted, so column ``j`` of
+the 2-D attention mask transformers builds describes slot ``j`` (mask sizes ``(length + q,
+0)``; docs/method.md §8). Selection happens *after* the step's attention: the scope attention
+function (:mod:`scope_kv.attention`) hands the layer an :class:`~scope_kv.step.AttentionStep`
+and :meth:`ScopeLayer.after_attention` runs the decode step's stages -- plan (does this step
+cut, and how much), score (the strategy's :meth:`~scope_kv.DecodingStrategy.score`), select
+(top-k) and compact (in place, the decoding pool only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .decoding import DecodingStrategy
+from .kernels import EvictionBatch, EvictRing
+from .masks import layer_mask, leading_invalid, valid_from_start
+from .prefill.base import PrefillCompressor
+from .selection import compact_, keep_top_, select_heavy
+from .step import AttentionStep
+
+__all__ = ["ScopeLayer"]
+
+# Unbounded (``decoding=None``) layers grow by this factor, so appends cost O(1) amortised while
+# at most a quarter of the storage sits unused. Bounded strategies instead allocate
+# ``prompt + max_held`` once at prefill: predictable memory, and no transient copy of the whole
+# buffer while decoding (a budget larger than the output reserves slots never used).
+_GROWTH = 1.25
+_MIN_GROWTH = 128
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """What one decode step's selection does to the decoding pool ``[first, end)``: keep ``keep``
+    of the candidates ``[first, end - recent)`` and the newest ``recent`` entries."""
+
+    first: int
+    end: int
+    keep: int
+    recent: int
+
+    @property
+    def candidates_end(self) -> int:
+        return self.end - self.recent
+
+    @property
+    def evicts_one(self) -> bool:
+        return self.candidates_end - self.first - self.keep == 1
+
+
+class ScopeLayer(CacheLayerMixin):
+    """One decoder layer's SCOPE cache.
+
+    Parameters
+    ----------
+    layer_idx : int
+        Index of the decoder layer.
+    decoding : DecodingStrategy or None
+        Budget, schedule and scoring of the decoding pool; ``None`` keeps every entry.
+    module_ids : frozenset[int]
+        ``id`` of every module of the model the cache was built for (to refuse another model).
+    prefill : PrefillCompressor or None
+        Compresses the prefill pool once, when prefill ends; ``None`` keeps the prompt whole.
+    num_layers : int
+        The model's number of decoder layers (per-layer prefill budgets depend on depth).
+    evictions : EvictionBatch or None
+        Evict-one work shared by the cache's layers and done in one launch per step.
+
+    Attributes
+    ----------
+    fast_decode : bool or None
+        The grouped decode attention with log-sum-exp scores: ``None`` = on for CUDA tensors,
+        True/False forces it.
+    batch_evictions : bool or None
+        Queue evict-one work in the shared :class:`~scope_kv.kernels.EvictionBatch`: ``None`` = on
+        for CUDA tensors (with Triton), True forces it (on the CPU only under
+        ``TRITON_INTERPRET=1``), False launches per layer.
+
+    Notes
+    -----
+    Padding and the mask. Until something in the prefill pool is evicted, pads stay at the
+    front and transformers' 2-D mask describes the slots. Prefill compression and the unified
+    baselines evict prompt entries, after which rows hold different numbers of leading invalid
+    slots (pads, or filler that keeps the physical length one number for the batch). From then
+    on (``own_mask``) the layer tracks ``start`` -- leading invalid slots per row, learned from
+    the prefill's mask -- and the attention function uses :meth:`attention_mask` instead of
+    the mask transformers built.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    # `crop` cannot restore evicted entries, so stop-string rollback / assisted decoding stay off.
+    is_croppable = False
+
+    def __init__(
+        self,
+        layer_idx: int,
+        decoding: DecodingStrategy | None,
+        module_ids: frozenset[int],
+        prefill: PrefillCompressor | None = None,
+        num_layers: int = 1,
+        evictions: EvictionBatch | None = None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.decoding = decoding
+        self.prefill = prefill
+        self.num_layers = num_layers
+        self._module_ids = module_ids
+        # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
+        # own mask) before the first decoding step appends.
+        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
+        self.fast_decode: bool | None = None
+        self.batch_evictions: bool | None = None
+        self.ring = EvictRing(evictions)
+        self._clear()
+
+    def _clear(self) -> None:
+        # storage
+        self.keys: torch.Tensor | None = None  # (batch, kv_heads, capacity, dim)
+        self.values: torch.Tensor | None = None
+        self.is_initialized = False
+        # lengths (module docstring)
+        self.seen = 0
+        self.length = 0
+        self.prefill_length = 0
+        # the decoding schedule, restarted by every prefill forward
+        self.step = 0  # decoding forwards completed since the last prefill: SCOPE's t
+        self.skipped = 0  # discontinuous: eligible steps skipped since the last selection
+        self.selections = 0  # selections run since the last prefill (for reports)
+        # padding (class notes)
+        self.start: torch.Tensor | None = None  # (batch,) leading invalid slots per row
+        self.own_mask = False
+        # prefill compression
+        self._prefill_open = False  # a prefill ran and its compression is still to do
+        self._memo: dict[str, Any] = {}  # what the prefill compressor gathers while the prompt runs
+        # the forward in flight: "prefill" / "decode" from update() until after_attention()
+        self._pending: str | None = None
+        self._attended: torch.Tensor | None = None  # the keys view update() returned
+        self.ring.reset()
+
+    # -- CacheLayerMixin ------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the forward's new entries and return every held entry.
+
+        Parameters
+        ----------
+        key_states, value_states : Tensor
+            ``(batch, kv_heads, q, dim)`` new entries (RoPE already applied to keys).
+
+        Returns
+        -------
+        (keys, values) : tuple[Tensor, Tensor]
+            ``(batch, kv_heads, length, dim)`` views of the held slots.
+        """
+        self.ring.settle()
+        if self._pending is not None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the previous forward never reached scope_kv's attention function, so "
+                "nothing could be selected. The model's attention must route through transformers' "
+                "AttentionInterface with the implementation ScopeCache(model) set; build the cache with the "
+                "model you generate with, and do not change its attn_implementation afterwards."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_shapes(key_states, value_states)
+        q = key_states.shape[-2]
+        decode = self.length > 0 and q == 1
+        if not decode:
+            self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
+        if decode and self._prefill_open:
+            # Prefill is known to be over only now (chunked prefill looks like any prefill forward).
+            # Compressing here, before this step's entry is appended, is safe although transformers
+            # sized this forward's mask before any layer ran: from now on the layer attends with
+            # its own mask (`own_mask`), never with that one.
+            self.finish_prefill()
+        if decode:
+            self._reserve(self.length + 1)
+        else:
+            # A prefill forward (the first, a chunk, or a new turn's prompt). Whatever the previous
+            # turn's decoding pool held joins the prefill pool, and the schedule starts afresh.
+            headroom = 0 if self.decoding is None else self.decoding.max_held
+            self._reserve(self.length + q + headroom)
+        end = self.length + q
+        self.keys[:, :, self.length : end].copy_(key_states)
+        self.values[:, :, self.length : end].copy_(value_states)
+        self.length = end
+        self.seen += q
+        if decode:
+            self._pending = "decode"
+        else:
+            self._pending = "prefill"
+            self.prefill_length = end
+            self.step = self.skipped = self.selections = 0
+            self._prefill_open = self._evicts_prompt
+        keys = self.keys[:, :, : self.length]
+        self._attended = keys
+        return keys, self.values[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Physical coordinates: mask column j is slot j (pads stay at the front).
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.ring.settle()
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "ScopeCache cannot be cropped: evicted entries cannot be restored. Assisted decoding and "
+            "stop-string rollback need a croppable cache (DynamicCache)."
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.ring.settle()
+        if self.length > 0:
+            idx = beam_idx.to(self.device)
+            self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.ring.settle()
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.ring.settle()
+        if self.is_initialized:
+            self._map_batch(lambda t: t[indices, ...])
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch re-indexing to every per-row tensor: K/V, ``start``, the ring, the memo."""
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.start is not None:
+            self.start = fn(self.start)
+        self.ring.map_batch(fn)
+        for name, item in list(self._memo.items()):
+            if isinstance(item, torch.Tensor):
+                self._memo[name] = fn(item)
+            elif isinstance(item, list):
+                self._memo[name] = [fn(t) if isinstance(t, torch.Tensor) else t for t in item]
+
+    # -- what the attention function asks -------------------------------------------------
+    @property
+    def attending(self) -> torch.Tensor | None:
+        """The keys view the last :meth:`update` returned while its attention is still to run
+        (``None`` otherwise)."""
+        return self._attended
+
+    def check_attended(self, keys: torch.Tensor) -> None:
+        """Refuse an attention call whose keys are not the ones this layer's update returned."""
+        if keys is not self._attended:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the attention function received keys that this layer's update() did not "
+                "return (was the model's attention module changed, or the cache updated twice?). ScopeCache "
+                "supports models that pass the cache's keys straight to the attention function."
+            )
+
+    def wants_lse(self, step: AttentionStep) -> bool:
+        """Whether this step should run the grouped decode attention, which returns the log-sum-exp
+        the candidates are then scored from in O(budget) (docs/method.md §5)."""
+        wanted = self.fast_decode if self.fast_decode is not None else step.query.is_cuda
+        return bool(wanted) and step.q_len == 1 and self._pending == "decode"
+
+    def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
+
+        Query ``i`` of the forward (slot ``length - q_len + i``) may see slot ``j`` when
+        ``start[b] <= j <= length - q_len + i``.
+        """
+        return layer_mask(backend, self.valid_slots(), q_len, dtype)
+
+    def valid_slots(self) -> torch.Tensor:
+        """``(batch, length)`` boolean: which held slots are real entries."""
+        start = self.start
+        if start is None:
+            start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
+        return valid_from_start(start, self.length)
+
+    def observe_input(self, hidden_states: torch.Tensor | None, position_embeddings: Any) -> None:
+        """A forward's attention input, before the attention runs: for prefill compressors that
+        score from it (:meth:`~scope_kv.PrefillCompressor.observe_input`).
+
+        Parameters
+        ----------
+        hidden_states : Tensor or None
+            ``(batch, q, hidden)`` the attention module's input.
+        position_embeddings : tuple of Tensor or None
+            ``(cos, sin)``, each ``(batch, q, rotary_dim)``.
+        """
+        if self.prefill is None or hidden_states is None:
+            return
+        if self.length > 0 and hidden_states.shape[1] == 1:
+            return  # a decoding step
+        self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
+
+    # -- after the attention: the decode step's stages ------------------------------------
+    def after_attention(self, step: AttentionStep) -> None:
+        """Run what follows the step's attention: observe a prefill forward, or plan, score,
+        select and compact a decode step.
+
+        Parameters
+        ----------
+        step : AttentionStep
+            The forward's attention in this layer (built by the scope attention function, or by
+            :func:`scope_kv.testing.attend` when a test drives a layer without a model).
+        """
+        if id(step.module) not in self._module_ids:
+            raise ValueError(
+                f"layer {self.layer_idx}: this ScopeCache was built for another model. Build one "
+                "ScopeCache(model, ...) per model; a cache cannot move between models."
+            )
+        pending, self._pending, self._attended = self._pending, None, None
+        if pending != "decode":
+            self._after_prefill_attention(step)
+            return
+        t = self.step
+        self.step += 1
+        if self.decoding is None:
+            return
+        if self.decoding.evicts_prompt:
+            self._select_unified(step, t)
+            return
+        cut = self._plan(t)
+        fused = cut is not None and cut.evicts_one and step.lse is not None and self.decoding.default_scores
+        if not fused:
+            self._unrotate(self.length - 1)  # the ring layout holds only while each step evicts one
+        if cut is None:
+            return
+        if fused:
+            self._evict_one(step, cut)
+            return
+        scores = self.decoding.score(step, cut.first, cut.candidates_end)
+        self._compact(cut, scores)
+
+    def _plan(self, t: int) -> _Cut | None:
+        """Whether decode step ``t`` cuts the decoding pool, and to what (``None``: it keeps all)."""
+        recent = self.decoding.recent
+        n_decoding = self.length - self.prefill_length
+        select, self.skipped = self.decoding.plan(n_decoding, t, self.skipped)
+        if not select:
+            return None
+        self.selections += 1
+        keep = self.decoding.budget_at(t) - recent
+        if keep >= n_decoding - recent:
+            return None  # the pool is exactly at budget: nothing to evict
+        return _Cut(self.prefill_length, self.length, keep, recent)
+
+    def _compact(self, cut: _Cut, scores: torch.Tensor) -> None:
+        """Keep the ``cut.keep`` best-scored candidates and the newest ``cut.recent``, in place."""
+        heavy = select_heavy(scores, cut.keep)
+        self.length = compact_(self.keys, self.values, cut.first, cut.end, heavy, cut.recent)
+
+    def _evict_one(self, step: AttentionStep, cut: _Cut) -> None:
+        """Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest and
+        moves two entries (layout in scope_kv.kernels); no host sync, static shapes."""
+        self.length -= 1
+        self.ring.evict(step.query, self.keys, self.values, step.lse, cut.first, cut.end, cut.recent,
+                        step.scaling, self.batch_evictions)
+
+    def _unrotate(self, ring_end: int) -> None:
+        """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
+        if self.ring.rotated:
+            self.ring.unrotate(self.keys, self.values, ring_end, self.decoding.recent)
+
+    def _select_unified(self, step: AttentionStep, t: int) -> None:
+        """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""
+        start = self.start if self.start is not None else torch.zeros_like(self.keys[:, 0, 0, 0], dtype=torch.long)
+        held = self.length - start  # (batch,) valid entries per row
+        select, self.skipped = self.decoding.plan(int(held.max()), t, self.skipped)
+        if not select:
+            return
+        counts = held.clamp(max=self.decoding.budget_at(t))
+        if bool((counts == held).all()):
+            return
+        self.selections += 1
+        scores = self.decoding.score(step, 0, self.length).float().clone()
+        scores[..., self.length - self.decoding.recent :] = float("inf")  # the newest r stay
+        self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
+        # Prompt and generated entries now share one pool: no boundary is left to record.
+        self.prefill_length = 0
+        self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def _after_prefill_attention(self, step: AttentionStep) -> None:
+        """A prefill forward attended: learn the pads, let the prefill compressor observe."""
+        if not self._evicts_prompt:
+            return
+        if not self.own_mask:
+            # Pads are the leading slots the prompt's last query may not see. Relearned at every
+            # chunk: a chunk of nothing but pads shows the whole row invalid until the next one.
+            self.start = leading_invalid(step.valid, step.batch, step.keys.device)
+        if self.prefill is not None:
+            self._memo["module"] = step.module
+            self.prefill.observe(self._memo, step.module, step.query, step.keys, self.start, step.scaling, step.softcap)
+
+    def finish_prefill(self) -> None:
+        """Compress the prefill pool now and switch to the layer's own mask (idempotent).
+
+        Runs by itself at the first decoding step; call it (through
+        :meth:`ScopeCache.finish_prefill`) to inspect the compressed cache before decoding.
+        """
+        if not self._prefill_open:
+            return  # (an open prefill means no decode step, so no queued eviction, since it ran)
+        self._prefill_open = False
+        memo, self._memo = self._memo, {}
+        prompt = self.prefill_length
+        if self.start is None:
+            self.start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
+        if self.prefill is not None and self.length == prompt:
+            real = prompt - self.start
+            counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, memo.get("module")).clamp(min=0)
+            counts = torch.minimum(counts, real)
+            if bool((counts < real).any()):
+                keys, values = self.keys[:, :, :prompt], self.values[:, :, :prompt]
+                scores = self.prefill.scores(memo, keys, values, self.start)
+                self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
+                self.prefill_length = self.length
+                self._shrink()
+        self.own_mask = True
+
+    # -- putting a layer into a given state -------------------------------------------------
+    def load_state(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        prefill_length: int,
+        seen: int | None = None,
+        step: int = 0,
+        skipped: int = 0,
+    ) -> None:
+        """Put this empty layer into the state a prefill and ``step`` decode steps leave it in.
+
+        For benchmarks and tests that need a layer deep into a generation without running every
+        step (e.g. the decode step at 4K generated tokens). Storage is reserved as a real prefill
+        reserves it (``prompt + max_held`` for a bounded strategy).
+
+        Parameters
+        ----------
+        keys, values : Tensor
+            ``(batch, kv_heads, held, dim)``: the prefill pool's ``prefill_length`` entries, then the
+            decoding pool in arrival order.
+        prefill_length : int
+            Entries of the prefill pool (the prompt, or what a compressor left of it).
+        seen : int, optional
+            Logical tokens processed (default ``held``; more when entries were evicted).
+        step : int
+            Decode steps completed (SCOPE's ``t``).
+        skipped : int
+            The discontinuous skip counter.
+
+        Raises
+        ------
+        ValueError
+            If the layer is not empty, or the state is one the layer's strategy cannot be in.
+        """
+        if self.length:
+            raise ValueError(f"layer {self.layer_idx}: load_state needs an empty layer; call reset() first.")
+        if keys.shape != values.shape or keys.dim() != 4:
+            raise ValueError(f"keys and values must both be (batch, kv_heads, held, dim), got {tuple(keys.shape)} "
+                             f"and {tuple(values.shape)}.")
+        held = keys.shape[-2]
+        n_decoding = held - prefill_length
+        seen = held if seen is None else seen
+        if not 0 < prefill_length <= held:
+            raise ValueError(f"prefill_length must be in [1, held={held}], got {prefill_length}.")
+        if seen < held or step < 0 or skipped < 0:
+            raise ValueError(f"need seen >= held ({seen} < {held}?), step >= 0 and skipped >= 0.")
+        if self.decoding is not None:
+            if self.decoding.evicts_prompt or self.prefill is not None:
+                raise ValueError("load_state supports SCOPE's strategies on a whole prefill pool (no prefill "
+                                 "compressor, no unified baseline).")
+            limit = min(step, self.decoding.budget_at(max(step - 1, 0)) + self.decoding.slack)
+            if n_decoding > limit:
+                raise ValueError(f"a decoding pool of {n_decoding} entries exceeds what {self.decoding.describe()} "
+                                 f"holds after step {step} ({limit}).")
+        self.lazy_initialization(keys, values)
+        # room for the next step: a bounded strategy reserves all it will ever hold
+        self._reserve(held + 1 if self.decoding is None else prefill_length + self.decoding.max_held)
+        self.keys[:, :, :held].copy_(keys)
+        self.values[:, :, :held].copy_(values)
+        self.length, self.prefill_length, self.seen = held, prefill_length, seen
+        self.step, self.skipped = step, skipped
+
+    # -- storage ------------------------------------------------------------------------------
+    def _resize(self, capacity: int) -> None:
+        """Move the held slots into new storage of ``capacity`` slots (one copy)."""
+        shape = (*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
+        values[:, :, : self.length].copy_(self.values[:, :, : self.length])
+        self.keys, self.values = keys, values
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for ``needed`` slots; copies only when the buffer must grow."""
+        if needed <= self.capacity:
+            return
+        if self.decoding is None:
+            needed = max(needed, math.ceil(self.capacity * _GROWTH), self.capacity + _MIN_GROWTH)
+        self._resize(needed)
+
+    def _shrink(self) -> None:
+        """Give back the storage prefill compression freed (one copy, once per prompt)."""
+        if self.decoding is None:
+            needed = self.length + _MIN_GROWTH
+        elif self.decoding.evicts_prompt:
+            needed = max(self.length, self.decoding.max_held)  # one budget over every entry
+        else:
+            needed = self.prefill_length + self.decoding.max_held
+        if self.capacity > needed:
+            self._resize(needed)
+
+    def _check_shapes(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1])
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
+        if self.length > 0 and got != expected:
+            raise ValueError(
+                f"layer {self.layer_idx}: got key states (batch, kv_heads, dim) = {got} but this cache holds "
+                f"{expected}. A ScopeCache belongs to one model and one batch: build a new one (or call "
+                "cache.reset()) for another model or batch."
+            )
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage allocated by this layer."""
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "layer": self.layer_idx,
+            "seen": self.seen,
+            "held": self.length,
+            "prefill": self.prefill_length,
+            "decoding": self.length - self.prefill_length,
+            "capacity": self.capacity,
+            "step": self.step,
+            "selections": self.selections,
+            "compressed": self.own_mask,
+            "bytes": self.nbytes(),
+        }

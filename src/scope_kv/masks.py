@@ -1,0 +1,243 @@
+"""Every attention-mask format scope_kv reads or writes, in one place (docs/method.md §8).
+
+A managed layer describes its held slots by one boolean ``valid`` tensor of shape
+``(batch, length)`` (True = a real entry): left padding, and the filler a compressed row keeps
+in front of its entries, are invalid. Each attention backend wants that fact in its own
+format; this module turns ``valid`` into each format (:func:`layer_mask`), reads it back from
+whatever mask transformers built (:func:`valid_slots`), and provides the mask functions that
+transformers' ``AttentionMaskInterface`` calls for the ``scope_*`` implementations
+(:func:`transformers_mask_function`).
+
+Adding a backend means adding one :class:`MaskFormat` to ``_FORMATS``.
+
+Coordinates are physical: column ``j`` of every mask is slot ``j`` of the layer's storage,
+and the query of a forward with ``q`` tokens at position ``i`` sits at slot
+``length - q + i`` (causality in slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_mask
+
+__all__ = [
+    "MaskFormat",
+    "decode_key_mask",
+    "layer_mask",
+    "leading_invalid",
+    "mask_format",
+    "transformers_mask_function",
+    "valid_slots",
+]
+
+
+def valid_slots(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """Which key slots the forward's *last* query may attend to, read from a backend's mask.
+
+    Parameters
+    ----------
+    attention_mask : Tensor or None
+        What the model passed to its attention function: ``None``; a boolean
+        ``(batch or 1, heads or 1, q, kv)`` mask (sdpa); an additive float mask of the same shape
+        (eager, ``finfo.min`` = blocked); or a 2-D ``(batch, kv)`` padding mask (flash attention).
+    batch, length : int
+        Batch size and number of key slots held.
+    device : torch.device
+        Where the result lives.
+
+    Returns
+    -------
+    Tensor or None
+        Boolean ``(batch, length)``, or ``None`` when every slot is valid.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        mask = attention_mask[:, :length].to(device=device, dtype=torch.bool)
+    elif attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :length]
+        mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    return mask.expand(batch, length).to(device)
+
+
+def leading_invalid(valid: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Leading invalid (padding) slots per batch row.
+
+    Parameters
+    ----------
+    valid : Tensor or None
+        Boolean ``(batch, length)`` from :func:`valid_slots`; ``None`` means every slot is valid.
+
+    Returns
+    -------
+    Tensor
+        ``(batch,)`` int64: how many slots at the front of each row are invalid.
+    """
+    if valid is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return (valid.long().cumsum(-1) == 0).sum(-1)
+
+
+def valid_from_start(start: torch.Tensor, length: int) -> torch.Tensor:
+    """``(batch, length)`` boolean: slot ``j`` of row ``b`` is valid when ``j >= start[b]``."""
+    return torch.arange(length, device=start.device)[None, :] >= start[:, None]
+
+
+def _causal(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """``(batch, 1, q, length)`` boolean: query ``i`` sees valid slots up to its own."""
+    length = valid.shape[-1]
+    slots = torch.arange(length, device=valid.device)
+    last = length - q_len + torch.arange(q_len, device=valid.device)
+    causal = slots[None, :] <= last[:, None]  # (q, length)
+    return (valid[:, None, :] & causal[None])[:, None]
+
+
+def _sdpa_format(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    return _causal(valid, q_len)
+
+
+def _eager_format(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    allowed = _causal(valid, q_len)
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _flash_format(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    # Flash kernels take causality themselves (bottom-right aligned) and padding as a 2-D mask
+    # that sends them down the varlen path; no mask at all when nothing is invalid.
+    return None if bool(valid.all()) else valid.to(torch.int32)
+
+
+def _scope_sdpa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers' sdpa mask, except that one new token with no padding and every held slot
+    behind it gets no mask even while tracing or capturing a CUDA graph (transformers then
+    materialises an all-True mask, which costs a mask build and the slower masked kernel per
+    layer). Exact for any cache: every slot is visible to the query."""
+    if (
+        attention_mask is None
+        and q_length == 1
+        and isinstance(q_offset, int)
+        and kv_offset + kv_length - 1 <= q_offset
+        and mask_function is causal_mask_function
+        and local_size is None
+    ):
+        return None
+    return sdpa_mask(
+        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, local_size=local_size, **kwargs,
+    )
+
+
+def _physical_flash_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Flash attention's 2-D padding mask, sliced as ``[kv_offset, kv_offset + kv_length)``.
+
+    transformers' own version slices from the right, which for ScopeCache (physical length
+    shorter than the logical mask) would drop the pad columns at the front. For every stock
+    cache both slicings coincide.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length]
+    if mask.shape[1] == kv_length and bool(mask.all()):
+        return None
+    return mask
+
+
+@dataclass(frozen=True)
+class MaskFormat:
+    """How one attention backend takes its mask.
+
+    Attributes
+    ----------
+    build : callable
+        ``build(valid, q_len, dtype)`` -> the backend's mask for a layer whose valid slots are
+        ``valid`` (boolean ``(batch, length)``), for a forward of ``q_len`` queries of ``dtype``.
+    transformers_mask : callable
+        The function registered with transformers' ``AttentionMaskInterface`` for the
+        ``scope_<backend>`` implementation (transformers calls it once per forward).
+    """
+
+    build: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor | None]
+    transformers_mask: Callable[..., Any]
+
+
+_FLASH = MaskFormat(_flash_format, _physical_flash_mask)
+_FORMATS: dict[str, MaskFormat] = {
+    "sdpa": MaskFormat(_sdpa_format, _scope_sdpa_mask),
+    "eager": MaskFormat(_eager_format, eager_mask),
+    "flash_attention_2": _FLASH,
+    "flash_attention_3": _FLASH,
+    "flash_attention_4": _FLASH,
+}
+
+
+def mask_format(backend: str) -> MaskFormat:
+    """The :class:`MaskFormat` of ``backend`` (``sdpa``, ``eager``, ``flash_attention_2/3/4``)."""
+    try:
+        return _FORMATS[backend]
+    except KeyError:
+        raise ValueError(f"no mask format for attention backend {backend!r}; known: {sorted(_FORMATS)}.") from None
+
+
+def layer_mask(backend: str, valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A layer's own mask in ``backend``'s format.
+
+    Parameters
+    ----------
+    backend : str
+        ``"sdpa"`` gives boolean ``(batch, 1, q, length)`` (True = attend); ``"eager"`` additive
+        float ``(batch, 1, q, length)`` of ``dtype`` (``finfo.min`` = blocked); a flash backend a
+        2-D int32 ``(batch, length)`` padding mask (causality left to the kernel), or ``None``
+        when every slot is valid.
+    valid : Tensor
+        ``(batch, length)`` boolean, the layer's valid slots.
+    q_len : int
+        Queries in this forward (they sit at the last ``q_len`` slots).
+    dtype : torch.dtype
+        The query dtype (eager's additive mask).
+    """
+    return mask_format(backend).build(valid, q_len, dtype)
+
+
+def transformers_mask_function(backend: str) -> Callable[..., Any]:
+    """The mask function to register with ``AttentionMaskInterface`` for ``scope_<backend>``."""
+    return mask_format(backend).transformers_mask
+
+
+def decode_key_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``(batch or 1, length)`` boolean "may attend" of a one-query forward, from an sdpa mask.
+
+    The grouped decode attention (:mod:`scope_kv.kernels`) takes this form.
+
+    Raises
+    ------
+    ValueError
+        If the mask is not ``None`` or a boolean 4-D sdpa mask.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise ValueError("grouped decode attention takes None or a boolean 4-D sdpa mask.")
+    return attention_mask[:, 0, -1, :length]
