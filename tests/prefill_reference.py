@@ -90,7 +90,7 @@ def streaming(n, budget, sinks, kv_heads):
 
 
 def unified_h2o_step(q, k, held, budget, recent, scale):
-    """One unified-H2O step (SCOPE_SPEC §4): `held` lists, per KV head, the positions held after
+    """One unified-H2O step (docs/method.md §7): `held` lists, per KV head, the positions held after
     appending this step's entry. Returns the new lists."""
     q, k = q.double(), k.double()
     q_heads = q.shape[0]

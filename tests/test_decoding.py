@@ -8,7 +8,7 @@ from scope_kv import Adaptive, Discontinuous, Slide
 
 
 def test_paper_delta():
-    # SCOPE_SPEC §2: delta = (T - r) // (B - r) = 15 for T=4096, r=256, B=512.
+    # docs/method.md §2: delta = (T - r) // (B - r) = 15 for T=4096, r=256, B=512.
     assert Adaptive(512, 256, max_new_tokens=4096).delta == 15
     assert Discontinuous(512, 256, max_new_tokens=4096).delta == 15
     assert Adaptive(512, 256, delta=7).delta == 7

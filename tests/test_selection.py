@@ -14,7 +14,7 @@ from scope_kv.testing import attend
 
 
 def _brute_force_keep(query, keys, valid, scaling, start, end, recent, keep):
-    """SCOPE_SPEC §3 from scratch in float64 with python loops: kept candidate indices per (b, h)."""
+    """docs/method.md §3 from scratch in float64 with python loops: kept candidate indices per (b, h)."""
     batch, q_heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads

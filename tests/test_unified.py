@@ -1,4 +1,4 @@
-"""Unified baselines (SCOPE_SPEC §4): one budget over prompt and generated entries."""
+"""Unified baselines (docs/method.md §7): one budget over prompt and generated entries."""
 
 from __future__ import annotations
 

@@ -9,9 +9,24 @@ import triton.language as tl
 
 @triton.jit
 def evict_one_program(
-    q_row, sq_h, lse_row, k_base, sk_s, v_base, sv_s, ring_slot, out_slot,
-    start, ring0, newest, recent, scaling,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+    q_row,
+    sq_h,
+    lse_row,
+    k_base,
+    sk_s,
+    v_base,
+    sv_s,
+    ring_slot,
+    out_slot,
+    start,
+    ring0,
+    newest,
+    recent,
+    scaling,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # One (batch row, KV head): it alone touches that head's pool and ring pointer.
     d = tl.arange(0, DIM)
@@ -53,27 +68,71 @@ def evict_one_program(
     tl.store(v_base + old * sv_s + d, v_new)
     tl.store(ring_slot, (ptr + 1) % recent)
 
+
 @triton.jit
 def evict_one_kernel(
-    q_ptr, k_ptr, v_ptr, lse_ptr, ring_ptr, out_ptr,
-    start, ring0, newest, recent, scaling, kv_heads,
-    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sl_b,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    ring_ptr,
+    out_ptr,
+    start,
+    ring0,
+    newest,
+    recent,
+    scaling,
+    kv_heads,
+    sq_b,
+    sq_h,
+    sk_b,
+    sk_h,
+    sk_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    sl_b,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // kv_heads).to(tl.int64)  # row offsets of a large cache overflow int32
     h = pid % kv_heads
     evict_one_program(
-        q_ptr + b * sq_b + (h * GROUP) * sq_h, sq_h, lse_ptr + b * sl_b + h * GROUP,
-        k_ptr + b * sk_b + h * sk_h, sk_s, v_ptr + b * sv_b + h * sv_h, sv_s, ring_ptr + pid, out_ptr + pid,
-        start, ring0, newest, recent, scaling, GROUP, GROUP_PAD, DIM, BLOCK,
+        q_ptr + b * sq_b + (h * GROUP) * sq_h,
+        sq_h,
+        lse_ptr + b * sl_b + h * GROUP,
+        k_ptr + b * sk_b + h * sk_h,
+        sk_s,
+        v_ptr + b * sv_b + h * sv_h,
+        sv_s,
+        ring_ptr + pid,
+        out_ptr + pid,
+        start,
+        ring0,
+        newest,
+        recent,
+        scaling,
+        GROUP,
+        GROUP_PAD,
+        DIM,
+        BLOCK,
     )
+
 
 @triton.jit
 def evict_one_batched_kernel(
-    table_ptr, scaling, kv_heads,
-    KV_DTYPE: tl.constexpr, FIELDS: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+    table_ptr,
+    scaling,
+    kv_heads,
+    KV_DTYPE: tl.constexpr,
+    FIELDS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # program_id(1) picks a layer; its row of the table holds what evict_one_kernel takes as
     # arguments (addresses as int64, in the order of _TABLE_FIELDS).
@@ -93,8 +152,22 @@ def evict_one_batched_kernel(
     h = pid % kv_heads
     sq_h = tl.load(row + 11)
     evict_one_program(
-        q_ptr + b * tl.load(row + 10) + (h * GROUP) * sq_h, sq_h, lse_ptr + b * tl.load(row + 18) + h * GROUP,
-        k_ptr + b * tl.load(row + 12) + h * tl.load(row + 13), tl.load(row + 14),
-        v_ptr + b * tl.load(row + 15) + h * tl.load(row + 16), tl.load(row + 17),
-        ring_ptr + pid, out_ptr + pid, start, ring0, newest, recent, scaling, GROUP, GROUP_PAD, DIM, BLOCK,
+        q_ptr + b * tl.load(row + 10) + (h * GROUP) * sq_h,
+        sq_h,
+        lse_ptr + b * tl.load(row + 18) + h * GROUP,
+        k_ptr + b * tl.load(row + 12) + h * tl.load(row + 13),
+        tl.load(row + 14),
+        v_ptr + b * tl.load(row + 15) + h * tl.load(row + 16),
+        tl.load(row + 17),
+        ring_ptr + pid,
+        out_ptr + pid,
+        start,
+        ring0,
+        newest,
+        recent,
+        scaling,
+        GROUP,
+        GROUP_PAD,
+        DIM,
+        BLOCK,
     )

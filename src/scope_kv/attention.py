@@ -25,10 +25,11 @@ idempotent. The functions hold no state.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -92,7 +93,12 @@ def _make_attention(backend: str) -> Callable[..., Any]:
             attention_mask = layer.attention_mask(backend, query.shape[2], query.dtype)
         scaling = kwargs.get("scaling")
         step = AttentionStep(
-            module, query, key, value, attention_mask, backend,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            backend,
             scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
             softcap=kwargs.get("softcap"),
         )
@@ -128,7 +134,9 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules, found without per-architecture code: the innermost modules that
     carry a ``layer_idx`` (decoder layers may carry one too, and contain the attention)."""
     indexed = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
-    return [m for m in indexed if not any(c is not m and getattr(c, "layer_idx", None) is not None for c in m.modules())]
+    return [
+        m for m in indexed if not any(c is not m and getattr(c, "layer_idx", None) is not None for c in m.modules())
+    ]
 
 
 def _register(backend: str) -> str:
@@ -139,7 +147,7 @@ def _register(backend: str) -> str:
     return name
 
 
-def enable_scope_attention(model: torch.nn.Module) -> str:
+def enable_scope_attention(model: PreTrainedModel) -> str:
     """Route ``model``'s attention through scope_kv's function; returns the implementation name.
 
     Idempotent: the implementation is switched and the routing hooks installed once.

@@ -61,9 +61,7 @@ class ScopeCache(Cache):
         prefill: PrefillCompressor | None = None,
     ):
         if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}."
-            )
+            raise TypeError(f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}.")
         if decoding is not None and not isinstance(decoding, DecodingStrategy):
             raise TypeError(
                 f"decoding must be Slide(...), Adaptive(...), Discontinuous(...), UnifiedH2O(...), "
@@ -140,7 +138,7 @@ class ScopeCache(Cache):
     def summary(self) -> list[dict[str, Any]]:
         """Per-layer state: tokens seen, entries held (prefill / decoding), capacity, bytes."""
         held = kv_footprint(self).entries
-        rows = []
+        rows: list[dict[str, Any]] = []
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, ScopeLayer):
                 rows.append(layer.summary())

@@ -150,6 +150,7 @@ def _resolve_delta(cls: str, budget: int, recent: int, max_new_tokens: int | Non
         check_int(f"{cls}.delta", delta, 1)
         return delta
     check_int(f"{cls}.max_new_tokens", max_new_tokens, 1)
+    assert max_new_tokens is not None
     derived = (max_new_tokens - recent) // (budget - recent)
     if derived < 1:
         raise ValueError(
@@ -178,8 +179,13 @@ class Adaptive(DecodingStrategy):
         resolved = _resolve_delta(type(self).__name__, self.budget, self.recent, self.max_new_tokens, self.delta)
         object.__setattr__(self, "delta", resolved)
 
+    @property
+    def _step(self) -> int:
+        assert self.delta is not None  # resolved in __post_init__
+        return self.delta
+
     def budget_at(self, t: int) -> int:
-        return min(self.budget, self.recent + t // self.delta)
+        return min(self.budget, self.recent + t // self._step)
 
     def describe(self) -> str:
         return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}"
@@ -197,12 +203,12 @@ class Discontinuous(Adaptive):
     @property
     def slack(self) -> int:
         # After a selection the pool holds B(t); `delta` skipped eligible steps add one entry each.
-        return self.delta
+        return self._step
 
     def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
         if n_decoding < self.budget_at(t):
             return False, skipped
-        if skipped < self.delta:
+        if skipped < self._step:
             return False, skipped + 1
         return True, 0
 

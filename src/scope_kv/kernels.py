@@ -51,7 +51,7 @@ __all__ = [
 def triton_available() -> bool:
     """Whether Triton can be imported (it needs no GPU under ``TRITON_INTERPRET=1``)."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except ImportError:
         return False
@@ -62,8 +62,10 @@ def triton_available() -> bool:
 def _grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     batch, q_heads, q_len, dim = query.shape
     if q_len != 1 or q_heads % kv_heads:
-        raise ValueError(f"grouped decode attention needs one query token and q_heads % kv_heads == 0, got "
-                         f"query {tuple(query.shape)} and {kv_heads} KV heads.")
+        raise ValueError(
+            f"grouped decode attention needs one query token and q_heads % kv_heads == 0, got "
+            f"query {tuple(query.shape)} and {kv_heads} KV heads."
+        )
     return query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
 
 
@@ -149,7 +151,9 @@ def grouped_decode_attention(
     group = q.shape[2]
     mask = decode_key_mask(attention_mask, length)
     if mask is None:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, False, False, scale=scaling)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, keys, values, 0.0, False, False, scale=scaling
+        )[:2]
     else:
         bias = _additive_bias(mask, batch, kv_heads, group, query.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -248,7 +252,10 @@ def evict_one_reference_(
     dim = keys.shape[-1]
     old_keys = torch.gather(keys, 2, old[..., None].expand(-1, -1, -1, dim))
     scores = torch.cat(
-        [candidate_scores(query, keys[:, :, start:ring0], lse, scaling), candidate_scores(query, old_keys, lse, scaling)],
+        [
+            candidate_scores(query, keys[:, :, start:ring0], lse, scaling),
+            candidate_scores(query, old_keys, lse, scaling),
+        ],
         dim=-1,
     )
     pick = scores.argmin(dim=-1, keepdim=True)  # first minimum, like the Triton kernel
@@ -290,8 +297,27 @@ def _evict_one_kernels() -> tuple[Any, Any]:
     return _triton_kernels.evict_one_kernel, _triton_kernels.evict_one_batched_kernel
 
 
-_TABLE_FIELDS = ("q", "k", "v", "lse", "ring", "out", "start", "ring0", "newest", "recent",
-                 "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sl_b")
+_TABLE_FIELDS = (
+    "q",
+    "k",
+    "v",
+    "lse",
+    "ring",
+    "out",
+    "start",
+    "ring0",
+    "newest",
+    "recent",
+    "sq_b",
+    "sq_h",
+    "sk_b",
+    "sk_h",
+    "sk_s",
+    "sv_b",
+    "sv_h",
+    "sv_s",
+    "sl_b",
+)
 
 
 def _triton_ok(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_ptr: torch.Tensor) -> bool:
@@ -351,11 +377,31 @@ def evict_one_(
         out = torch.empty((batch, kv_heads), dtype=torch.long, device=keys.device)
     with _on_device(keys):
         _evict_one_kernels()[0][(batch * kv_heads,)](
-            query, keys, values, lse, ring_ptr, out,
-            start, end - 1 - recent, end - 1, recent, float(scaling), kv_heads,
-            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), lse.stride(0),
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+            query,
+            keys,
+            values,
+            lse,
+            ring_ptr,
+            out,
+            start,
+            end - 1 - recent,
+            end - 1,
+            recent,
+            float(scaling),
+            kv_heads,
+            query.stride(0),
+            query.stride(1),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            lse.stride(0),
+            GROUP=group,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            DIM=dim,
+            BLOCK=64,
         )
     return out
 
@@ -382,8 +428,19 @@ class EvictionBatch:
     def __len__(self) -> int:
         return len(self._work)
 
-    def add(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
-            ring_ptr: torch.Tensor, out: torch.Tensor, start: int, end: int, recent: int, scaling: float) -> bool:
+    def add(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lse: torch.Tensor,
+        ring_ptr: torch.Tensor,
+        out: torch.Tensor,
+        start: int,
+        end: int,
+        recent: int,
+        scaling: float,
+    ) -> bool:
         """Queue one layer's :func:`evict_one_` (same arguments; ``out`` required). Returns False,
         queueing nothing, when the Triton kernel cannot take these tensors (the caller then runs
         :func:`evict_one_`, which falls back to the reference)."""
@@ -412,17 +469,37 @@ class EvictionBatch:
             self._launch(items, device, dtype, q_shape, dim, scaling)
 
     @staticmethod
-    def _launch(items: list[tuple], device: torch.device, dtype: torch.dtype, q_shape: tuple, dim: int,
-                scaling: float) -> None:
+    def _launch(
+        items: list[tuple], device: torch.device, dtype: torch.dtype, q_shape: tuple, dim: int, scaling: float
+    ) -> None:
         import triton
         import triton.language as tl
 
         rows = []
         for query, keys, values, lse, ring, out, start, end, recent, _ in items:
-            rows.append((query.data_ptr(), keys.data_ptr(), values.data_ptr(), lse.data_ptr(), ring.data_ptr(),
-                         out.data_ptr(), start, end - 1 - recent, end - 1, recent, query.stride(0), query.stride(1),
-                         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
-                         values.stride(2), lse.stride(0)))
+            rows.append(
+                (
+                    query.data_ptr(),
+                    keys.data_ptr(),
+                    values.data_ptr(),
+                    lse.data_ptr(),
+                    ring.data_ptr(),
+                    out.data_ptr(),
+                    start,
+                    end - 1 - recent,
+                    end - 1,
+                    recent,
+                    query.stride(0),
+                    query.stride(1),
+                    keys.stride(0),
+                    keys.stride(1),
+                    keys.stride(2),
+                    values.stride(0),
+                    values.stride(1),
+                    values.stride(2),
+                    lse.stride(0),
+                )
+            )
         table = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
         table = table.to(device, non_blocking=True)
         batch, q_heads = q_shape[0], q_shape[1]
@@ -431,8 +508,15 @@ class EvictionBatch:
         kv_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
         with _on_device(items[0][1]):
             _evict_one_kernels()[1][(batch * kv_heads, len(items))](
-                table, scaling, kv_heads, KV_DTYPE=kv_dtype, FIELDS=len(_TABLE_FIELDS),
-                GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+                table,
+                scaling,
+                kv_heads,
+                KV_DTYPE=kv_dtype,
+                FIELDS=len(_TABLE_FIELDS),
+                GROUP=group,
+                GROUP_PAD=max(16, triton.next_power_of_2(group)),
+                DIM=dim,
+                BLOCK=64,
             )
 
 
@@ -466,6 +550,7 @@ class EvictRing:
         self.ptr: torch.Tensor | None = None
         self.evicted: torch.Tensor | None = None
         self.rotated = False
+        self.recent = 0  # the ring's length, set by the evictions that rotate it
         self._queued_at = -1  # the batch's flush count when this layer last queued work there
 
     def settle(self) -> None:
@@ -474,8 +559,18 @@ class EvictRing:
         if self.batch is not None and self._queued_at == self.batch.flushes and len(self.batch):
             self.batch.flush()
 
-    def evict(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
-              start: int, end: int, recent: int, scaling: float, batched: bool | None = None) -> None:
+    def evict(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lse: torch.Tensor,
+        start: int,
+        end: int,
+        recent: int,
+        scaling: float,
+        batched: bool | None = None,
+    ) -> None:
         """Evict one entry of the pool ``[start, end)`` per ``(row, KV head)`` (:func:`evict_one_`).
 
         ``batched`` queues the work in the shared :class:`EvictionBatch`: one launch per step for
@@ -485,31 +580,29 @@ class EvictRing:
         when the kernel cannot take these tensors, the eviction runs now.
         """
         want = batched if batched is not None else keys.is_cuda
-        batched = (
-            want
-            and self.batch is not None
-            and triton_available()
-            and not (keys.is_cuda and torch.cuda.is_current_stream_capturing())
-        )
+        capturing = keys.is_cuda and torch.cuda.is_current_stream_capturing()
+        queue = self.batch if want and triton_available() and not capturing else None
         shape = keys.shape[:2]
         if self.ptr is None or self.ptr.shape != shape:
             self.ptr = torch.zeros(shape, dtype=torch.int32, device=keys.device)
         if self.evicted is None or self.evicted.shape != shape:
             self.evicted = torch.empty(shape, dtype=torch.long, device=keys.device)
         self.rotated = True
-        if batched and self.batch.add(
+        self.recent = recent
+        if queue is not None and queue.add(
             query, keys, values, lse, self.ptr, self.evicted, start, end, recent, scaling
         ):
-            self._queued_at = self.batch.flushes
+            self._queued_at = queue.flushes
             if self.flush_after:
-                self.batch.flush()
+                queue.flush()
             return
         evict_one_(query, keys, values, lse, self.ptr, start, end, recent, scaling, out=self.evicted)
 
-    def unrotate(self, keys: torch.Tensor, values: torch.Tensor, ring_end: int, recent: int) -> None:
+    def unrotate(self, keys: torch.Tensor, values: torch.Tensor, ring_end: int) -> None:
         """Back to arrival order (the reference layout), O(recent); a no-op unless rotated."""
         if self.rotated:
-            unrotate_(keys, values, self.ptr, ring_end, recent)
+            assert self.ptr is not None
+            unrotate_(keys, values, self.ptr, ring_end, self.recent)
             self.rotated = False
 
     def map_batch(self, fn: Any) -> None:

@@ -22,8 +22,9 @@ cut, and how much), score (the strategy's :meth:`~scope_kv.DecodingStrategy.scor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -133,8 +134,8 @@ class ScopeLayer(CacheLayerMixin):
 
     def _clear(self) -> None:
         # storage
-        self.keys: torch.Tensor | None = None  # (batch, kv_heads, capacity, dim)
-        self.values: torch.Tensor | None = None
+        self.keys: torch.Tensor = torch.empty(0, 0, 0, 0)  # (batch, kv_heads, capacity, dim) once initialised
+        self.values: torch.Tensor = torch.empty(0, 0, 0, 0)
         self.is_initialized = False
         # lengths (module docstring)
         self.seen = 0
@@ -164,7 +165,7 @@ class ScopeLayer(CacheLayerMixin):
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return self.keys.shape[-2]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -349,13 +350,14 @@ class ScopeLayer(CacheLayerMixin):
             return
         t = self.step
         self.step += 1
-        if self.decoding is None:
+        decoding = self.decoding
+        if decoding is None:
             return
-        if self.decoding.evicts_prompt:
-            self._select_unified(step, t)
+        if decoding.evicts_prompt:
+            self._select_unified(decoding, step, t)
             return
-        cut = self._plan(t)
-        fused = cut is not None and cut.evicts_one and step.lse is not None and self.decoding.default_scores
+        cut = self._plan(decoding, t)
+        fused = cut is not None and cut.evicts_one and step.lse is not None and decoding.default_scores
         if not fused:
             self._unrotate(self.length - 1)  # the ring layout holds only while each step evicts one
         if cut is None:
@@ -363,18 +365,18 @@ class ScopeLayer(CacheLayerMixin):
         if fused:
             self._evict_one(step, cut)
             return
-        scores = self.decoding.score(step, cut.first, cut.candidates_end)
+        scores = decoding.score(step, cut.first, cut.candidates_end)
         self._compact(cut, scores)
 
-    def _plan(self, t: int) -> _Cut | None:
+    def _plan(self, decoding: DecodingStrategy, t: int) -> _Cut | None:
         """Whether decode step ``t`` cuts the decoding pool, and to what (``None``: it keeps all)."""
-        recent = self.decoding.recent
+        recent = decoding.recent
         n_decoding = self.length - self.prefill_length
-        select, self.skipped = self.decoding.plan(n_decoding, t, self.skipped)
+        select, self.skipped = decoding.plan(n_decoding, t, self.skipped)
         if not select:
             return None
         self.selections += 1
-        keep = self.decoding.budget_at(t) - recent
+        keep = decoding.budget_at(t) - recent
         if keep >= n_decoding - recent:
             return None  # the pool is exactly at budget: nothing to evict
         return _Cut(self.prefill_length, self.length, keep, recent)
@@ -387,28 +389,37 @@ class ScopeLayer(CacheLayerMixin):
     def _evict_one(self, step: AttentionStep, cut: _Cut) -> None:
         """Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest and
         moves two entries (layout in scope_kv.kernels); no host sync, static shapes."""
+        assert step.lse is not None
         self.length -= 1
-        self.ring.evict(step.query, self.keys, self.values, step.lse, cut.first, cut.end, cut.recent,
-                        step.scaling, self.batch_evictions)
+        self.ring.evict(
+            step.query,
+            self.keys,
+            self.values,
+            step.lse,
+            cut.first,
+            cut.end,
+            cut.recent,
+            step.scaling,
+            self.batch_evictions,
+        )
 
     def _unrotate(self, ring_end: int) -> None:
         """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
-        if self.ring.rotated:
-            self.ring.unrotate(self.keys, self.values, ring_end, self.decoding.recent)
+        self.ring.unrotate(self.keys, self.values, ring_end)
 
-    def _select_unified(self, step: AttentionStep, t: int) -> None:
+    def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
         """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""
         start = self.start if self.start is not None else torch.zeros_like(self.keys[:, 0, 0, 0], dtype=torch.long)
         held = self.length - start  # (batch,) valid entries per row
-        select, self.skipped = self.decoding.plan(int(held.max()), t, self.skipped)
+        select, self.skipped = decoding.plan(int(held.max()), t, self.skipped)
         if not select:
             return
-        counts = held.clamp(max=self.decoding.budget_at(t))
+        counts = held.clamp(max=decoding.budget_at(t))
         if bool((counts == held).all()):
             return
         self.selections += 1
-        scores = self.decoding.score(step, 0, self.length).float().clone()
-        scores[..., self.length - self.decoding.recent :] = float("inf")  # the newest r stay
+        scores = decoding.score(step, 0, self.length).float().clone()
+        scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
         self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
@@ -424,6 +435,7 @@ class ScopeLayer(CacheLayerMixin):
             # chunk: a chunk of nothing but pads shows the whole row invalid until the next one.
             self.start = leading_invalid(step.valid, step.batch, step.keys.device)
         if self.prefill is not None:
+            assert self.start is not None
             self._memo["module"] = step.module
             self.prefill.observe(self._memo, step.module, step.query, step.keys, self.start, step.scaling, step.softcap)
 
@@ -491,8 +503,10 @@ class ScopeLayer(CacheLayerMixin):
         if self.length:
             raise ValueError(f"layer {self.layer_idx}: load_state needs an empty layer; call reset() first.")
         if keys.shape != values.shape or keys.dim() != 4:
-            raise ValueError(f"keys and values must both be (batch, kv_heads, held, dim), got {tuple(keys.shape)} "
-                             f"and {tuple(values.shape)}.")
+            raise ValueError(
+                f"keys and values must both be (batch, kv_heads, held, dim), got {tuple(keys.shape)} "
+                f"and {tuple(values.shape)}."
+            )
         held = keys.shape[-2]
         n_decoding = held - prefill_length
         seen = held if seen is None else seen
@@ -502,12 +516,16 @@ class ScopeLayer(CacheLayerMixin):
             raise ValueError(f"need seen >= held ({seen} < {held}?), step >= 0 and skipped >= 0.")
         if self.decoding is not None:
             if self.decoding.evicts_prompt or self.prefill is not None:
-                raise ValueError("load_state supports SCOPE's strategies on a whole prefill pool (no prefill "
-                                 "compressor, no unified baseline).")
+                raise ValueError(
+                    "load_state supports SCOPE's strategies on a whole prefill pool (no prefill "
+                    "compressor, no unified baseline)."
+                )
             limit = min(step, self.decoding.budget_at(max(step - 1, 0)) + self.decoding.slack)
             if n_decoding > limit:
-                raise ValueError(f"a decoding pool of {n_decoding} entries exceeds what {self.decoding.describe()} "
-                                 f"holds after step {step} ({limit}).")
+                raise ValueError(
+                    f"a decoding pool of {n_decoding} entries exceeds what {self.decoding.describe()} "
+                    f"holds after step {step} ({limit})."
+                )
         self.lazy_initialization(keys, values)
         # room for the next step: a bounded strategy reserves all it will ever hold
         self._reserve(held + 1 if self.decoding is None else prefill_length + self.decoding.max_held)
@@ -556,8 +574,6 @@ class ScopeLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of K/V storage allocated by this layer."""
-        if self.keys is None:
-            return 0
         return self.keys.nbytes + self.values.nbytes
 
     def summary(self) -> dict[str, int]:

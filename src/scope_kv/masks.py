@@ -17,8 +17,9 @@ and the query of a forward with ``q`` tokens at position ``i`` sits at slot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_mask
@@ -34,7 +35,9 @@ __all__ = [
 ]
 
 
-def valid_slots(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+def valid_slots(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor | None:
     """Which key slots the forward's *last* query may attend to, read from a backend's mask.
 
     Parameters
@@ -137,8 +140,15 @@ def _scope_sdpa_mask(
     ):
         return None
     return sdpa_mask(
-        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-        attention_mask=attention_mask, local_size=local_size, **kwargs,
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        **kwargs,
     )
 
 

@@ -197,7 +197,7 @@ def compact_(
     int
         The new end of the region, ``start + k + recent``.
     """
-    batch, heads, k = heavy.shape
+    batch, heads, _ = heavy.shape
     n = end - start
     tail = torch.arange(n - recent, n, device=heavy.device).expand(batch, heads, recent)
     index = torch.cat([heavy, tail], dim=-1)  # (batch, kv_heads, k + recent)
@@ -240,7 +240,6 @@ def keep_top_(
     (n, new_start) : tuple[int, Tensor]
         The new physical length and the new ``(batch,)`` leading invalid slots, ``n - counts``.
     """
-    batch, heads, _ = scores.shape
     slots = torch.arange(end, device=scores.device)
     valid = slots[None, :] >= start[:, None]  # (batch, end)
     scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))

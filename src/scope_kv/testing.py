@@ -71,8 +71,15 @@ def attend(
     if layer.own_mask:
         mask = layer.attention_mask(backend, query.shape[2], query.dtype)
     step = AttentionStep(
-        module, query, keys, layer.values[:, :, : layer.length], mask, backend,
-        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5, softcap=softcap, lse=lse,
+        module,
+        query,
+        keys,
+        layer.values[:, :, : layer.length],
+        mask,
+        backend,
+        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        softcap=softcap,
+        lse=lse,
     )
     layer.after_attention(step)
     return step

@@ -63,7 +63,7 @@ class KVPressPrefill(PrefillCompressor):
         (PyramidKVPress).
     """
 
-    budget: int | None
+    budget: int | None  # type: ignore[assignment]  # None: the press's own rule (above)
     press: Any
 
     def __init__(self, press: Any, budget: int | None = None) -> None:
@@ -123,7 +123,7 @@ class KVPressPrefill(PrefillCompressor):
         embeddings = memo.get("position_embeddings")
         position_embeddings = None
         if embeddings:
-            position_embeddings = tuple(torch.cat(parts, dim=1) for parts in zip(*embeddings))
+            position_embeddings = tuple(torch.cat(parts, dim=1) for parts in zip(*embeddings, strict=True))
         kwargs = {
             "hidden_states": hidden_states,
             "position_embeddings": position_embeddings,

@@ -69,9 +69,7 @@ class PrefillCompressor:
         """
         return real.clamp(max=self.budget)
 
-    def observe_input(
-        self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any
-    ) -> None:
+    def observe_input(self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any) -> None:
         """Record a prefill forward's attention *input*, before the attention runs (default: nothing).
 
         Our own compressors score from the queries :meth:`observe` receives; adapters of external

@@ -66,7 +66,9 @@ class SnapKV(PrefillCompressor):
                 f"holds the window plus the selected entries, e.g. {cls}(budget={self.budget}, window={max(1, self.budget // 4)})."
             )
         if self.kernel % 2 == 0:
-            raise ValueError(f"{cls}: kernel ({self.kernel}) must be odd so every entry is pooled around itself; use {self.kernel + 1}.")
+            raise ValueError(
+                f"{cls}: kernel ({self.kernel}) must be odd so every entry is pooled around itself; use {self.kernel + 1}."
+            )
         if self.pooling not in _POOLINGS:
             raise ValueError(f"{cls}: pooling must be one of {_POOLINGS}, got {self.pooling!r}.")
 
