@@ -10,6 +10,7 @@ from scope_kv.masks import (
     _physical_flash_mask,
     _scope_sdpa_mask,
     decode_key_mask,
+    head_mask,
     layer_mask,
     leading_invalid,
     mask_format,
@@ -71,8 +72,17 @@ def test_unknown_backend_is_refused_with_the_known_ones():
 
 def test_decode_key_mask():
     mask = layer_mask("sdpa", PADS, 1, torch.float32)
-    assert torch.equal(decode_key_mask(mask, 6), PADS)
+    assert torch.equal(decode_key_mask(mask, 6), PADS[:, None])
     assert decode_key_mask(None, 6) is None
+    # a per-query-head mask (static layout: 2 KV heads x group 3) comes back one row per KV head
+    per_head = torch.rand(2, 2, 6) > 0.5
+    sdpa = head_mask("sdpa", per_head, 6, torch.float32)
+    assert sdpa.shape == (2, 6, 1, 6) and torch.equal(sdpa[:, 3, 0], per_head[:, 1])
+    assert torch.equal(decode_key_mask(sdpa, 6, kv_heads=2), per_head)
+    eager = head_mask("eager", per_head, 6, torch.float16)
+    assert torch.equal(eager == 0, sdpa)
+    with pytest.raises(ValueError, match="per-head masks"):
+        head_mask("flash_attention_2", per_head, 6, torch.float32)
     with pytest.raises(ValueError, match="boolean 4-D"):
         decode_key_mask(layer_mask("eager", PADS, 1, torch.float32), 6)
 

@@ -1,7 +1,7 @@
 """The scope-aware attention function, registered with transformers' attention interface.
 
 `ScopeCache(model)` switches the model's ``attn_implementation`` from ``X`` to ``scope_X``
-(``X`` in sdpa / eager / flash_attention_2 / flash_attention_3). For a managed layer the
+(``X`` in :data:`SUPPORTED_BACKENDS`: sdpa, eager, flash_attention_2/3/4). For a managed layer the
 ``scope_X`` function runs ``X`` over the layer's held slots (with the layer's own mask once
 prompt entries were evicted), then hands the layer one :class:`~scope_kv.step.AttentionStep`
 so it can score and select *after* the attention: the step attends to the pool before
@@ -17,6 +17,14 @@ state and does nothing for any other cache. It relies on one fact about transfor
 layers -- they call the attention module with the cache as a keyword argument -- which
 ``tests/test_attention.py`` checks on every architecture tested.
 
+Flash-attention backends run transformers' own flash wrapper and ``_flash_attention_forward``
+(which picks the kernel, and unpads into the varlen kernel when given a 2-D mask). They return
+no attention weights, so selection scores come from one float32 pass over the held keys. Their
+mask is 2-D ``(batch, length)`` in physical slots or ``None``: transformers' padding mask sliced
+as ``[0, length)`` (``masks._physical_flash_mask``) until prompt entries are evicted, then the
+layer's own int32 mask (``None`` when every slot is valid); causality is the kernel's,
+bottom-right aligned, which puts the queries at the last slots as the layer holds them.
+
 Registering named functions is transformers' extension mechanism (the registries are
 process-wide); it happens when the first ScopeCache is built, never at import, and is
 idempotent. The functions hold no state.
@@ -24,6 +32,7 @@ idempotent. The functions hold no state.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +42,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .compat import cache_argument
+from .compat import cache_argument, set_attention_implementation, warn_if_untested
 from .kernels import grouped_decode_attention
 from .masks import transformers_mask_function
 from .step import AttentionStep
@@ -41,13 +50,74 @@ from .step import AttentionStep
 __all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
 
 PREFIX = "scope_"
-SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+_FLASH_BACKENDS = frozenset(b for b in SUPPORTED_BACKENDS if b.startswith("flash_attention"))
 # The attention kwarg that carries a managed layer from _route_layer to the attention function.
 LAYER_KWARG = "scope_layer"
 _ROUTE_HANDLE = "_scope_kv_route"
 
 
+class _ConfigView:
+    """A model config whose ``_attn_implementation`` reads ``backend``; every other attribute is
+    the config's own."""
+
+    def __init__(self, config: Any, backend: str):
+        self._config = config
+        self._attn_implementation = backend
+
+    def __getattr__(self, name: str) -> Any:  # called only for attributes not set in __init__
+        return getattr(self._config, name)
+
+
+class _BackendView:
+    """An attention module as transformers' flash wrapper sees it: the module itself, except that
+    ``config._attn_implementation`` names ``backend``.
+
+    The wrapper (``integrations.flash_attention.flash_attention_forward``) imports its kernel by
+    ``module.config._attn_implementation``; for a model ScopeCache set up that reads
+    ``scope_<backend>``, a name no kernel goes by. The view is built per call and holds nothing.
+    """
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        self._module = module
+        self.config = _ConfigView(module.config, backend)
+
+    def __getattr__(self, name: str) -> Any:  # called only for attributes not set in __init__
+        return getattr(self._module, name)
+
+
+def _flash_attention(
+    backend: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' flash-attention function for ``backend``, run as for a model on ``backend``.
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(batch, q_heads, q, dim)``.
+    key, value : Tensor
+        ``(batch, kv_heads, length, dim)`` the held slots.
+    attention_mask : Tensor or None
+        ``(batch, length)`` 2-D padding mask in physical slots (varlen path), or ``None``.
+
+    Returns
+    -------
+    (Tensor, None)
+        ``(batch, q, q_heads, dim)`` output (transformers' layout for flash) and no weights.
+    """
+    flash = ALL_ATTENTION_FUNCTIONS[backend]
+    return flash(_BackendView(module, backend), query, key, value, attention_mask, **kwargs)
+
+
 def _base_function(backend: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if backend in _FLASH_BACKENDS:
+        return functools.partial(_flash_attention, backend)
     if backend != "eager":
         return ALL_ATTENTION_FUNCTIONS[backend]
     # "eager" is not in the registry: each modeling file defines its own (softcapping, sinks...).
@@ -90,7 +160,7 @@ def _make_attention(backend: str) -> Callable[..., Any]:
             # Once prompt entries were evicted, rows keep different numbers of pads (or filler) and
             # layers different lengths (PyramidKV): the mask transformers built no longer describes
             # this layer's slots, so the layer supplies its own (docs/method.md §8).
-            attention_mask = layer.attention_mask(backend, query.shape[2], query.dtype)
+            attention_mask = layer.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
         scaling = kwargs.get("scaling")
         step = AttentionStep(
             module,
@@ -101,6 +171,8 @@ def _make_attention(backend: str) -> Callable[..., Any]:
             backend,
             scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
             softcap=kwargs.get("softcap"),
+            head_valid=layer.head_valid(),
+            arrival=layer.arrival(),
         )
         if backend == "sdpa" and layer.wants_lse(step) and _plain_softmax(module, attention_mask, kwargs):
             # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
@@ -165,8 +237,9 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
                 f"attn_implementation={current!r} is not supported by scope_kv; load the model with "
                 f"attn_implementation= one of {SUPPORTED_BACKENDS}."
             )
+        warn_if_untested()
         name = _register(current)
-        model.set_attn_implementation(name)
+        set_attention_implementation(model, name, current)
         if model.config._attn_implementation != name:
             raise ValueError(
                 f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "

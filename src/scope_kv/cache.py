@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .accounting import kv_footprint
-from .attention import enable_scope_attention
+from .attention import PREFIX, enable_scope_attention
 from .compat import is_dummy_layer, layer_templates
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch
@@ -45,6 +45,11 @@ class ScopeCache(Cache):
         :class:`~scope_kv.PyramidKV`, :class:`~scope_kv.H2O`, :class:`~scope_kv.StreamingLLM`, or an
         adapter such as ``scope_kv.integrations.kvpress.KVPressPrefill``); ``None`` keeps the
         prompt whole.
+    static : bool
+        Keep one physical shape for the whole generation (:mod:`scope_kv.static`): the cache is then
+        compileable, and ``generate`` on a GPU compiles and captures its decode step (transformers'
+        ``compile_config`` applies). The kept entries are the same as without it. Needs a bounded
+        ``decoding`` and the sdpa or eager backend.
 
     Notes
     -----
@@ -59,6 +64,7 @@ class ScopeCache(Cache):
         model: PreTrainedModel,
         decoding: DecodingStrategy | None = None,
         prefill: PrefillCompressor | None = None,
+        static: bool = False,
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}.")
@@ -72,6 +78,16 @@ class ScopeCache(Cache):
                 f"prefill must be SnapKV(...), PyramidKV(...), H2O(...), StreamingLLM(...), a "
                 f"KVPressPrefill(press) adapter or None, got {prefill!r}."
             )
+        if static and decoding is None:
+            raise ValueError(
+                "static=True needs a bounded decoding pool (decoding=Slide(...), Adaptive(...), Discontinuous(...) "
+                "or a unified baseline); for an uncompressed cache with static shapes use transformers' StaticCache."
+            )
+        if static and model.config._attn_implementation.removeprefix(PREFIX).startswith("flash"):
+            raise ValueError(
+                "static=True masks slots per KV head, which flash-attention kernels cannot take: load the model "
+                "with attn_implementation='sdpa' (or 'eager') to use the static layout."
+            )
         config = model.config.get_text_config(decoder=True)
         templates = layer_templates(config)
         module_ids = frozenset(id(m) for m in model.modules())
@@ -81,7 +97,7 @@ class ScopeCache(Cache):
             if isinstance(layer, DynamicSlidingWindowLayer) or is_dummy_layer(layer):
                 layers.append(layer)  # bounded by its window already, or no KV of its own
             elif type(layer) is DynamicLayer:
-                layers.append(ScopeLayer(idx, decoding, module_ids, prefill, len(templates), evictions))
+                layers.append(ScopeLayer(idx, decoding, module_ids, prefill, len(templates), evictions, static))
             else:
                 kind = type(layer).__name__ if isinstance(layer, CacheLayerMixin) else repr(layer)
                 raise ValueError(
@@ -101,6 +117,7 @@ class ScopeCache(Cache):
         super().__init__(layers=layers)
         self.decoding = decoding
         self.prefill = prefill
+        self.static = static
         self.attn_implementation = enable_scope_attention(model)
 
     def managed_layer(self, layer_idx: int) -> ScopeLayer | None:
@@ -121,10 +138,21 @@ class ScopeCache(Cache):
                 layer.finish_prefill()
 
     # -- lengths --------------------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # transformers sizes a forward's mask before any layer runs (and, in compiled decoding,
+        # outside the compiled step): the moment a static layer changes layout (scope_kv.static).
+        if self.static:
+            for layer in self.layers:
+                if isinstance(layer, ScopeLayer):
+                    layer.prepare(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def get_query_offset(self, layer_idx: int = 0) -> int:
         layer = self.layers[layer_idx]
         if isinstance(layer, ScopeLayer):
-            return layer.length  # physical: the mask describes held slots
+            # physical: the mask describes held slots (the static layout writes the step's entry
+            # inside its buffer, so the query sits at its last slot)
+            return layer.length - 1 if layer.head_valid() is not None else layer.length
         return super().get_query_offset(layer_idx)
 
     def kv_length(self, layer_idx: int) -> int:

@@ -180,12 +180,13 @@ class Adaptive(DecodingStrategy):
         object.__setattr__(self, "delta", resolved)
 
     @property
-    def _step(self) -> int:
+    def schedule_delta(self) -> int:
+        """δ, resolved (an int; ``delta`` is typed for the unresolved input)."""
         assert self.delta is not None  # resolved in __post_init__
         return self.delta
 
     def budget_at(self, t: int) -> int:
-        return min(self.budget, self.recent + t // self._step)
+        return min(self.budget, self.recent + t // self.schedule_delta)
 
     def describe(self) -> str:
         return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}"
@@ -203,12 +204,12 @@ class Discontinuous(Adaptive):
     @property
     def slack(self) -> int:
         # After a selection the pool holds B(t); `delta` skipped eligible steps add one entry each.
-        return self._step
+        return self.schedule_delta
 
     def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
         if n_decoding < self.budget_at(t):
             return False, skipped
-        if skipped < self._step:
+        if skipped < self.schedule_delta:
             return False, skipped + 1
         return True, 0
 
@@ -252,8 +253,7 @@ class UnifiedStreamingLLM(UnifiedH2O):
     """
 
     def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
-        earlier_first = -torch.arange(first, last, device=step.keys.device, dtype=torch.float32)
-        return earlier_first.expand(step.batch, step.keys.shape[1], last - first)
+        return -step.arrival_order(first, last).float()  # the earliest entries score highest
 
     def describe(self) -> str:
         return f"unified_streamingllm:{self.budget}/{self.recent}"

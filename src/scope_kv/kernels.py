@@ -85,7 +85,8 @@ def grouped_decode_attention_reference(
     keys, values : Tensor
         ``(batch, kv_heads, length, dim)``.
     attention_mask : Tensor or None
-        Boolean ``(batch or 1, 1, 1, length)`` (True = attend), as transformers' sdpa mask.
+        Boolean ``(batch or 1, 1 or q_heads, 1, length)`` (True = attend), as transformers' sdpa
+        mask (per query head when a static-layout layer's slots differ per KV head).
     scaling : float
         Softmax scale.
 
@@ -100,9 +101,9 @@ def grouped_decode_attention_reference(
     kv_heads, length = keys.shape[1], keys.shape[2]
     q = _grouped_query(query, kv_heads).float()
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (batch, kv_heads, group, length)
-    mask = decode_key_mask(attention_mask, length)
+    mask = decode_key_mask(attention_mask, length, kv_heads)
     if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.matmul(torch.exp(logits - lse[..., None]), values.float())
     return out.to(query.dtype).reshape(batch, 1, q_heads, dim), lse.reshape(batch, q_heads)
@@ -123,11 +124,11 @@ def _fused_supported(query: torch.Tensor, keys: torch.Tensor) -> bool:
 def _additive_bias(mask: torch.Tensor, batch: int, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     # The memory-efficient kernel wants a float bias whose rows start 16-element aligned: pad the
     # last dimension and slice (the trick torch's own sdpa front-end uses).
-    rows, length = mask.shape
+    rows, heads, length = mask.shape
     padded = -(-length // 16) * 16
-    bias = torch.zeros((rows, padded), dtype=dtype, device=mask.device)
-    bias = bias[:, :length].masked_fill_(~mask, float("-inf"))
-    return bias[:, None, None, :].expand(batch, kv_heads, group, length)
+    bias = torch.zeros((rows, heads, padded), dtype=dtype, device=mask.device)
+    bias = bias[..., :length].masked_fill_(~mask, float("-inf"))
+    return bias[:, :, None, :].expand(batch, kv_heads, group, length)
 
 
 def grouped_decode_attention(
@@ -149,7 +150,7 @@ def grouped_decode_attention(
     kv_heads, length = keys.shape[1], keys.shape[2]
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
-    mask = decode_key_mask(attention_mask, length)
+    mask = decode_key_mask(attention_mask, length, kv_heads)
     if mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, keys, values, 0.0, False, False, scale=scaling

@@ -31,9 +31,10 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch, EvictRing
-from .masks import layer_mask, leading_invalid, valid_from_start
+from .masks import head_mask, layer_mask, leading_invalid, valid_from_start
 from .prefill.base import PrefillCompressor
-from .selection import compact_, keep_top_, select_heavy
+from .selection import compact_, gather_, keep_top_, select_heavy
+from .static import StaticPools
 from .step import AttentionStep
 
 __all__ = ["ScopeLayer"]
@@ -117,6 +118,7 @@ class ScopeLayer(CacheLayerMixin):
         prefill: PrefillCompressor | None = None,
         num_layers: int = 1,
         evictions: EvictionBatch | None = None,
+        static: bool = False,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -126,7 +128,11 @@ class ScopeLayer(CacheLayerMixin):
         self._module_ids = module_ids
         # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
         # own mask) before the first decoding step appends.
-        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
+        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt) or static
+        # The static layout (scope_kv.static): one physical shape for the whole generation, so the
+        # decode step can be compiled or captured (transformers reads `is_compileable`).
+        self.static = static
+        self.is_compileable = static
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
         self.ring = EvictRing(evictions)
@@ -154,6 +160,7 @@ class ScopeLayer(CacheLayerMixin):
         # the forward in flight: "prefill" / "decode" from update() until after_attention()
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
+        self._pools: StaticPools | None = None  # the static layout's state while decoding in it
         self.ring.reset()
 
     # -- CacheLayerMixin ------------------------------------------------------------------
@@ -195,6 +202,15 @@ class ScopeLayer(CacheLayerMixin):
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
         decode = self.length > 0 and q == 1
+        if self.static:
+            self.prepare(q)  # (normally done already, when transformers sized this forward's mask)
+            if decode:
+                assert self._pools is not None
+                self._pools.write(self.keys, self.values, key_states, value_states)
+                self._pending = "decode"
+                keys = self.keys[:, :, : self.length]
+                self._attended = keys
+                return keys, self.values[:, :, : self.length]
         if not decode:
             self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
         if decode and self._prefill_open:
@@ -227,11 +243,15 @@ class ScopeLayer(CacheLayerMixin):
         return keys, self.values[:, :, : self.length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Physical coordinates: mask column j is slot j (pads stay at the front).
+        # Physical coordinates: mask column j is slot j (pads stay at the front). The static layout
+        # writes the step's entry inside its fixed buffer.
+        if self._pools is not None and query_length == 1:
+            return self.length, 0
         return self.length + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self) -> Any:
+        # The static layout counts on the device (an int would change between captured steps).
+        return self._pools.seen if self._pools is not None else self.seen
 
     def get_max_length(self) -> int:
         return -1
@@ -265,6 +285,9 @@ class ScopeLayer(CacheLayerMixin):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch re-indexing to every per-row tensor: K/V, ``start``, the ring, the memo."""
         self.keys, self.values = fn(self.keys), fn(self.values)
+        if self._pools is not None:
+            pools = self._pools
+            pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
         if self.start is not None:
             self.start = fn(self.start)
         self.ring.map_batch(fn)
@@ -283,7 +306,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def check_attended(self, keys: torch.Tensor) -> None:
         """Refuse an attention call whose keys are not the ones this layer's update returned."""
-        if keys is not self._attended:
+        if self._pools is None and keys is not self._attended:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the attention function received keys that this layer's update() did not "
                 "return (was the model's attention module changed, or the cache updated twice?). ScopeCache "
@@ -296,13 +319,25 @@ class ScopeLayer(CacheLayerMixin):
         wanted = self.fast_decode if self.fast_decode is not None else step.query.is_cuda
         return bool(wanted) and step.q_len == 1 and self._pending == "decode"
 
-    def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype, q_heads: int = 1) -> torch.Tensor | None:
         """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
 
         Query ``i`` of the forward (slot ``length - q_len + i``) may see slot ``j`` when
-        ``start[b] <= j <= length - q_len + i``.
+        ``start[b] <= j <= length - q_len + i``. A static-layout decode step gives a per-head mask
+        (``q_heads`` rows; each KV head's valid slots, :func:`scope_kv.masks.head_mask`).
         """
+        if self._pools is not None and q_len == 1:
+            return head_mask(backend, self._pools.valid, q_heads, dtype)
         return layer_mask(backend, self.valid_slots(), q_len, dtype)
+
+    def head_valid(self) -> torch.Tensor | None:
+        """``(batch, kv_heads, length)`` valid slots per KV head in the static layout (else ``None``)."""
+        return self._pools.valid if self._pools is not None else None
+
+    def arrival(self) -> torch.Tensor | None:
+        """``(batch, kv_heads, length)`` arrival order of the slots in the static layout (else ``None``:
+        slot order is arrival order)."""
+        return self._pools.arrival if self._pools is not None else None
 
     def valid_slots(self) -> torch.Tensor:
         """``(batch, length)`` boolean: which held slots are real entries."""
@@ -348,9 +383,13 @@ class ScopeLayer(CacheLayerMixin):
         if pending != "decode":
             self._after_prefill_attention(step)
             return
+        decoding = self.decoding
+        if self._pools is not None:
+            assert decoding is not None
+            self._pools.select(decoding, step, self.length)
+            return
         t = self.step
         self.step += 1
-        decoding = self.decoding
         if decoding is None:
             return
         if decoding.evicts_prompt:
@@ -424,6 +463,59 @@ class ScopeLayer(CacheLayerMixin):
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
+
+    # -- the static layout (scope_kv.static) ----------------------------------------------
+    def prepare(self, query_length: int) -> None:
+        """Put a static layer into the layout the coming forward needs (a no-op otherwise).
+
+        Called when transformers sizes the forward's mask (:meth:`ScopeCache.get_mask_sizes`), that
+        is before any layer runs and, under ``generate``'s compiled decoding, outside the compiled
+        step: a decode step (one query token after a prefill) finishes the prefill -- compression
+        included -- and enters the static layout; a prefill forward (a new turn) leaves it, the
+        held entries joining the prefill pool in arrival order.
+        """
+        if not self.static or self.length == 0:
+            return
+        if query_length == 1 and self._pools is None:
+            self._enter_static()
+        elif query_length > 1 and self._pools is not None:
+            self._leave_static()
+
+    def _enter_static(self) -> None:
+        self.finish_prefill()
+        decoding = self.decoding
+        assert decoding is not None and self.start is not None
+        prompt = self.length
+        if decoding.evicts_prompt:
+            total = max(prompt + 1, decoding.max_held)  # one pool: always a free slot after a step
+        else:
+            total = prompt + decoding.max_held
+        if self.capacity != total:
+            self._resize(total)
+        # Free slots are attended (masked) from now on: they must hold finite numbers, since a
+        # masked slot still multiplies its value by a zero probability.
+        self.keys[:, :, prompt:].zero_()
+        self.values[:, :, prompt:].zero_()
+        batch, kv_heads = self.keys.shape[:2]
+        self._pools = StaticPools.build(
+            batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
+        )
+        self.length = total
+
+    def _leave_static(self) -> None:
+        """Back to the dynamic layout: live entries in arrival order, rows' filler in front."""
+        pools = self._pools
+        assert pools is not None
+        counts = pools.valid[:, 0].sum(-1)  # (batch,) live entries (the same for every KV head)
+        n = int(counts.max())
+        order = torch.where(pools.valid, pools.arrival.float(), float("-inf"))
+        index = torch.argsort(order, dim=-1, stable=True)[..., self.length - n :]  # filler, then by arrival
+        gather_(self.keys, self.values, 0, self.length, index)
+        self.seen = int(pools.seen)
+        self.step, self.skipped = int(pools.t), int(pools.skipped)
+        self._pools = None
+        self.length = self.prefill_length = n
+        self.start = n - counts
 
     # -- prefill ----------------------------------------------------------------------------
     def _after_prefill_attention(self, step: AttentionStep) -> None:
@@ -576,8 +668,8 @@ class ScopeLayer(CacheLayerMixin):
         """Bytes of K/V storage allocated by this layer."""
         return self.keys.nbytes + self.values.nbytes
 
-    def summary(self) -> dict[str, int]:
-        return {
+    def summary(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
             "layer": self.layer_idx,
             "seen": self.seen,
             "held": self.length,
@@ -589,3 +681,13 @@ class ScopeLayer(CacheLayerMixin):
             "compressed": self.own_mask,
             "bytes": self.nbytes(),
         }
+        if self._pools is not None:  # the static layout counts on the device (one sync here)
+            pools = self._pools
+            row.update(
+                seen=int(pools.seen),
+                step=int(pools.t),
+                decoding=int(pools.held(True).max()),
+                static_slots=self.length,
+                selections=None,
+            )
+        return row

@@ -27,6 +27,7 @@ from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_ma
 __all__ = [
     "MaskFormat",
     "decode_key_mask",
+    "head_mask",
     "layer_mask",
     "leading_invalid",
     "mask_format",
@@ -61,6 +62,8 @@ def valid_slots(
     if attention_mask.dim() == 2:
         mask = attention_mask[:, :length].to(device=device, dtype=torch.bool)
     elif attention_mask.dim() == 4:
+        # (per-head masks, as a static-layout layer builds, are read for their first head: such a
+        # layer hands its per-KV-head validity to the step record itself)
         row = attention_mask[:, 0, -1, :length]
         mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     else:
@@ -236,10 +239,21 @@ def transformers_mask_function(backend: str) -> Callable[..., Any]:
     return mask_format(backend).transformers_mask
 
 
-def decode_key_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``(batch or 1, length)`` boolean "may attend" of a one-query forward, from an sdpa mask.
+def decode_key_mask(attention_mask: torch.Tensor | None, length: int, kv_heads: int = 1) -> torch.Tensor | None:
+    """``(batch or 1, kv_heads or 1, length)`` boolean "may attend" of a one-query forward, from an sdpa mask.
 
-    The grouped decode attention (:mod:`scope_kv.kernels`) takes this form.
+    The grouped decode attention (:mod:`scope_kv.kernels`) takes this form: one row of slots per
+    KV head (a static-layout layer's validity differs per KV head, shared by its query group).
+
+    Parameters
+    ----------
+    attention_mask : Tensor or None
+        Boolean ``(batch or 1, 1 or q_heads, q, kv)`` sdpa mask.
+    length : int
+        Key slots held.
+    kv_heads : int
+        KV heads of the layer; a per-query-head mask is reduced to one row per KV head (the
+        heads of a query group share their KV head's slots).
 
     Raises
     ------
@@ -250,4 +264,31 @@ def decode_key_mask(attention_mask: torch.Tensor | None, length: int) -> torch.T
         return None
     if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
         raise ValueError("grouped decode attention takes None or a boolean 4-D sdpa mask.")
-    return attention_mask[:, 0, -1, :length]
+    rows = attention_mask[:, :, -1, :length]
+    if rows.shape[1] > 1:
+        rows = rows[:, :: rows.shape[1] // kv_heads]
+    return rows
+
+
+def head_mask(backend: str, valid: torch.Tensor, q_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """A one-query mask from per-KV-head valid slots, in ``backend``'s format.
+
+    Parameters
+    ----------
+    backend : str
+        ``"sdpa"`` gives boolean ``(batch, q_heads, 1, length)``; ``"eager"`` the additive float
+        equivalent of ``dtype``. Flash kernels take no per-head masks.
+    valid : Tensor
+        ``(batch, kv_heads, length)`` boolean.
+    q_heads : int
+        Query heads (each KV head's row is repeated over its query group).
+    dtype : torch.dtype
+        The query dtype (eager's additive mask).
+    """
+    if backend.startswith("flash"):
+        raise ValueError("a static-layout ScopeCache needs per-head masks, which flash kernels do not take; "
+                         "load the model with attn_implementation='sdpa' (or 'eager').")
+    allowed = valid.repeat_interleave(q_heads // valid.shape[1], dim=1)[:, :, None, :]
+    if backend == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed

@@ -33,7 +33,8 @@ def attention_scores(
     keys : Tensor
         ``(batch, kv_heads, length, dim)``: every key the step attended to.
     valid : Tensor or None
-        Boolean ``(batch, length)``; invalid slots (padding) get probability 0.
+        Boolean ``(batch, length)``, or ``(batch, kv_heads, length)`` when it differs per KV head;
+        invalid slots (padding) get probability 0.
     scaling : float
         The model's softmax scale.
     softcap : float, optional
@@ -53,7 +54,8 @@ def attention_scores(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        rows = valid[:, None, None, :] if valid.dim() == 2 else valid[:, :, None, :]
+        logits = logits.masked_fill(~rows, float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=2)
 
 

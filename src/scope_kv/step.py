@@ -9,7 +9,6 @@ but the record.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,6 +45,13 @@ class AttentionStep:
     lse : Tensor or None
         ``(batch, q_heads)`` float32 log-sum-exp of a one-query forward's scaled logits over the
         whole attended context, when the grouped decode attention ran (it returns it).
+    head_valid : Tensor or None
+        ``(batch, kv_heads, length)`` boolean valid slots per KV head, when they differ between
+        heads (a static-layout layer, :mod:`scope_kv.static`); ``None``: :attr:`valid` holds for
+        every head.
+    arrival : Tensor or None
+        ``(batch, kv_heads, length)`` int64 order in which the slots' entries arrived, when slot
+        order is not arrival order (the static layout); ``None``: slot ``j`` arrived ``j``-th.
     """
 
     module: torch.nn.Module
@@ -57,6 +63,8 @@ class AttentionStep:
     scaling: float
     softcap: float | None = None
     lse: torch.Tensor | None = None
+    head_valid: torch.Tensor | None = None
+    arrival: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -71,11 +79,21 @@ class AttentionStep:
     def q_len(self) -> int:
         return self.query.shape[2]
 
-    @functools.cached_property
+    @property
     def valid(self) -> torch.Tensor | None:
-        """``(batch, length)`` boolean: the slots the forward's last query could attend to
-        (``None`` when all of them)."""
+        """The slots the forward's last query could attend to: boolean ``(batch, length)``, or
+        ``(batch, kv_heads, length)`` when they differ per KV head; ``None`` when all of them."""
+        if self.head_valid is not None:
+            return self.head_valid
         return valid_slots(self.mask, self.batch, self.length, self.keys.device)
+
+    def arrival_order(self, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """``(batch, kv_heads, last - first)`` int64: when each slot's entry arrived (larger = newer)."""
+        last = self.length if last is None else last
+        if self.arrival is not None:
+            return self.arrival[..., first:last]
+        order = torch.arange(first, last, device=self.keys.device)
+        return order.expand(self.batch, self.keys.shape[1], last - first)
 
     def with_lse(self, lse: torch.Tensor) -> AttentionStep:
         return replace(self, lse=lse)

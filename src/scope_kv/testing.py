@@ -69,7 +69,7 @@ def attend(
         raise RuntimeError("attend() follows a layer.update(...) whose attention has not run yet.")
     layer.check_attended(keys)
     if layer.own_mask:
-        mask = layer.attention_mask(backend, query.shape[2], query.dtype)
+        mask = layer.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
     step = AttentionStep(
         module,
         query,
@@ -80,6 +80,8 @@ def attend(
         scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
         softcap=softcap,
         lse=lse,
+        head_valid=layer.head_valid(),
+        arrival=layer.arrival(),
     )
     layer.after_attention(step)
     return step

@@ -1,0 +1,263 @@
+"""End-to-end `model.generate` decode speed: every cache as a user runs it.
+
+Real ``model.generate`` calls (no hand-driven step), Llama-3.1-8B geometry with random bf16
+weights, a random prompt of ``--prompt`` tokens, ``--new`` new tokens. The time of each decode
+step is read from CUDA events that a logits processor records once per step in the stream, so
+it is the step-to-step time the user waits for (host stalls included). Each method runs the
+identical call twice: the first (``cold``) pays compilation, CUDA-graph capture and, for caches
+whose KV length changes every step, cuDNN's plan for each new length; the second (``warm``)
+is what a long-running service sees and is the headline. Step times are the median over the
+last ``--window`` steps (the pool is at budget there; the script prints the first and last
+windows too, to show the step is flat).
+
+Methods (``--methods``, comma-separated):
+
+* ``dynamic`` -- transformers' DynamicCache;
+* ``static-compiled`` -- transformers' StaticCache through ``generate``'s own compilation
+  (``cache_implementation="static"``; torch.compile, mode reduce-overhead);
+* ``scope-none``, ``scope-slide``, ``scope-adaptive``, ``scope-discontinuous``, ``scope-snapkv+slide``
+  -- ScopeCache, eager;
+* ``captured-slide``, ``captured-adaptive``, ``captured-discontinuous``, ``captured-snapkv+slide``
+  -- ScopeCache(static=True): ``generate`` compiles the decode step (``--compile-backend``:
+  ``cudagraphs``, torch.compile's CUDA-graph backend without code generation, or ``inductor``).
+
+Every method is run with cuDNN's SDPA on (PyTorch's default) and, with ``--cudnn off`` or
+``both``, off. Roofline: (weights + the KV a step reads) / measured copy bandwidth.
+
+    python benchmarks/generate.py --batches 1,8 --out benchmarks/results/generate_h200
+    python benchmarks/generate.py --smoke     # tiny model, CPU or GPU: the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import CompileConfig, DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from bench_common import LLAMA_8B, TINY, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median
+from bench_common import weight_bytes_read, write_outputs
+from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV
+from scope_kv.accounting import kv_footprint
+
+ALL_METHODS = (
+    "dynamic", "static-compiled", "scope-none", "scope-slide", "scope-adaptive", "scope-discontinuous",
+    "scope-snapkv+slide", "captured-slide", "captured-adaptive", "captured-discontinuous", "captured-snapkv+slide",
+)
+
+
+class StepClock(LogitsProcessor):
+    """Records a CUDA event (or a host clock on the CPU) once per generated token, in the stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[Any] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return scores
+
+    def step_ms(self) -> list[float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def _strategy(name: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """(prefill, decoding) of a scope method name."""
+    kind = name.split("-", 1)[1]
+    b, r, t = args.budget, args.recent, args.new
+    if kind == "none":
+        return None, None
+    if kind == "slide":
+        return None, Slide(b, r)
+    if kind == "adaptive":
+        return None, Adaptive(b, r, max_new_tokens=max(t, b))
+    if kind == "discontinuous":
+        return None, Discontinuous(b, r, max_new_tokens=max(t, b))
+    if kind == "snapkv+slide":
+        return SnapKV(args.snap_budget), Slide(b, r)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def _generate_kwargs(model, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    if method == "dynamic":
+        return dict(past_key_values=DynamicCache(config=model.config))
+    if method == "static-compiled":
+        return dict(cache_implementation="static")
+    prefill, decoding = _strategy(method, args)
+    captured = method.startswith("captured-")
+    kwargs: dict[str, Any] = dict(past_key_values=ScopeCache(model, decoding=decoding, prefill=prefill, static=captured))
+    if captured:
+        config = CompileConfig(fullgraph=True, backend=args.compile_backend,
+                               mode="reduce-overhead" if args.compile_backend == "inductor" else None)
+        if model.device.type != "cuda":
+            config._compile_all_devices = True
+        kwargs["compile_config"] = config
+    return kwargs
+
+
+def run_once(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    device = ids.device
+    kwargs = _generate_kwargs(model, method, args)
+    clock = StepClock(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                         min_new_tokens=args.new, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    wall = time.perf_counter() - start
+    steps = clock.step_ms()
+    cache = out.past_key_values
+    footprint = kv_footprint(cache) if cache is not None else None
+    row: dict[str, Any] = dict(
+        wall_s=round(wall, 3),
+        steps=len(steps),
+        step_ms=round(median(steps[-args.window:]), 3) if steps else None,
+        first_window_ms=round(median(steps[: args.window]), 3) if steps else None,
+        kv_allocated_bytes=footprint.allocated_bytes if footprint else None,
+        kv_held_bytes=footprint.held_bytes if footprint else None,
+    )
+    if device.type == "cuda":
+        row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    del out, cache, kwargs
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(TINY if args.smoke else LLAMA_8B, device, dtype)
+    model.generation_config.eos_token_id = None
+    bandwidth = measure_bandwidth(device)
+    weights = weight_bytes_read(model)
+    per_token = kv_bytes_per_token(model)
+    rows = []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    cudnn = {"on": [True], "off": [False], "both": [True, False]}[args.cudnn]
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt), device=device)
+        for use_cudnn in cudnn:
+            if device.type == "cuda":
+                torch.backends.cuda.enable_cudnn_sdp(use_cudnn)
+            for method in methods:
+                if method.startswith("captured-") or method == "static-compiled":
+                    torch._dynamo.reset()
+                try:
+                    cold = run_once(model, method, ids, args)
+                    warm = run_once(model, method, ids, args)
+                except torch.cuda.OutOfMemoryError as exc:
+                    rows.append(dict(method=method, batch=batch, cudnn=use_cudnn, error=f"OOM: {exc}"[:200]))
+                    print(f"{method:>24} b={batch:<3} cudnn={use_cudnn}: out of memory", flush=True)
+                    continue
+                held = (warm["kv_held_bytes"] or 0) / max(batch, 1)
+                kv_read = warm["kv_held_bytes"] if warm["kv_held_bytes"] is not None else per_token * batch * (args.prompt + args.new)
+                roofline = (weights + kv_read) / bandwidth * 1e3 if bandwidth == bandwidth else float("nan")
+                row = dict(method=method, batch=batch, cudnn=use_cudnn, warm=warm, cold=cold,
+                           step_ms=warm["step_ms"], cold_step_ms=cold["step_ms"],
+                           tokens_per_s=round(batch * 1e3 / warm["step_ms"], 1) if warm["step_ms"] else None,
+                           roofline_ms=round(roofline, 3), x_roofline=round(warm["step_ms"] / roofline, 3)
+                           if warm["step_ms"] and roofline == roofline else None, kv_held_bytes_per_row=held)
+                rows.append(row)
+                print(f"{method:>24} b={batch:<3} cudnn={'on' if use_cudnn else 'off'}: warm {fmt(warm['step_ms'], '.2f')} "
+                      f"ms/step (first window {fmt(warm['first_window_ms'], '.2f')}), cold {fmt(cold['step_ms'], '.2f')}, "
+                      f"x{fmt(row['x_roofline'], '.2f')} roofline, KV {fmt((warm['kv_allocated_bytes'] or 0) / 2**20, '.0f')} MiB",
+                      flush=True)
+    env = dict(torch=torch.__version__, transformers=transformers.__version__,
+               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", command=" ".join(sys.argv))
+    return dict(rows=rows, env=env, settings={k: v for k, v in vars(args).items() if k != "out"},
+                bandwidth_bytes_per_s=bandwidth, weight_bytes=weights, kv_bytes_per_token=per_token)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [f"# `model.generate` decode step ({result['env']['device']}, torch {result['env']['torch']}, "
+             f"transformers {result['env']['transformers']})", "",
+             f"Prompt {s['prompt']}, {s['new']} new tokens, budget {s['budget']}/{s['recent']}; median of the last "
+             f"{s['window']} steps of the second identical call (warm); cold = the first call. "
+             f"Command: `{result['env']['command']}`.", "",
+             "| method | batch | cuDNN SDPA | ms/step (warm) | ms/step (cold) | tokens/s | × roofline | KV held MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['batch']} | {'on' if r['cudnn'] else 'off'} | {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['batch']} | {'on' if r['cudnn'] else 'off'} | {fmt(r['step_ms'], '.2f')} | "
+                     f"{fmt(r['cold_step_ms'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} | {fmt(r['x_roofline'], '.2f')} | "
+                     f"{fmt((r['warm']['kv_held_bytes'] or 0) / 2**20, '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result["rows"] if "error" not in r and r["cudnn"]]
+    batches = sorted({r["batch"] for r in rows})
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ys = [next((r["step_ms"] for r in rows if r["method"] == m and r["batch"] == b), float("nan")) for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], ys, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms per decode step (warm)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="dynamic,static-compiled,scope-slide,captured-slide,captured-snapkv+slide",
+                    help="comma-separated, from: " + ", ".join(ALL_METHODS))
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=640, help="new tokens per generate call (> budget: time at budget)")
+    ap.add_argument("--window", type=int, default=64, help="steps the median is taken over (the last ones)")
+    ap.add_argument("--budget", type=int, default=512, help="decoding budget B")
+    ap.add_argument("--recent", type=int, default=256, help="recent window r")
+    ap.add_argument("--snap-budget", type=int, default=2048, help="SnapKV's prefill budget C")
+    ap.add_argument("--cudnn", choices=["on", "off", "both"], default="on", help="cuDNN SDPA backend")
+    ap.add_argument("--compile-backend", default="cudagraphs", choices=["cudagraphs", "inductor"],
+                    help="torch.compile backend for the captured methods")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model and short run (any device)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/generate"), help="output path stem")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.prompt, args.new, args.window, args.budget, args.recent, args.snap_budget = 64, 48, 8, 16, 8, 32
+        if args.batches == "1,8,32":
+            args.batches = "1,2"
+    result = run(args)
+    write_outputs(result, args.out, markdown, plot)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

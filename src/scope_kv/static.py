@@ -1,0 +1,173 @@
+"""The static layout: one physical shape for a whole generation, so a decode step can be captured.
+
+`ScopeCache(..., static=True)` puts each layer, when prefill ends, into this layout::
+
+    slot:  0 .............. P ................................ P + D
+           [ prefill pool   | decoding slots: D = B + slack + 1 ]
+             (pads/filler     (filled in any order; per (row, KV head) a validity bit and
+              invalid)         the decode step each entry arrived at)
+
+and every decode step then has the same shapes: the step's entry is written into a free slot
+(per row and KV head, on the device), attention runs over all ``P + D`` slots with a per-KV-head
+validity mask, and eviction clears validity bits. Every decision -- the budget ``B(t)``, whether
+to select, which entry goes -- is computed on the device; nothing on the host changes between
+steps, so ``torch.compile`` and CUDA graphs see one graph (docs/method.md §3-§4 for the rule,
+which is the same as the dynamic layout's; ties as in §9, by arrival).
+
+What it costs: the step attends over ``D`` decoding slots even while the pool fills up (masked),
+and Discontinuous computes its selection every step and applies it on its schedule (the memory
+schedule is the same; the saving in score passes is not realised). Unified baselines select over
+every slot with a sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decoding import Adaptive, DecodingStrategy, Discontinuous
+from .step import AttentionStep
+
+__all__ = ["StaticPools"]
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile the tensors keep their addresses (CUDA graphs then need no copies)."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
+@dataclass
+class StaticPools:
+    """One layer's decode-time state in the static layout (all device tensors).
+
+    Attributes
+    ----------
+    prefill : int
+        ``P``, slots of the prefill pool.
+    valid : Tensor
+        ``(batch, kv_heads, P + D)`` bool: which slots hold a live entry.
+    arrival : Tensor
+        ``(batch, kv_heads, P + D)`` int64: the decode step each entry arrived at; prompt slot ``j``
+        holds ``j - P`` (older than any generated entry, in prompt order).
+    free : Tensor
+        ``(batch, kv_heads)`` int64: the slot the next step's entry is written to.
+    t : Tensor
+        ``()`` int64: decode steps completed (SCOPE's ``t``).
+    skipped : Tensor
+        ``()`` int64: the discontinuous skip counter.
+    seen : Tensor
+        ``()`` int64: logical tokens processed.
+    """
+
+    prefill: int
+    valid: torch.Tensor
+    arrival: torch.Tensor
+    free: torch.Tensor
+    t: torch.Tensor
+    skipped: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        batch: int,
+        kv_heads: int,
+        prefill: int,
+        slots: int,
+        start: torch.Tensor | None,
+        seen: int,
+        device: torch.device,
+    ) -> StaticPools:
+        """A fresh state: the prefill pool's real entries valid, every decoding slot free."""
+        length = prefill + slots
+        index = torch.arange(length, device=device)
+        first = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start.to(device)
+        valid = (index[None, :] >= first[:, None]) & (index[None, :] < prefill)
+        state = cls(
+            prefill=prefill,
+            valid=valid[:, None, :].expand(batch, kv_heads, length).contiguous(),
+            arrival=(index - prefill).expand(batch, kv_heads, length).contiguous(),
+            free=torch.full((batch, kv_heads), prefill, dtype=torch.long, device=device),
+            t=torch.zeros((), dtype=torch.long, device=device),
+            skipped=torch.zeros((), dtype=torch.long, device=device),
+            seen=torch.tensor(seen, dtype=torch.long, device=device),
+        )
+        _mark_static(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        return state
+
+    # -- one decode step ------------------------------------------------------------------
+    def write(
+        self, keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> None:
+        """Write the step's entry ``(batch, kv_heads, 1, dim)`` into each (row, KV head)'s free slot."""
+        slot = self.free[:, :, None]
+        index = slot[..., None].expand(-1, -1, 1, keys.shape[-1])
+        keys.scatter_(2, index, key_states.to(keys.dtype))
+        values.scatter_(2, index, value_states.to(values.dtype))
+        self.valid.scatter_(2, slot, True)
+        self.arrival.scatter_(2, slot, self.t.expand_as(slot))
+        self.seen.add_(1)
+
+    def select(self, decoding: DecodingStrategy, step: AttentionStep, length: int) -> None:
+        """After the step's attention: evict what the strategy's rule evicts, pick the next free slots."""
+        t = self.t
+        unified = decoding.evicts_prompt
+        first = 0 if unified else self.prefill
+        valid = self.valid[..., first:length]
+        arrival = self.arrival[..., first:length]
+        held = valid.sum(-1)  # (batch, kv_heads): entries of the region, this step's included
+        budget = _budget(decoding, t)
+        if isinstance(decoding, Discontinuous):
+            eligible = held[0, 0] >= budget
+            go = eligible & (self.skipped >= decoding.schedule_delta)
+            self.skipped.copy_(torch.where(eligible & ~go, self.skipped + 1, torch.where(go, 0, self.skipped)))
+            evict = torch.where(go, (held - budget).clamp(min=0), 0)
+        else:
+            evict = (held - budget).clamp(min=0)  # (batch, kv_heads)
+        candidates = valid & (arrival <= t - decoding.recent)  # the newest `recent` always stay
+        scores = decoding.score(step, first, length).float()
+        if decoding.slack == 0 and not unified:
+            gone = _lowest_one(scores, candidates, arrival) & (evict > 0)[..., None]
+        else:
+            gone = _lowest(scores, candidates, arrival, evict)
+        valid &= ~gone
+        # The next entry goes to the first free slot of the region (the decoding slots; for a
+        # unified baseline, any slot): there is always one, the region holds budget + slack + 1.
+        self.free.copy_(first + (~valid).to(torch.int8).argmax(-1))
+        self.t.add_(1)
+
+    def held(self, decoding_only: bool) -> torch.Tensor:
+        """``(batch,)`` live entries per row (of the decoding slots, or of every slot)."""
+        region = self.valid[..., self.prefill :] if decoding_only else self.valid
+        return region[:, 0].sum(-1)
+
+
+def _budget(decoding: DecodingStrategy, t: torch.Tensor) -> torch.Tensor:
+    """``B(t)`` on the device (docs/method.md §4, capped at ``B``)."""
+    if isinstance(decoding, Adaptive):
+        return torch.clamp(decoding.recent + t // decoding.schedule_delta, max=decoding.budget)
+    return torch.full_like(t, decoding.budget)
+
+
+def _lowest_one(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tensor) -> torch.Tensor:
+    """``(batch, kv_heads, n)`` bool marking the lowest-scored candidate (ties: the newest arrival)."""
+    masked = scores.masked_fill(~candidates, float("inf"))
+    low = masked.amin(-1, keepdim=True)
+    pick = torch.where(masked == low, arrival, arrival.new_full((), -(2**62))).argmax(-1, keepdim=True)
+    return torch.zeros_like(candidates).scatter_(-1, pick, True) & candidates.any(-1, keepdim=True)
+
+
+def _lowest(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The ``count[b, h]`` lowest-scored candidates (ties: the newest first), as a bool mask."""
+    masked = scores.masked_fill(~candidates, float("inf"))
+    # Order by arrival, newest first, then stably by score: equal scores keep newest-first order.
+    by_arrival = torch.argsort(arrival, dim=-1, descending=True, stable=True)
+    order = by_arrival.gather(-1, torch.argsort(masked.gather(-1, by_arrival), dim=-1, stable=True))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return (rank < count[..., None]) & candidates

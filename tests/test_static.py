@@ -1,0 +1,289 @@
+"""The static layout (scope_kv.static): one physical shape per generation, compiled decoding.
+
+Every strategy keeps exactly what the dynamic layout keeps (same tokens, same kept entries);
+under ``generate``'s compiled decoding (``torch.compile`` with ``fullgraph=True``) the decode
+step is traced once -- no graph break, no recompilation -- and still gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from conftest import make_model
+from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
+
+PROMPT, NEW = 24, 40
+
+CASES = [
+    pytest.param(lambda: Slide(8, 3), None, id="slide"),
+    pytest.param(lambda: Adaptive(12, 5, max_new_tokens=NEW), None, id="adaptive"),
+    pytest.param(lambda: Discontinuous(12, 5, max_new_tokens=NEW), None, id="discontinuous"),
+    pytest.param(lambda: UnifiedH2O(20, 4), None, id="unified-h2o"),
+    pytest.param(lambda: UnifiedStreamingLLM(20, 4), None, id="unified-streamingllm"),
+    pytest.param(lambda: Slide(8, 3), lambda: SnapKV(12, window=4), id="snapkv+slide"),
+]
+
+
+def _inputs(batch: int = 2, seed: int = 1, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def _same_live(a: ScopeLayer, b: ScopeLayer, mask: torch.Tensor | None = None) -> None:
+    """Both layers hold the same live entries (to float rounding: other layers' attention sums in
+    another slot order)."""
+    for row_a, row_b in zip(_live(a, mask), _live(b, mask), strict=True):
+        for head_a, head_b in zip(row_a, row_b, strict=True):
+            torch.testing.assert_close(torch.tensor(head_a), torch.tensor(head_b), rtol=1e-5, atol=1e-5)
+
+
+def _live(layer: ScopeLayer, mask: torch.Tensor | None = None) -> list[list[list[float]]]:
+    """Live entries per (row, KV head) as sorted key fingerprints (layout-independent). ``mask``:
+    the prompt's padding, for a dynamic layer that never needed to learn it (pads stay in place)."""
+    keys = layer.keys[:, :, : layer.length]
+    if layer.head_valid() is not None:
+        valid = layer.head_valid()
+    else:
+        valid = layer.valid_slots().clone()
+        if layer.start is None and mask is not None:
+            valid[:, : mask.shape[1]] &= mask.bool()
+        valid = valid[:, None, :].expand(keys.shape[:3])
+    out = []
+    for b in range(keys.shape[0]):
+        out.append([sorted(keys[b, h, valid[b, h], 0].tolist()) for h in range(keys.shape[1])])
+    return out
+
+
+class _Counter:
+    """A torch.compile backend that counts the graphs it is handed and runs them as traced.
+
+    (transformers deep-copies the compile config, so the count lives in a list the copy shares.)"""
+
+    def __init__(self) -> None:
+        self._seen: list[int] = []
+
+    @property
+    def graphs(self) -> int:
+        return len(self._seen)
+
+    def backend(self) -> object:
+        seen = self._seen
+
+        def count(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            seen.append(len(gm.graph.nodes))
+            return gm.forward
+
+        return count
+
+
+def _compile_config(backend: object) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True  # generate compiles on CUDA only unless told (CPU in CI)
+    return config
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy,prefill", CASES)
+def test_static_layout_keeps_what_the_dynamic_layout_keeps(strategy, prefill, backend):
+    model = make_model("llama", backend)
+    ids, mask = _inputs()
+    runs = []
+    for static in (False, True):
+        cache = ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None, static=static)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        runs.append((out, cache))
+    (a, ca), (b, cb) = runs
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    for la, lb in zip(ca.layers, cb.layers, strict=True):
+        _same_live(la, lb, mask)
+        assert lb.is_compileable and lb.head_valid() is not None
+        assert lb.capacity == lb.length  # one fixed buffer
+
+
+@pytest.mark.parametrize("strategy,prefill", CASES)
+def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, prefill):
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    reference = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        past_key_values=ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None),
+        do_sample=False,
+        pad_token_id=0,
+    )
+    counter = _Counter()
+    cache = ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None, static=True)
+    assert cache.is_compileable
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            compile_config=_compile_config(counter.backend()),
+        )
+    finally:
+        torch._dynamo.reset()
+    assert counter.graphs == 1  # traced once: every decode step has the same shapes and guards
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(do_sample=True, top_k=20), dict(do_sample=True, num_return_sequences=2)],
+    ids=["sampling", "num_return_sequences"],
+)
+def test_compiled_sampling_matches_eager_sampling(kwargs):
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    torch.manual_seed(0)
+    reference = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        pad_token_id=0,
+        past_key_values=ScopeCache(model, decoding=Slide(8, 3)),
+        **kwargs,
+    )
+    counter = _Counter()
+    torch.manual_seed(0)
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            pad_token_id=0,
+            past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True),
+            compile_config=_compile_config(counter.backend()),
+            **kwargs,
+        )
+    finally:
+        torch._dynamo.reset()
+    assert counter.graphs == 1 and torch.equal(out, reference)
+
+
+def test_multi_turn_leaves_and_reenters_the_static_layout():
+    model = make_model("llama", "sdpa")
+    ids, _ = _inputs(batch=1, pad=0)
+    follow = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for static in (False, True):
+        cache = ScopeCache(model, decoding=Slide(8, 3), static=static)
+        first = model.generate(
+            input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache, pad_token_id=0
+        )
+        second_ids = torch.cat([first, follow], dim=1)
+        second = model.generate(
+            input_ids=second_ids,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            past_key_values=cache,
+            pad_token_id=0,
+        )
+        outs.append((second, cache))
+    (a, ca), (b, cb) = outs
+    assert torch.equal(a, b)
+    for la, lb in zip(ca.layers, cb.layers, strict=True):
+        _same_live(la, lb)
+        assert int(lb.get_seq_length()) == la.get_seq_length()
+
+
+def test_beam_search_reorders_the_static_state():
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    kwargs = dict(
+        num_beams=3,
+        num_return_sequences=2,
+        early_stopping=False,
+        length_penalty=0.0,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    a = model.generate(
+        input_ids=ids, attention_mask=mask, past_key_values=ScopeCache(model, decoding=Slide(8, 3)), **kwargs
+    )
+    b = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True),
+        **kwargs,
+    )
+    assert torch.equal(a, b)
+
+
+def test_static_needs_a_bounded_pool_and_per_head_masks():
+    model = make_model("llama", "sdpa")
+    with pytest.raises(ValueError, match="bounded decoding pool"):
+        ScopeCache(model, decoding=None, static=True)
+
+
+def test_static_state_is_counted_on_the_device():
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    cache = ScopeCache(model, decoding=Slide(8, 3), static=True)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    seen = cache.get_seq_length()
+    assert isinstance(seen, torch.Tensor) and int(seen) == PROMPT + NEW - 1  # the last token is never fed
+    layer = cache.layers[0]
+    row = layer.summary()
+    assert row["step"] == NEW - 1 and row["decoding"] == 8 and row["static_slots"] == PROMPT + Slide(8, 3).max_held
+    assert cache.kv_length(0) == PROMPT + Slide(8, 3).max_held
+
+
+def test_inductor_compiled_decoding_on_the_cpu_matches_eager():
+    """The real compiler (inductor, fp32 on the CPU): one graph, the same tokens and logits."""
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    reference = model.generate(past_key_values=ScopeCache(model, decoding=Slide(8, 3)), **kwargs)
+    config = CompileConfig(fullgraph=True, backend="inductor", mode="default")
+    config._compile_all_devices = True
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = model.generate(
+                past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True), compile_config=config, **kwargs
+            )
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), rtol=1e-4, atol=1e-4)
