@@ -10,8 +10,8 @@ is imported from ``scope_kv`` except to drive the run under test.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -32,12 +32,16 @@ class Rule:
     # Score of one KV head's candidates: score(probs (group, L), keys (L, dim)) -> (L,) floats.
     # None: SCOPE's (the group's summed probabilities).
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # The research code's behaviours (docs/method.md §11): no cap on B(t); selection per query head.
+    cap: bool = True
+    per_query_head: bool = False
 
     def budget_at(self, t: int) -> int:
         if self.kind == "slide":
             return self.budget
-        # B(t) = r + t // delta, never above B (the documented maximum).
-        return min(self.budget, self.recent + t // self.delta)
+        # B(t) = r + t // delta, never above B (the documented maximum) unless uncapped.
+        grown = self.recent + t // self.delta
+        return min(self.budget, grown) if self.cap else grown
 
 
 @dataclass
@@ -59,14 +63,15 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     group = q_heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
 
+    owners = q_heads if state.rule is not None and state.rule.per_query_head else kv_heads
     if q_len > 1 or layer not in state.kept:
-        state.kept[layer] = torch.ones(batch, kv_heads, length, dtype=torch.bool)
+        state.kept[layer] = torch.ones(batch, owners, length, dtype=torch.bool)
         state.prefill[layer] = length
         state.step[layer] = 0
         state.skipped[layer] = 0
         decode = False
     else:
-        new = torch.ones(batch, kv_heads, 1, dtype=torch.bool)
+        new = torch.ones(batch, owners, 1, dtype=torch.bool)
         state.kept[layer] = torch.cat([state.kept[layer], new], dim=-1)
         decode = True
     kept = state.kept[layer]
@@ -77,7 +82,7 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
         i = torch.arange(q_len)[:, None]
         j = torch.arange(length)[None, :]
         allowed = (j <= length - q_len + i)[None, None].expand(batch, 1, q_len, length)
-    allowed = allowed & kept.repeat_interleave(group, dim=1)[:, :, None, :]  # (batch, q_heads, q, L)
+    allowed = allowed & kept.repeat_interleave(q_heads // owners, dim=1)[:, :, None, :]  # (batch, q_heads, q, L)
 
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
@@ -90,7 +95,10 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     out = torch.matmul(probs, v).to(query.dtype).transpose(1, 2).contiguous()
 
     if decode and state.rule is not None:
-        _select(state, layer, probs[:, :, -1, :], key.float(), group)
+        if state.rule.per_query_head:  # each query head owns its entries: a group of one
+            _select(state, layer, probs[:, :, -1, :], key.float().repeat_interleave(group, dim=1), 1)
+        else:
+            _select(state, layer, probs[:, :, -1, :], key.float(), group)
     return out, None
 
 

@@ -86,6 +86,19 @@ class _BackendView:
         return getattr(self._module, name)
 
 
+class _OneKVHeadPerQueryHead:
+    """An attention module whose K/V come stored once per query head (``ScopeCache(per_query_head=
+    True)``): the module itself, except that no head groups are left to repeat. Built per call."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:  # called only for attributes not set here
+        return getattr(self._module, name)
+
+
 def _flash_attention(
     backend: str,
     module: torch.nn.Module,
@@ -177,10 +190,13 @@ def _make_attention(backend: str) -> Callable[..., Any]:
         if backend == "sdpa" and layer.wants_lse(step) and _plain_softmax(module, attention_mask, kwargs):
             # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
             # log-sum-exp, from which the layer scores its candidates in O(budget).
-            output, lse = grouped_decode_attention(query, key, value, attention_mask, step.scaling)
+            output, lse = grouped_decode_attention(
+                query, key, value, attention_mask, step.scaling, kernel=layer.decode_kernel, splits=layer.decode_splits
+            )
             layer.after_attention(step.with_lse(lse))
             return output, None
-        output = base(module, query, key, value, attention_mask, **kwargs)
+        viewed = _OneKVHeadPerQueryHead(module) if layer.kv_repeat > 1 else module
+        output = base(viewed, query, key, value, attention_mask, **kwargs)
         layer.after_attention(step)
         return output
 

@@ -76,6 +76,12 @@ class DecodingStrategy:
         """Most decoding entries ever held at once, during a step's attention included."""
         return self.budget + self.slack + 1
 
+    @property
+    def bounded(self) -> bool:
+        """Whether :attr:`max_held` bounds the pool (False for an uncapped schedule: then it is only
+        the storage reserved up front)."""
+        return True
+
     def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
         """Decide whether decode step ``t`` selects.
 
@@ -169,13 +175,24 @@ class Adaptive(DecodingStrategy):
     budget reaches ``B`` near the end of a ``max_new_tokens``-long output. Selects at every
     step at which the pool holds ``B(t)``. The paper's formula leaves ``B(t)`` unbounded past
     ``t = (B - r) * delta``; we cap it at ``B``, the documented maximum (docs/method.md §4).
+
+    Parameters
+    ----------
+    cap_budget : bool
+        ``False`` reproduces the authors' research code: ``B(t) = r + t // delta`` with no cap, so
+        an output longer than ``max_new_tokens`` keeps growing the pool (docs/method.md §11).
+        Storage is reserved for the planned length (``r + max_new_tokens // delta``) and grows
+        beyond it; such a pool has no static shape (``ScopeCache(static=True)`` refuses it).
     """
 
     max_new_tokens: int | None = None
     delta: int | None = field(default=None)
+    cap_budget: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.cap_budget, bool):
+            raise TypeError(f"{type(self).__name__}.cap_budget must be True or False, got {self.cap_budget!r}.")
         resolved = _resolve_delta(type(self).__name__, self.budget, self.recent, self.max_new_tokens, self.delta)
         object.__setattr__(self, "delta", resolved)
 
@@ -186,10 +203,22 @@ class Adaptive(DecodingStrategy):
         return self.delta
 
     def budget_at(self, t: int) -> int:
-        return min(self.budget, self.recent + t // self.schedule_delta)
+        grown = self.recent + t // self.schedule_delta
+        return min(self.budget, grown) if self.cap_budget else grown
+
+    @property
+    def max_held(self) -> int:
+        if self.cap_budget or self.max_new_tokens is None:
+            return super().max_held
+        return self.budget_at(self.max_new_tokens) + self.slack + 1
+
+    @property
+    def bounded(self) -> bool:
+        return self.cap_budget
 
     def describe(self) -> str:
-        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}"
+        cap = "" if self.cap_budget else ",uncapped"
+        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}{cap}"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
-from .kernels import EvictionBatch, EvictRing
+from .kernels import EvictionBatch, EvictRing, default_splits
 from .masks import head_mask, layer_mask, leading_invalid, valid_from_start
 from .prefill.base import PrefillCompressor
 from .selection import compact_, gather_, keep_top_, select_heavy
@@ -93,6 +93,9 @@ class ScopeLayer(CacheLayerMixin):
         Queue evict-one work in the shared :class:`~scope_kv.kernels.EvictionBatch`: ``None`` = on
         for CUDA tensors (with Triton), True forces it (on the CPU only under
         ``TRITON_INTERPRET=1``), False launches per layer.
+    decode_kernel : str
+        The grouped decode attention's kernel on CUDA: ``"auto"``, ``"split_kv"`` or ``"aten"``
+        (:func:`scope_kv.kernels.grouped_decode_attention`).
 
     Notes
     -----
@@ -119,6 +122,7 @@ class ScopeLayer(CacheLayerMixin):
         num_layers: int = 1,
         evictions: EvictionBatch | None = None,
         static: bool = False,
+        kv_repeat: int = 1,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -133,8 +137,12 @@ class ScopeLayer(CacheLayerMixin):
         # decode step can be compiled or captured (transformers reads `is_compileable`).
         self.static = static
         self.is_compileable = static
+        # Per-query-head selection (docs/method.md §11): every KV head is stored once per query head
+        # of its group, so each query head keeps its own entries (costs `kv_repeat` times the memory).
+        self.kv_repeat = kv_repeat
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
+        self.decode_kernel = "auto"  # kernels.grouped_decode_attention's choice of kernel
         self.ring = EvictRing(evictions)
         self._clear()
 
@@ -161,6 +169,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
         self._pools: StaticPools | None = None  # the static layout's state while decoding in it
+        self._splits: int | None = None
         self.ring.reset()
 
     # -- CacheLayerMixin ------------------------------------------------------------------
@@ -197,6 +206,9 @@ class ScopeLayer(CacheLayerMixin):
                 "AttentionInterface with the implementation ScopeCache(model) set; build the cache with the "
                 "model you generate with, and do not change its attn_implementation afterwards."
             )
+        if self.kv_repeat > 1:
+            key_states = key_states.repeat_interleave(self.kv_repeat, dim=1)
+            value_states = value_states.repeat_interleave(self.kv_repeat, dim=1)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
@@ -329,6 +341,12 @@ class ScopeLayer(CacheLayerMixin):
         if self._pools is not None and q_len == 1:
             return head_mask(backend, self._pools.valid, q_heads, dtype)
         return layer_mask(backend, self.valid_slots(), q_len, dtype)
+
+    @property
+    def decode_splits(self) -> int | None:
+        """Split-KV chunks for a static-layout decode step (its shape is fixed, so it is decided once,
+        outside any compiled region); ``None`` otherwise."""
+        return self._splits if self._pools is not None else None
 
     def head_valid(self) -> torch.Tensor | None:
         """``(batch, kv_heads, length)`` valid slots per KV head in the static layout (else ``None``)."""
@@ -501,6 +519,7 @@ class ScopeLayer(CacheLayerMixin):
             batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
         )
         self.length = total
+        self._splits = default_splits(batch, kv_heads, total, self.keys.device)
 
     def _leave_static(self) -> None:
         """Back to the dynamic layout: live entries in arrival order, rows' filler in front."""
@@ -639,7 +658,7 @@ class ScopeLayer(CacheLayerMixin):
         """Make room for ``needed`` slots; copies only when the buffer must grow."""
         if needed <= self.capacity:
             return
-        if self.decoding is None:
+        if self.decoding is None or not self.decoding.bounded:
             needed = max(needed, math.ceil(self.capacity * _GROWTH), self.capacity + _MIN_GROWTH)
         self._resize(needed)
 
