@@ -171,3 +171,111 @@ def evict_one_batched_kernel(
         DIM,
         BLOCK,
     )
+
+
+@triton.jit
+def split_kv_partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    length,
+    chunk,
+    scaling,
+    kv_heads,
+    sq_b,
+    sq_h,
+    sk_b,
+    sk_h,
+    sk_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    sm_b,
+    sm_h,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+):
+    # Program (row * kv_heads + head, split): online softmax of the head's GROUP queries over the
+    # keys [split * chunk, (split + 1) * chunk), masked by `valid`; partial max, sum and output.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // kv_heads
+    h = pid % kv_heads
+    d = tl.arange(0, DIM)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    q = tl.load(q_ptr + b * sq_b + (h * GROUP + g[:, None]) * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    lsum = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
+    for j0 in range(start, end, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        ok = offs < end
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + b * sm_b + h * sm_h + offs, mask=ok, other=0) != 0)
+        k = tl.load(k_base + offs[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q.to(k.dtype), tl.trans(k), out_dtype=tl.float32) * scaling  # (GROUP_PAD, BLOCK)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs[:, None] * sv_s + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        m = m_new
+    row = pid * SPLITS + split
+    tl.store(m_ptr + row * GROUP_PAD + g, m)
+    tl.store(l_ptr + row * GROUP_PAD + g, lsum)
+    tl.store(acc_ptr + (row * GROUP_PAD + g[:, None]) * DIM + d[None, :], acc)
+
+
+@triton.jit
+def split_kv_combine_kernel(
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    lse_ptr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    # Program (row * kv_heads + head): merge the splits' partial softmaxes.
+    pid = tl.program_id(0)
+    d = tl.arange(0, DIM)
+    g = tl.arange(0, GROUP_PAD)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    lsum = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
+    for split in range(SPLITS):
+        row = pid * SPLITS + split
+        m_s = tl.load(m_ptr + row * GROUP_PAD + g)
+        l_s = tl.load(l_ptr + row * GROUP_PAD + g)
+        a_s = tl.load(acc_ptr + (row * GROUP_PAD + g[:, None]) * DIM + d[None, :])
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp(m - m_safe)
+        w_new = tl.exp(m_s - m_safe)
+        lsum = lsum * w_old + l_s * w_new
+        acc = acc * w_old[:, None] + a_s * w_new[:, None]
+        m = m_new
+    out = acc / lsum[:, None]
+    g_ok = g < GROUP
+    tl.store(
+        out_ptr + (pid * GROUP + g[:, None]) * DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None]
+    )
+    tl.store(lse_ptr + pid * GROUP + g, m + tl.log(lsum), mask=g_ok)

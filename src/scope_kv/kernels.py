@@ -37,6 +37,8 @@ from .masks import decode_key_mask
 __all__ = [
     "grouped_decode_attention",
     "grouped_decode_attention_reference",
+    "split_kv_decode_attention",
+    "default_splits",
     "candidate_scores",
     "evict_one_",
     "evict_one_reference_",
@@ -137,17 +139,38 @@ def grouped_decode_attention(
     values: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float,
+    kernel: str = "auto",
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with its log-sum-exp; see :func:`grouped_decode_attention_reference`.
 
-    On CUDA (fp16/bf16) this is one call of PyTorch's flash kernel (no mask) or memory-efficient
-    kernel (boolean mask, as an additive bias) over ``(batch, kv_heads, group, dim)`` queries;
-    elsewhere it is the reference.
+    On CUDA (fp16/bf16) this is either the split-KV Triton kernel
+    (:func:`split_kv_decode_attention`) or one call of PyTorch's flash kernel (no mask) /
+    memory-efficient kernel (boolean mask, as an additive bias) over ``(batch, kv_heads, group,
+    dim)`` queries; elsewhere it is the reference.
+
+    Parameters
+    ----------
+    kernel : str
+        ``"auto"``: split-KV when the step is compiled or captured (``splits`` given: the static
+        layout passes it) or when the batch has at least ``_SPLIT_KV_ROWS`` (row, KV head) pairs
+        -- where two extra launches per layer cost less than the bandwidth they win; PyTorch's
+        kernels otherwise (eager decoding at small batches is bound by the host's launches).
+        ``"split_kv"`` / ``"aten"`` force one.
+    splits : int, optional
+        Chunks per (row, KV head) for the split-KV kernel.
     """
     if not _fused_supported(query, keys):
         return grouped_decode_attention_reference(query, keys, values, attention_mask, scaling)
     batch, q_heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
+    if kernel not in ("auto", "split_kv", "aten"):
+        raise ValueError(f"kernel must be 'auto', 'split_kv' or 'aten', got {kernel!r}.")
+    use_split = kernel == "split_kv" or (
+        kernel == "auto" and (splits is not None or batch * kv_heads >= _SPLIT_KV_ROWS)
+    )
+    if use_split and triton_available() and _split_kv_supported(query, keys, values):
+        return split_kv_decode_attention(query, keys, values, attention_mask, scaling, splits)
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
     mask = decode_key_mask(attention_mask, length, kv_heads)
@@ -162,6 +185,122 @@ def grouped_decode_attention(
         )[:2]
         lse = lse[..., :group]
     return out.reshape(batch, 1, q_heads, dim), lse.reshape(batch, q_heads)
+
+
+# (row, KV head) pairs from which eager decoding takes the split-KV kernel (Llama-3-8B: batch 32)
+_SPLIT_KV_ROWS = 256
+
+
+def default_splits(batch: int, kv_heads: int, length: int, device: torch.device) -> int:
+    """Chunks per (row, KV head) for about two split-KV programs per multiprocessor."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-length // 256)))
+
+
+def split_kv_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV ("flash-decoding") decode attention in Triton; same contract as
+    :func:`grouped_decode_attention_reference`.
+
+    Each (row, KV head) reads its keys in ``splits`` chunks on different programs, so the GPU's
+    memory bandwidth is used even at batch 1 (one program per head would leave most
+    multiprocessors idle), and a per-KV-head validity mask (the static layout's) costs one byte
+    per slot. A second small kernel merges the chunks' partial softmaxes.
+
+    Parameters
+    ----------
+    splits : int, optional
+        Chunks per (row, KV head); by default enough for about two programs per multiprocessor.
+    """
+    import triton
+
+    batch, q_heads, _, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    q = query.reshape(batch, q_heads, dim)
+    mask = decode_key_mask(attention_mask, length, kv_heads)
+    if mask is not None:
+        mask = mask.expand(batch, kv_heads, length).to(torch.int8)
+    block = 64
+    if splits is None:
+        splits = default_splits(batch, kv_heads, length, keys.device)
+    chunk = -(-(-(-length // splits)) // block) * block
+    splits = -(-length // chunk)
+    group_pad = max(16, triton.next_power_of_2(group))
+    rows = batch * kv_heads
+    m = torch.empty((rows, splits, group_pad), dtype=torch.float32, device=keys.device)
+    lsum = torch.empty_like(m)
+    acc = torch.empty((rows, splits, group_pad, dim), dtype=torch.float32, device=keys.device)
+    out = torch.empty((batch, q_heads, dim), dtype=query.dtype, device=keys.device)
+    lse = torch.empty((batch, q_heads), dtype=torch.float32, device=keys.device)
+    partial, combine = _split_kv_kernels()
+    valid_arg = mask if mask is not None else m
+
+    def launch() -> None:
+        partial[(rows, splits)](
+            q,
+            keys,
+            values,
+            valid_arg,
+            m,
+            lsum,
+            acc,
+            length,
+            chunk,
+            float(scaling),
+            kv_heads,
+            q.stride(0),
+            q.stride(1),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            mask.stride(0) if mask is not None else 0,
+            mask.stride(1) if mask is not None else 0,
+            GROUP=group,
+            GROUP_PAD=group_pad,
+            DIM=dim,
+            BLOCK=block,
+            SPLITS=splits,
+            HAS_VALID=mask is not None,
+        )
+        combine[(rows,)](m, lsum, acc, out, lse, GROUP=group, GROUP_PAD=group_pad, DIM=dim, SPLITS=splits)
+
+    if torch.compiler.is_compiling():
+        launch()  # traced: one device (the compiled step's)
+    else:
+        with _on_device(keys):
+            launch()
+    return out.reshape(batch, 1, q_heads, dim), lse
+
+
+def _split_kv_supported(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    dim = query.shape[-1]
+    return (
+        keys.stride(-1) == 1
+        and values.stride(-1) == 1
+        and query.is_contiguous()
+        and not dim & (dim - 1)
+        and 16 <= dim <= 256
+        and query.shape[1] % keys.shape[1] == 0
+        and keys.dtype == values.dtype == query.dtype
+        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+@functools.cache
+def _split_kv_kernels() -> tuple[Any, Any]:
+    from . import _triton_kernels
+
+    return _triton_kernels.split_kv_partial_kernel, _triton_kernels.split_kv_combine_kernel
 
 
 # -- candidate scores ---------------------------------------------------------------------
