@@ -152,11 +152,11 @@ def grouped_decode_attention(
     Parameters
     ----------
     kernel : str
-        ``"auto"``: split-KV when the step is compiled or captured (``splits`` given: the static
-        layout passes it) or when the batch has at least ``_SPLIT_KV_ROWS`` (row, KV head) pairs
-        -- where two extra launches per layer cost less than the bandwidth they win; PyTorch's
-        kernels otherwise (eager decoding at small batches is bound by the host's launches).
-        ``"split_kv"`` / ``"aten"`` force one.
+        ``"auto"``: split-KV for a static-layout step (``splits`` given) or when the batch has at
+        least ``_SPLIT_KV_ROWS`` (row, KV head) pairs -- where two extra launches per layer cost
+        less than the bandwidth they win; PyTorch's kernels otherwise (eager decoding at small
+        batches is bound by the host's launches) and always while torch.compile traces the step.
+        ``"split_kv"`` / ``"aten"`` force one (outside torch.compile).
     splits : int, optional
         Chunks per (row, KV head) for the split-KV kernel.
     """
@@ -169,7 +169,11 @@ def grouped_decode_attention(
     use_split = kernel == "split_kv" or (
         kernel == "auto" and (splits is not None or batch * kv_heads >= _SPLIT_KV_ROWS)
     )
-    if use_split and triton_available() and _split_kv_supported(query, keys, values):
+    # Not inside torch.compile: its CUDA-graph backend (torch 2.11) cannot yet take a user-defined
+    # Triton kernel (it fails reading the kernel node's outputs, seen on an H200); raw CUDA-graph
+    # capture can.
+    compiling = torch.compiler.is_compiling()
+    if use_split and not compiling and triton_available() and _split_kv_supported(query, keys, values):
         return split_kv_decode_attention(query, keys, values, attention_mask, scaling, splits)
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
