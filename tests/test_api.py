@@ -22,6 +22,7 @@ EXPECTED = {
     "StreamingLLM",
     "UnifiedH2O",
     "UnifiedStreamingLLM",
+    "make_cache",
     "__version__",
 }
 

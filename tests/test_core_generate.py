@@ -220,3 +220,30 @@ def test_crop_is_refused_clearly():
     assert not cache.is_croppable
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
+
+
+def test_a_cache_handed_to_an_unrelated_prompt_is_refused():
+    """Passing one cache to a second, unrelated generate call (or to a pipeline with a list of
+    prompts) would silently answer as a new turn: the cache sees the positions start again and
+    says to build a new cache. A real next turn (previous output + new tokens) continues."""
+    model = make_model("llama")
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    turn = torch.cat([out, torch.randint(3, 100, (2, 5))], dim=1)
+    turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    model.generate(input_ids=turn, attention_mask=turn_mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    with pytest.raises(ValueError, match="Build a new ScopeCache"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6)
+    other = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="do not continue it"):
+        model.generate(input_ids=other, past_key_values=cache, max_new_tokens=6)
+
+
+def test_an_empty_prompt_gets_a_clear_error():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3,
+                       past_key_values=ScopeCache(model, decoding=Slide(8, 3)))

@@ -98,12 +98,12 @@ def test_kv_account_matches_dynamic_cache(model):
         model(input_ids=torch.arange(3, 20)[None], past_key_values=cache)
     entries = account.entries(cache)
     assert entries == [17, 17]
-    assert account.held_bytes(sum(entries)) == sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+    assert account.held_bytes(sum(entries)) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def _strip(rows):
     drop = {"seconds", "prefill_seconds", "tokens_per_second"}
-    return sorted((json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True) for r in rows))
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True) for r in rows)
 
 
 def test_fidelity_run_resumes_and_shards_like_one_process(model, examples, tmp_path):
@@ -117,7 +117,7 @@ def test_fidelity_run_resumes_and_shards_like_one_process(model, examples, tmp_p
     # Two ranks writing into one directory: the merged file equals the single-process one.
     for rank in (1, 0):
         run_fidelity(model, TinyTokenizer(), examples, methods, tmp_path / "two", settings, Shard(rank, 2))
-    merged = [json.loads(l) for l in (tmp_path / "two" / "fidelity.jsonl").read_text().splitlines()]
+    merged = [json.loads(line) for line in (tmp_path / "two" / "fidelity.jsonl").read_text().splitlines()]
     assert _strip(merged) == _strip(single)
     assert [(r["index"], r["method"]) for r in merged] == [(r["index"], r["method"]) for r in single]
 
@@ -207,3 +207,21 @@ def test_reference_that_ends_at_once(model):
     eos_model.generation_config.eos_token_id = first  # the very first greedy token ends the turn
     assert reference_run(eos_model, ids, 5, allow_eos=True).tokens.numel() == 0
     assert reference_run(eos_model, ids, 5).tokens.numel() == 5  # by default eos is never chosen
+
+
+def test_one_prompt_preparation_and_one_kv_count_for_every_harness(model):
+    from scope_kv.accounting import bytes_per_entry, kv_footprint
+    from scope_kv.eval import GoldSettings, PromptSettings
+
+    # One implementation of cutting/encoding prompts, shared by the harnesses' settings.
+    for cls in (LongGenBenchSettings, FidelitySettings, GoldSettings):
+        assert cls.prepare is PromptSettings.prepare and cls.encode is PromptSettings.encode
+    # KVAccount keeps no counting of its own: it reports scope_kv.accounting's figures.
+    account = KVAccount(model)
+    assert account.bytes_per_entry == bytes_per_entry(model)
+    cache = ScopeCache(model, decoding=Slide(8, 4))
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 20)[None], past_key_values=cache)
+    footprint = kv_footprint(cache)
+    assert account.entries(cache) == list(footprint.entries) == [17, 17]
+    assert account.allocated_bytes(cache) == footprint.allocated_bytes == cache.nbytes()

@@ -23,7 +23,7 @@ from scope_kv.eval.longgenbench import (
 def _answers(example, golds, labels=None, fmt="{g}"):
     labels = labels or [example.first_label + j for j in range(len(golds))]
     return "".join(
-        f"Answer_{lab}:\nLet's think. Some working here.\nThe answer is {fmt.format(g=g)}.\n\n" for lab, g in zip(labels, golds)
+        f"Answer_{lab}:\nLet's think. Some working here.\nThe answer is {fmt.format(g=g)}.\n\n" for lab, g in zip(labels, golds, strict=True)
     )
 
 
@@ -198,3 +198,52 @@ def test_build_sets_with_any_k_from_original_datasets(tmp_path):
 
 def test_tasks_cover_the_spec():
     assert set(TASKS) == {"gsm8k", "mmlu", "csqa"}
+
+
+def test_dropping_demos_renumbers_and_fits_short_budgets():
+    from scope_kv.eval.longgenbench import without_demos
+
+    e = truncate_example(load_examples("gsm8k", limit=1)[0], 3)
+    fewer = without_demos(e, {2, 5})
+    assert fewer.first_label == e.first_label - 2 == 7 and fewer.n_demos == 6
+    labels = [int(n) for n in __import__("re").findall(r"Question_(\d+)\s*:", fewer.prompt)]
+    assert labels == list(range(1, 10))  # 6 demos and 3 questions, consecutive
+    assert "If there are 3 cars in the parking lot" not in fewer.prompt  # demo 2 is gone, question and answer
+    assert "There are originally 3 cars." not in fewer.prompt and "Following Question:" in fewer.prompt
+    assert fewer.questions == e.questions and fewer.gold() == e.gold()
+    with pytest.raises(ValueError, match="not demo labels"):
+        without_demos(e, {9})
+    with pytest.raises(ValueError, match="at least one"):
+        without_demos(e, range(1, 9))
+    tok = _CharTokenizer()
+    full = load_examples("gsm8k", limit=1)[0]
+    short = fit_to_tokens(full, tok, 700, drop_demos=True)
+    assert len(build_prompt(short, tok)) // 4 <= 700 and 1 <= short.n_demos < 8 and short.k > 1
+    assert [int(n) for n in __import__("re").findall(r"Question_(\d+)\s*:", short.prompt)] == list(
+        range(1, short.n_demos + short.k + 1))
+    with pytest.raises(ValueError, match="too short"):
+        fit_to_tokens(full, tok, 50, drop_demos=True)
+
+
+def test_a_new_task_is_one_entry(tmp_path, monkeypatch):
+    from scope_kv.eval.longgenbench import TaskSpec
+
+    toy = TaskSpec(
+        "toy", "toy_2.jsonl", parse_gold=lambda a: a.strip().lower(), extract=lambda tail: tail.split()[0].strip(".").lower(),
+        same=lambda p, g: p == g, read_record=lambda row, path: (row["q"], row["a"], None),
+    )
+    from types import MappingProxyType
+
+    import scope_kv.eval.longgenbench as longgenbench
+
+    # The task table is read-only; a new task is one more entry in it.
+    monkeypatch.setattr(longgenbench, "TASKS", MappingProxyType({**TASKS, "toy": toy}))
+    src = tmp_path / "toy.jsonl"
+    src.write_text("".join(json.dumps({"q": f"Colour {i}?", "a": c}) + "\n" for i, c in enumerate(["Red", "Blue"])))
+    (example,) = build_examples("toy", load_source_records("toy", src), k=2, demos="Question_1:\nSky?\n\nAnswer_1:\nThe answer is blue.\n\n")
+    assert example.first_label == 2 and example.gold() == ["red", "blue"]
+    path = tmp_path / "toy_2.jsonl"
+    write_examples([example], path)
+    (loaded,) = load_examples(path=path)
+    assert loaded.task == "toy"
+    assert score_output(loaded, "Answer_2: The answer is red.\nAnswer_3: The answer is Green.").correct == 1

@@ -9,7 +9,6 @@ from scope_kv import Adaptive, Discontinuous, Slide
 from scope_kv.eval.methods import MethodSpecError, parse_method, parse_methods
 
 
-
 def test_scope_strategies():
     assert parse_method("full").is_full
     assert parse_method(" slide : 512 / 256 ").decoding == Slide(512, 256)

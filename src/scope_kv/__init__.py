@@ -7,12 +7,18 @@ to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
     from scope_kv import ScopeCache, Slide
     out = model.generate(**inputs, past_key_values=ScopeCache(model, decoding=Slide(512, 256)),
                          max_new_tokens=4096)
+
+or, from the method strings ``scope-kv eval`` reads (grammar: :mod:`scope_kv.spec`)::
+
+    from scope_kv import make_cache
+    cache = make_cache(model, "snapkv:2048+slide:512/256")
 """
 
 from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
 from .layer import ScopeLayer
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
+from .spec import make_cache
 from .step import AttentionStep
 
 __version__ = "0.1.0"
@@ -32,5 +38,6 @@ __all__ = [
     "StreamingLLM",
     "UnifiedH2O",
     "UnifiedStreamingLLM",
+    "make_cache",
     "__version__",
 ]

@@ -214,7 +214,11 @@ def _route_layer(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -
     layer = managed_layer(module.layer_idx)
     if layer is None:
         return None  # a layer transformers manages itself (sliding window)
-    layer.observe_input(kwargs.get("hidden_states", args[0] if args else None), kwargs.get("position_embeddings"))
+    layer.observe_input(
+        kwargs.get("hidden_states", args[0] if args else None),
+        kwargs.get("position_embeddings"),
+        kwargs.get("position_ids"),
+    )
     return args, {**kwargs, LAYER_KWARG: layer}
 
 

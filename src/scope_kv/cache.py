@@ -133,6 +133,7 @@ class ScopeCache(Cache):
                 "`model.config.sliding_window = None` before building the cache."
             )
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
+        scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them
         super().__init__(layers=layers)
         self.decoding = decoding
         self.prefill = prefill
@@ -161,6 +162,8 @@ class ScopeCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # transformers sizes a forward's mask before any layer runs (and, in compiled decoding,
         # outside the compiled step): the moment a static layer changes layout (scope_kv.static).
+        if query_length == 0 and self.get_seq_length() == 0:
+            raise ValueError("the prompt is empty: give generate at least one input token.")
         if self.static:
             for layer in self.layers:
                 if isinstance(layer, ScopeLayer):

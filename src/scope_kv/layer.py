@@ -143,6 +143,8 @@ class ScopeLayer(CacheLayerMixin):
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
         self.decode_kernel = "auto"  # kernels.grouped_decode_attention's choice of kernel
+        # Whether this layer checks that prefill forwards continue it (the cache sets it on one layer).
+        self.checks_positions = False
         self.ring = EvictRing(evictions)
         self._clear()
 
@@ -162,6 +164,7 @@ class ScopeLayer(CacheLayerMixin):
         # padding (class notes)
         self.start: torch.Tensor | None = None  # (batch,) leading invalid slots per row
         self.own_mask = False
+        self._all_valid = False  # own mask only: no slot is invalid (then a decode step needs no mask)
         # prefill compression
         self._prefill_open = False  # a prefill ran and its compression is still to do
         self._memo: dict[str, Any] = {}  # what the prefill compressor gathers while the prompt runs
@@ -169,6 +172,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
         self._pools: StaticPools | None = None  # the static layout's state while decoding in it
+        self._last_position: torch.Tensor | None = None  # (batch,) position of the last prefill token
         self._splits: int | None = None
         self.ring.reset()
 
@@ -213,6 +217,8 @@ class ScopeLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
+        if q == 0:
+            raise ValueError("a forward with no tokens reached the cache: give generate a prompt of at least one token.")
         decode = self.length > 0 and q == 1
         if self.static:
             self.prepare(q)  # (normally done already, when transformers sized this forward's mask)
@@ -302,6 +308,8 @@ class ScopeLayer(CacheLayerMixin):
             pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
         if self.start is not None:
             self.start = fn(self.start)
+        if self._last_position is not None:
+            self._last_position = fn(self._last_position)
         self.ring.map_batch(fn)
         for name, item in list(self._memo.items()):
             if isinstance(item, torch.Tensor):
@@ -340,6 +348,8 @@ class ScopeLayer(CacheLayerMixin):
         """
         if self._pools is not None and q_len == 1:
             return head_mask(backend, self._pools.valid, q_heads, dtype)
+        if q_len == 1 and self._all_valid:
+            return None  # one query that may see every slot: no mask (and the faster kernel)
         return layer_mask(backend, self.valid_slots(), q_len, dtype)
 
     @property
@@ -364,9 +374,12 @@ class ScopeLayer(CacheLayerMixin):
             start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
         return valid_from_start(start, self.length)
 
-    def observe_input(self, hidden_states: torch.Tensor | None, position_embeddings: Any) -> None:
-        """A forward's attention input, before the attention runs: for prefill compressors that
-        score from it (:meth:`~scope_kv.PrefillCompressor.observe_input`).
+    def observe_input(
+        self, hidden_states: torch.Tensor | None, position_embeddings: Any, position_ids: torch.Tensor | None = None
+    ) -> None:
+        """A forward's attention input, before the attention runs: checks that a prefill forward
+        continues what the layer holds, and hands the input to prefill compressors that score from
+        it (:meth:`~scope_kv.PrefillCompressor.observe_input`).
 
         Parameters
         ----------
@@ -374,12 +387,34 @@ class ScopeLayer(CacheLayerMixin):
             ``(batch, q, hidden)`` the attention module's input.
         position_embeddings : tuple of Tensor or None
             ``(cos, sin)``, each ``(batch, q, rotary_dim)``.
+        position_ids : Tensor or None
+            ``(batch or 1, q)`` the forward's positions (other layouts, e.g. multimodal 3-D
+            positions, are not checked).
         """
-        if self.prefill is None or hidden_states is None:
+        if hidden_states is None:
             return
         if self.length > 0 and hidden_states.shape[1] == 1:
-            return  # a decoding step
-        self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
+            return  # a decoding step: nothing to check, nothing compressors need
+        if self.checks_positions and position_ids is not None and position_ids.dim() == 2:
+            self._check_continues(position_ids.expand(hidden_states.shape[0], -1))
+        if self.prefill is not None:
+            self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
+
+    def _check_continues(self, position_ids: torch.Tensor) -> None:
+        """Refuse a prefill forward whose positions do not follow what the layer holds (the same
+        cache handed to an unrelated prompt: transformers would take it as a new turn)."""
+        last = self._last_position
+        if self.length > 0 and last is not None:
+            steps = self._pools.t if self._pools is not None else self.step
+            behind = position_ids[:, 0].to(last.device) <= last + steps
+            if bool(behind.any()):
+                raise ValueError(
+                    f"this ScopeCache already holds {int(self.get_seq_length())} tokens of another generation, and "
+                    f"this call's inputs do not continue it (position {int(position_ids[:, 0].min())} comes again). "
+                    "Build a new ScopeCache for every generate call and every pipeline prompt; to continue a "
+                    "conversation, pass the previous output followed by the new turn."
+                )
+        self._last_position = position_ids[:, -1].clone()
 
     # -- after the attention: the decode step's stages ------------------------------------
     def after_attention(self, step: AttentionStep) -> None:
@@ -478,6 +513,7 @@ class ScopeLayer(CacheLayerMixin):
         scores = decoding.score(step, 0, self.length).float().clone()
         scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
         self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
+        self._all_valid = not bool(self.start.any())
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
@@ -535,6 +571,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pools = None
         self.length = self.prefill_length = n
         self.start = n - counts
+        self._all_valid = not bool(self.start.any())
 
     # -- prefill ----------------------------------------------------------------------------
     def _after_prefill_attention(self, step: AttentionStep) -> None:
@@ -573,6 +610,7 @@ class ScopeLayer(CacheLayerMixin):
                 self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
                 self.prefill_length = self.length
                 self._shrink()
+        self._all_valid = not bool(self.start.any())
         self.own_mask = True
 
     # -- putting a layer into a given state -------------------------------------------------

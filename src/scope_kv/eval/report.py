@@ -1,13 +1,20 @@
 """``scope-kv report DIR``: markdown tables and PNG plots from a results directory.
 
-Reads ``longgenbench.jsonl`` and/or ``fidelity.jsonl`` (merging any part files left by an
-unfinished sharded run) and writes, next to them:
+Reads ``longgenbench.jsonl``, ``fidelity.jsonl`` and/or ``gold.jsonl`` (merging any part files
+left by an unfinished sharded run) and writes, next to them:
 
 * ``report.md`` -- one table per harness (the summaries also go to the ``*_summary.csv`` files);
 * ``accuracy_vs_memory.png`` / ``agreement_vs_memory.png`` -- score against peak KV memory, one
   point per method;
-* ``kv_over_steps.png`` -- KV entries held per layer over decoding steps, per method;
-* ``fidelity_over_steps.png`` -- KL(full || method) and top-1 agreement over decoding steps.
+* ``kv_over_steps.png`` -- KV entries held per layer, and KV MiB held, over decoding steps, per
+  method;
+* ``fidelity_over_steps.png`` -- KL(full || method) and top-1 agreement over decoding steps;
+* ``gold_B<budget>.png`` -- for each decoding budget, ΔNLL of the reference tokens and the NLL
+  of the answer tokens against output position.
+
+Every plot gives a method the same colour (:func:`method_colours`: one per method family, the
+same in every report; budgets of one family differ by line style or marker), and draws the full
+cache (``full``, the reference) in black, on top of the others.
 
 Plots use matplotlib's object API (no pyplot state), so this is safe to call from a library.
 """
@@ -17,14 +24,31 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from .common import write_csv
 from .fidelity import summarize_fidelity
-from .runner import summarize_longgenbench, write_csv
+from .gold import REFERENCE, method_family, summarize_gold
+from .methods import gold_grid
+from .runner import summarize_longgenbench
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_results", "markdown_table", "make_report"]
+__all__ = [
+    "FIDELITY_COLUMNS",
+    "GOLD_COLUMNS",
+    "LGB_COLUMNS",
+    "load_results",
+    "markdown_table",
+    "make_report",
+    "method_colours",
+]
+
+# Names the full cache goes by in result files: drawn in black, on top.
+FULL_NAMES = ("full", REFERENCE, "reference (full cache)", "DynamicCache")
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = "osD^v<>pPX*h"
 
 
 def load_results(directory: str | pathlib.Path, name: str) -> list[dict[str, Any]]:
@@ -60,7 +84,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join(lines)
 
 
-_FIDELITY_COLUMNS = [
+FIDELITY_COLUMNS = [
     ("method", "method"),
     ("prompts", "prompts"),
     ("steps", "steps"),
@@ -71,7 +95,7 @@ _FIDELITY_COLUMNS = [
     ("mean_kl_second_half", "mean KL, 2nd half"),
     ("top1_agreement", "top-1 agreement (%)"),
 ]
-_LGB_COLUMNS = [
+LGB_COLUMNS = [
     ("task", "task"),
     ("method", "method"),
     ("examples", "examples"),
@@ -82,6 +106,26 @@ _LGB_COLUMNS = [
     ("kv_entries_per_layer_peak", "KV entries / layer (peak)"),
     ("kv_mib_peak", "KV MiB (peak)"),
     ("tokens_per_second", "tok/s"),
+]
+
+
+GOLD_COLUMNS = [
+    ("method", "method"),
+    ("examples", "examples"),
+    ("gold_tokens", "gold tokens"),
+    ("kv_entries_bound", "KV entries / layer"),
+    ("kv_vs_full", "KV vs full (%)"),
+    ("delta_nll", "ΔNLL"),
+    ("delta_nll_q1", "ΔNLL Q1"),
+    ("delta_nll_q2", "Q2"),
+    ("delta_nll_q3", "Q3"),
+    ("delta_nll_q4", "Q4"),
+    ("kl", "KL"),
+    ("top1", "top-1 (%)"),
+    ("answer_nll", "answer NLL"),
+    ("answer_delta_nll", "answer ΔNLL"),
+    ("answer_top1", "answer top-1 (%)"),
+    ("answers_exact", "answers exact (%)"),
 ]
 
 
@@ -98,12 +142,44 @@ def _figure(ncols: int = 1):
     return fig, axes
 
 
-def _scatter(summary: Sequence[dict[str, Any]], y: str, ylabel: str, title: str, path: pathlib.Path) -> None:
+def _is_full(method: str) -> bool:
+    return method in FULL_NAMES
+
+
+def _style(method: str, methods: Sequence[str], colours: dict[str, Any]) -> dict[str, Any]:
+    """Colour (the family's), line style and marker (the method's rank in its family) of a method;
+    the full cache in black, thicker, on top."""
+    if _is_full(method):
+        return {"color": "black", "linewidth": 2.0, "zorder": 10, "linestyle": "-", "marker": "*"}
+    family = method_family(method)
+    rank = [m for m in dict.fromkeys(methods) if not _is_full(m) and method_family(m) == family].index(method)
+    return {
+        "color": colours[method],
+        "linewidth": 1.3,
+        "zorder": 2,
+        "linestyle": _LINE_STYLES[rank % len(_LINE_STYLES)],
+        "marker": _MARKERS[rank % len(_MARKERS)],
+    }
+
+
+def _scatter(
+    summary: Sequence[dict[str, Any]], y: str, ylabel: str, title: str, path: pathlib.Path, colours: dict[str, Any]
+) -> None:
     fig, (ax,) = _figure()
-    markers = "osD^v<>pPX*h"
-    for i, row in enumerate(summary):
+    methods = [row["method"] for row in summary]
+    for row in summary:
         # A legend, not annotations: methods at equal memory sit on top of each other.
-        ax.scatter(row["kv_mib_peak"], row[y], s=45, marker=markers[i % len(markers)], label=row["method"], alpha=0.85)
+        style = _style(row["method"], methods, colours)
+        ax.scatter(
+            row["kv_mib_peak"],
+            row[y],
+            s=70 if _is_full(row["method"]) else 45,
+            marker=style["marker"],
+            color=style["color"],
+            zorder=style["zorder"],
+            label=row["method"],
+            alpha=0.85,
+        )
     ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("KV cache held at peak (MiB, per sequence)")
     ax.set_ylabel(ylabel)
@@ -140,12 +216,40 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _lines(curves: dict[str, list[float]], ax: Any, ylabel: str, window: int = 1) -> None:
-    for method, ys in curves.items():
-        ax.plot(range(len(ys)), _smooth(ys, window), label=method, linewidth=1.3)
+def _lines(curves: dict[str, list[float]], ax: Any, ylabel: str, colours: dict[str, Any], window: int = 1) -> None:
+    methods = list(curves)
+    # the full cache last, so that it is drawn (and listed) on top
+    for method, ys in sorted(curves.items(), key=lambda item: _is_full(item[0])):
+        style = _style(method, methods, colours)
+        style.pop("marker")
+        ax.plot(range(len(ys)), _smooth(ys, window), label=method, **style)
     ax.set_xlabel("decode step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+
+
+def _bytes_per_entry(row: dict[str, Any]) -> float:
+    """Bytes of one entry in one layer: the record's, or its peak bytes / entries (older records)."""
+    if row.get("bytes_per_entry"):
+        return float(row["bytes_per_entry"])
+    return row["kv_bytes_peak"] / max(row["kv_entries_peak"], 1)
+
+
+def _kv_figure(
+    rows: Sequence[dict[str, Any]], field: str, title: str, path: pathlib.Path, colours: dict[str, Any]
+) -> None:
+    """KV entries held per layer and KV MiB held over decoding steps, side by side."""
+    fig, axes = _figure(2)
+    _lines(_mean_curves(rows, field, lambda r, v: v / r["num_layers"]), axes[0], "KV entries held per layer", colours)
+    _lines(
+        _mean_curves(rows, field, lambda r, v: v * _bytes_per_entry(r) / 2**20),
+        axes[1],
+        "KV cache held (MiB, all layers, per sequence)",
+        colours,
+    )
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
 
 
 def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -166,56 +270,227 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
     out.mkdir(parents=True, exist_ok=True)
     lgb = load_results(directory, "longgenbench")
     fid = load_results(directory, "fidelity")
-    if not lgb and not fid:
+    gold = load_results(directory, "gold")
+    if not lgb and not fid and not gold:
         raise FileNotFoundError(
-            f"{directory} holds no results: run `scope-kv eval longgenbench --out {directory} ...` or "
-            f"`scope-kv eval fidelity --out {directory} ...` first."
+            f"{directory} holds no results: run `scope-kv eval longgenbench --out {directory} ...`, "
+            f"`scope-kv eval fidelity --out {directory} ...` or `scope-kv eval gold --out {directory}` first."
         )
     parts = [f"# scope_kv evaluation report\n\nResults from `{directory}`.\n"]
+    # one colour per method (its family's) across every plot of the report
+    colours = method_colours(list(dict.fromkeys(r["method"] for r in [*gold, *fid, *lgb])))
+    if gold:
+        parts.append(_gold_section(gold, out, colours))
     if fid:
         summary = summarize_fidelity(fid)
         write_csv(summary, out / "fidelity_summary.csv")
         parts.append(
             "## Fidelity (teacher-forced against the full cache)\n\n"
-            + markdown_table(summary, _FIDELITY_COLUMNS)
+            + markdown_table(summary, FIDELITY_COLUMNS)
             + "\n\nKL is KL(full ‖ method) of the next-token distributions, averaged over decode steps; "
             "top-1 agreement is how often the method's most likely next token is the full cache's.\n\n"
             "![agreement vs memory](agreement_vs_memory.png)\n![KV over steps](kv_over_steps.png)\n"
             "![fidelity over steps](fidelity_over_steps.png)\n"
         )
-        _scatter(summary, "top1_agreement", "top-1 agreement with the full cache (%)", "Fidelity vs KV memory", out / "agreement_vs_memory.png")
+        _scatter(
+            summary,
+            "top1_agreement",
+            "top-1 agreement with the full cache (%)",
+            "Fidelity vs KV memory",
+            out / "agreement_vs_memory.png",
+            colours,
+        )
         fig, axes = _figure(2)
         window = max(1, min(len(r["kl"]) for r in fid if r["method"] != "reference") // 16)
         smoothed = f" (mean of {window} steps)" if window > 1 else ""
         kl_curves = _mean_curves(fid, "kl")
-        _lines(kl_curves, axes[0], f"KL(full ‖ method), nats{smoothed}", window)
-        _lines(_mean_curves(fid, "top1", lambda r, v: 100.0 * v), axes[1], f"top-1 agreement, %{smoothed}", window)
+        _lines(kl_curves, axes[0], f"KL(full ‖ method), nats{smoothed}", colours, window)
+        _lines(
+            _mean_curves(fid, "top1", lambda r, v: 100.0 * v), axes[1], f"top-1 agreement, %{smoothed}", colours, window
+        )
         if max((max(c) for c in kl_curves.values() if c), default=0.0) > 1e-2:
             axes[0].set_yscale("symlog", linthresh=1e-3)  # KL spans orders of magnitude across methods
         axes[1].legend(fontsize=7)
         fig.savefig(out / "fidelity_over_steps.png", dpi=120)
-        fig, (ax,) = _figure()
-        _lines(_mean_curves(fid, "entries", lambda r, v: v / r["num_layers"]), ax, "KV entries held per layer")
-        ax.legend(fontsize=7)
-        ax.set_title("KV cache over decoding (fidelity replay)")
-        fig.savefig(out / "kv_over_steps.png", dpi=120)
+        _kv_figure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
     if lgb:
         summary = summarize_longgenbench(lgb)
         write_csv(summary, out / "longgenbench_summary.csv")
         parts.append(
             "## LongGenBench\n\n"
-            + markdown_table(summary, _LGB_COLUMNS)
+            + markdown_table(summary, LGB_COLUMNS)
             + "\n\nAccuracy pairs each `Answer_N` with question N; the position-paired score pairs the i-th "
             "answer with the i-th question, as the research code does (comparable with published numbers).\n\n"
             "![accuracy vs memory](accuracy_vs_memory.png)\n![KV over steps](longgenbench_kv_over_steps.png)\n"
         )
-        _scatter(summary, "accuracy", "accuracy (%)", "LongGenBench accuracy vs KV memory", out / "accuracy_vs_memory.png")
-        fig, (ax,) = _figure()
-        _lines(_mean_curves(lgb, "kv_entries_trace", lambda r, v: v / r["num_layers"]), ax, "KV entries held per layer")
-        ax.legend(fontsize=7)
-        ax.set_title("KV cache over decoding (LongGenBench)")
-        fig.savefig(out / "longgenbench_kv_over_steps.png", dpi=120)
+        _scatter(
+            summary,
+            "accuracy",
+            "accuracy (%)",
+            "LongGenBench accuracy vs KV memory",
+            out / "accuracy_vs_memory.png",
+            colours,
+        )
+        _kv_figure(
+            lgb,
+            "kv_entries_trace",
+            "KV cache over decoding (LongGenBench)",
+            out / "longgenbench_kv_over_steps.png",
+            colours,
+        )
     path = out / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     logger.info("wrote %s", path)
     return path
+
+
+# -- gold-output teacher forcing ------------------------------------------------------------------
+def method_colours(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method, the same in every plot.
+
+    A method gets its family's colour (``slide:128/64`` and ``slide:64/32`` share ``slide:B/r``'s;
+    plots tell budgets apart by line style or marker). The default gold grid's families have
+    fixed colours, the same in every report; other families take the next colours in sorted
+    order, the same in every plot of one report (:func:`make_report` passes it every method of
+    the directory). The full cache (``full``, ``reference``) is black.
+
+    Parameters
+    ----------
+    methods : sequence of str
+        Method specs (as in result files).
+
+    Returns
+    -------
+    dict
+        ``{method: matplotlib colour}``.
+    """
+    from matplotlib import colormaps
+
+    palette = [colormaps["tab10"](i) for i in range(10)] + [colormaps["Dark2"](i) for i in range(8)]
+    known = list(dict.fromkeys(method_family(s) for s in gold_grid((128,))))
+    others = sorted({method_family(m) for m in methods if not _is_full(m)} - set(known))
+    order = known + others
+    return {
+        m: (0.0, 0.0, 0.0, 1.0) if _is_full(m) else palette[order.index(method_family(m)) % len(palette)]
+        for m in methods
+    }
+
+
+def _gold_order(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    known = list(dict.fromkeys(method_family(s) for s in gold_grid((128,))))
+
+    def key(row: dict[str, Any]) -> tuple:
+        if row["method"] == REFERENCE:
+            return (0, 0, 0, "")
+        family = row.get("family") or row["method"]
+        rank = known.index(family) if family in known else len(known)
+        return (1, row.get("budget") or 0, rank, row["method"])
+
+    return sorted(summary, key=key)
+
+
+def _binned_curve(rows: Sequence[dict[str, Any]], field: str, count: str) -> tuple[list[float], list[float]]:
+    """Bin centres and the mean of ``field`` per output-position bin, pooled over examples."""
+    totals: dict[int, float] = {}
+    counts: dict[int, float] = {}
+    width = rows[0]["bins"]["width"]
+    for row in rows:
+        for i, (v, c) in enumerate(zip(row["bins"][field], row["bins"][count], strict=True)):
+            totals[i] = totals.get(i, 0.0) + v
+            counts[i] = counts.get(i, 0.0) + c
+    xs, ys = [], []
+    for i in sorted(totals):
+        if counts[i] > 0:
+            xs.append((i + 0.5) * width)
+            ys.append(totals[i] / counts[i])
+    return xs, ys
+
+
+def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: dict[str, Any]) -> str:
+    summary = _gold_order(summarize_gold(rows))
+    write_csv(summary, out / "gold_summary.csv")
+    tasks = sorted({r["task"] for r in rows})
+    for row in summary:
+        if row["method"] == REFERENCE:
+            row["method"] = "reference (full cache)"
+    by_budget: dict[int, list[str]] = {}
+    for row in rows:
+        if row["method"] != REFERENCE and row.get("budget") is not None:
+            by_budget.setdefault(row["budget"], [])
+            if row["method"] not in by_budget[row["budget"]]:
+                by_budget[row["budget"]].append(row["method"])
+    reference = [r for r in rows if r["method"] == REFERENCE]
+    images = []
+    for budget, methods in sorted(by_budget.items()):
+        fig, axes = _figure(2)
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            colour = colours[method]
+            for ax, field, count in ((axes[0], "delta_nll", "count"), (axes[1], "answer_nll", "answer_count")):
+                xs, ys = _binned_curve(mine, field, count)
+                ax.plot(
+                    xs,
+                    ys,
+                    label=method,
+                    color=colour,
+                    linewidth=1.3,
+                    marker="o" if len(xs) <= 8 else None,
+                    markersize=3,
+                )
+        axes[0].axhline(0.0, color="black", linewidth=1.6, zorder=10, label="full cache")
+        if reference:
+            xs, ys = _binned_curve(reference, "answer_ref_nll", "answer_count")
+            axes[1].plot(
+                xs,
+                ys,
+                color="black",
+                linewidth=1.8,
+                zorder=10,
+                label="full cache",
+                marker="o" if len(xs) <= 8 else None,
+                markersize=3,
+            )
+        width = rows[0]["bins"]["width"]
+        axes[0].set_ylabel(f"ΔNLL vs full cache (nats / token, bins of {width})")
+        axes[1].set_ylabel(f"answer-token NLL (nats, bins of {width})")
+        for ax in axes:
+            ax.set_xlabel("output position (tokens)")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"Gold-output teacher forcing, decoding budget B = {budget} ({', '.join(tasks)})")
+        name = f"gold_B{budget}.png"
+        fig.savefig(out / name, dpi=120)
+        images.append(f"![budget {budget}]({name})")
+    widened = [
+        r["budget_prompt_tokens"] - r["prompt_tokens"]
+        for r in rows
+        if r.get("budget_prompt_tokens", r["prompt_tokens"]) > r["prompt_tokens"]
+    ]
+    note = ""
+    beyond = [r for r in reference if r.get("tokens_beyond_positions")]
+    if beyond:
+        share = sum(r["tokens_beyond_positions"] for r in beyond) / sum(r["gold_tokens"] for r in reference)
+        note += (
+            f"\n\n**Beyond the model's trained positions:** in {len(beyond)} of {len(reference)} examples prompt + "
+            f"reference outrun the model's context; {100 * share:.0f}% of the reference tokens lie past it, for every "
+            "method, the full cache included."
+        )
+    if widened:
+        note += (
+            f"\n\n**Not at equal memory per example:** {len(widened)} records of prompt-relative budgets were set "
+            f"from the batch's longest prompt (`--prompt-budget longest`), {sum(widened) / len(widened):.0f} tokens "
+            f"longer than their own on average (at most {max(widened)}): those baselines hold that many more entries "
+            "than SCOPE's rows (see the KV column)."
+        )
+    return (
+        "## Gold outputs (teacher-forced reference answers against the full cache)\n\n"
+        + markdown_table(summary, GOLD_COLUMNS)
+        + note
+        + "\n\nΔNLL: mean NLL of the reference tokens under the method minus under the full cache (nats per "
+        "token), overall and per quarter of each output; KL is KL(full ‖ method); top-1: the method's most likely "
+        "token is the full cache's. The answer columns count only the tokens of each final answer N after "
+        "'The answer is'; answers exact: answers whose every token is the method's most likely one. KV entries are "
+        "per layer and KV head, as each method's definition bounds them (mean over examples).\n\n"
+        + "\n".join(images)
+        + "\n"
+    )

@@ -7,19 +7,19 @@ and sharding.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .common import KVAccount, ResultStore, Shard, chunks, input_device
-from .longgenbench import Example, build_prompt, fit_to_tokens, score_output, truncate_example
+from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
+from .longgenbench import Example, PromptSettings, score_output
 from .methods import Method
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class KVTrace(StoppingCriteria):
         self.peak_allocated = max(self.peak_allocated, self.account.allocated_bytes(self.cache))
         if self.on_token is not None:
             self.on_token()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device))
 
     @property
     def prefill_seconds(self) -> float:
@@ -78,33 +78,24 @@ class KVTrace(StoppingCriteria):
         return (len(self.entries) - 1) / (self.last - self.first)
 
 
-@dataclass(frozen=True)
-class LongGenBenchSettings:
+@dataclass(frozen=True, kw_only=True)
+class LongGenBenchSettings(PromptSettings):
     """Settings of one LongGenBench run (they must match to resume into a directory).
 
     Attributes
     ----------
     max_new_tokens : int
         Generation length (the paper: 4096 for the 4K sets, 7950 for 8K).
-    max_questions : int or None
-        Keep only the first questions of each example (smaller runs).
-    max_prompt_tokens : int or None
-        Keep as many leading questions as fit in this many prompt tokens.
-    chat_template : bool
-        Wrap the prompt in the tokenizer's chat template when it has one.
+    max_questions, max_prompt_tokens, chat_template
+        How prompts are cut and formatted (:class:`~scope_kv.eval.longgenbench.PromptSettings`).
     """
 
     max_new_tokens: int = 4096
-    max_questions: int | None = None
-    max_prompt_tokens: int | None = None
-    chat_template: bool = True
 
-    def prepare(self, example: Example, tokenizer: Any) -> Example:
-        if self.max_questions is not None and self.max_questions < example.k:
-            example = truncate_example(example, self.max_questions)
-        if self.max_prompt_tokens is not None:
-            example = fit_to_tokens(example, tokenizer, self.max_prompt_tokens, self.chat_template)
-        return example
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -116,13 +107,6 @@ def _order(methods: Sequence[str]):
     return lambda row: (row["index"], rank.get(row["method"], len(rank)), row["method"])
 
 
-def _encode(text: str, tokenizer: Any, chat_template: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    # A chat-templated text already holds the special tokens the template wants.
-    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
 def run_longgenbench(
     model: Any,
     tokenizer: Any,
@@ -130,7 +114,7 @@ def run_longgenbench(
     methods: Sequence[Method],
     out_dir: str | pathlib.Path,
     settings: LongGenBenchSettings = LongGenBenchSettings(),
-    shard: Shard = Shard(),
+    shard: Shard | None = None,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -160,6 +144,7 @@ def run_longgenbench(
     list[dict]
         Every record of the run when this process merged the results, else this shard's new ones.
     """
+    shard = shard or Shard()
     config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
@@ -169,7 +154,8 @@ def run_longgenbench(
     todo = [(i, ex, m) for i, ex in chunks(examples, shard) for m in methods if (ex.id, m.spec) not in done]
     if len(done):
         logger.info("resuming: %d records already in %s, %d to run on this rank", len(done), store.dir, len(todo))
-    bars = _Bars(progress, len(todo), settings.max_new_tokens, shard.rank)
+    bars = Progress(progress, len(todo), settings.max_new_tokens, f"[rank {shard.rank}] examples x methods")
+    right = seen = 0
     new = []
     prepared: dict[str, tuple[Example, dict[str, torch.Tensor]]] = {}
     try:
@@ -177,12 +163,11 @@ def run_longgenbench(
             if example.id not in prepared:
                 prepared.clear()
                 ex = settings.prepare(example, tokenizer)
-                text = build_prompt(ex, tokenizer, settings.chat_template)
-                prepared[example.id] = (ex, _encode(text, tokenizer, settings.chat_template, device))
+                prepared[example.id] = (ex, settings.encode(ex, tokenizer, device))
             ex, inputs = prepared[example.id]
             bars.start(f"{example.id} {method.spec}")
             cache = method.make_cache(model, inputs["input_ids"].shape[1])
-            trace = KVTrace(cache, account, on_token=bars.token)
+            trace = KVTrace(cache, account, on_token=bars.step)
             with torch.no_grad():
                 out = model.generate(
                     **inputs,
@@ -211,6 +196,7 @@ def run_longgenbench(
                 "answered": score.answered,
                 "verdicts": [v.as_dict() for v in score.verdicts],
                 "num_layers": account.num_layers,
+                "bytes_per_entry": account.bytes_per_entry,
                 "kv_entries_end": entries[-1],
                 "kv_entries_peak": max(entries),
                 "kv_bytes_end": account.held_bytes(entries[-1]),
@@ -222,7 +208,8 @@ def run_longgenbench(
             }
             store.append(record)
             new.append(record)
-            bars.finish(score.correct, ex.k)
+            right, seen = right + score.correct, seen + ex.k
+            bars.done(acc=f"{right}/{seen}")
     finally:
         bars.close()
     if store.finish(_key, _order([m.spec for m in methods])):
@@ -230,41 +217,6 @@ def run_longgenbench(
         write_csv(summarize_longgenbench(rows), store.dir / f"{RESULTS}_summary.csv")
         return rows
     return new
-
-
-class _Bars:
-    """Two tqdm bars (pairs done; tokens of the current generation); no-ops when disabled."""
-
-    def __init__(self, enabled: bool, total: int, max_tokens: int, rank: int):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from tqdm.auto import tqdm
-
-        self.outer = tqdm(total=total, desc=f"[rank {rank}] examples x methods", unit="run", position=0)
-        self.inner = tqdm(total=max_tokens, desc="tokens", unit="tok", position=1, leave=False)
-        self.right = self.seen = 0
-
-    def start(self, label: str) -> None:
-        if self.enabled:
-            self.inner.reset()
-            self.inner.set_description(label)
-
-    def token(self) -> None:
-        if self.enabled:
-            self.inner.update(1)
-
-    def finish(self, correct: int, total: int) -> None:
-        if self.enabled:
-            self.right += correct
-            self.seen += total
-            self.outer.update(1)
-            self.outer.set_postfix(acc=f"{self.right}/{self.seen}")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.inner.close()
-            self.outer.close()
 
 
 def summarize_longgenbench(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -295,15 +247,3 @@ def summarize_longgenbench(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any
             }
         )
     return out
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
-    """Write summary rows (dicts with the same keys) as CSV."""
-    path = pathlib.Path(path)
-    if not rows:
-        path.write_text("", encoding="utf-8")
-        return
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
