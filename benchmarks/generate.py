@@ -45,6 +45,7 @@ from bench_common import LLAMA_8B, TINY, build_model, fmt, kv_bytes_per_token, m
 from bench_common import weight_bytes_read, write_outputs
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV
 from scope_kv.accounting import kv_footprint
+from scope_kv.compat import cache_kwargs, output_cache
 
 ALL_METHODS = (
     "dynamic", "static-compiled", "scope-none", "scope-slide", "scope-adaptive", "scope-discontinuous",
@@ -94,12 +95,12 @@ def _strategy(name: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _generate_kwargs(model, method: str, args: argparse.Namespace) -> dict[str, Any]:
     if method == "dynamic":
-        return dict(past_key_values=DynamicCache(config=model.config))
+        return cache_kwargs(DynamicCache(config=model.config))
     if method == "static-compiled":
         return dict(cache_implementation="static")
     prefill, decoding = _strategy(method, args)
     captured = method.startswith("captured-")
-    kwargs: dict[str, Any] = dict(past_key_values=ScopeCache(model, decoding=decoding, prefill=prefill, static=captured))
+    kwargs: dict[str, Any] = cache_kwargs(ScopeCache(model, decoding=decoding, prefill=prefill, static=captured))
     if captured:
         config = CompileConfig(fullgraph=True, backend=args.compile_backend,
                                mode="reduce-overhead" if args.compile_backend == "inductor" else None)
@@ -124,7 +125,7 @@ def run_once(model, method: str, ids: torch.Tensor, args: argparse.Namespace) ->
                          return_dict_in_generate=True, pad_token_id=0, **kwargs)
     wall = time.perf_counter() - start
     steps = clock.step_ms()
-    cache = out.past_key_values
+    cache = output_cache(out)
     footprint = kv_footprint(cache) if cache is not None else None
     row: dict[str, Any] = dict(
         wall_s=round(wall, 3),

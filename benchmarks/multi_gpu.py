@@ -174,6 +174,7 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
     from transformers import AutoModelForCausalLM
 
     from scope_kv import ScopeLayer
+    from scope_kv.compat import cache_kwargs
 
     s = settings(smoke)
     dtype = getattr(torch, s["dtype"])
@@ -218,7 +219,7 @@ def stage_split(work: pathlib.Path, smoke: bool, out: pathlib.Path) -> dict[str,
         _sync()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), **cache_kwargs(cache),
                                  max_new_tokens=s["new"], min_new_tokens=s["new"], do_sample=False)
         _sync()
         return out[:, ids.shape[1]:].cpu(), time.perf_counter() - start

@@ -50,6 +50,7 @@ from scope_kv import (
     UnifiedH2O,
     UnifiedStreamingLLM,
 )
+from scope_kv.compat import cache_kwargs
 from scope_kv.eval.longgenbench import build_prompt, load_examples, truncate_example
 from scope_kv.models import load_smollm2
 
@@ -111,13 +112,13 @@ def run(model: Any, ids: torch.Tensor, make: Callable[[Any], ScopeCache], new_to
     cache = make(model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache)
+        out = model(input_ids=ids, **cache_kwargs(cache))
         cache.finish_prefill()  # what the first decoding step would do; measured before it
         after_prefill = held(cache)
         t1 = time.perf_counter()
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(new_tokens - 1):
-            out = model(input_ids=token, past_key_values=cache)
+            out = model(input_ids=token, **cache_kwargs(cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
     t2 = time.perf_counter()
     return {

@@ -35,3 +35,24 @@ def test_decode_benchmark_smoke(tmp_path):
     assert ("slide", 1, max(settings["workloads"])) in summary
     assert all(r["tokens_per_s"] > 0 for r in result["summary"])
     assert any(t["target"].startswith("selection cost") for t in result["targets"])
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    """benchmarks/generate.py: real generate calls, warm and cold, eager and compiled (on the CPU
+    the compiled decode goes through torch.compile's CUDA-graph-free path)."""
+    out = tmp_path / "generate"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "2", "--out", str(out),
+           "--methods", "dynamic,scope-slide,captured-slide"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".md").exists()
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dynamic", "scope-slide", "captured-slide"}
+    settings = result["settings"]
+    for row in rows.values():
+        assert row["warm"]["steps"] == settings["new"] - 1 and row["step_ms"] > 0
+    # Slide holds the prompt plus the budget (per row and KV head); DynamicCache the whole sequence.
+    per_entry = result["kv_bytes_per_token"]
+    assert rows["scope-slide"]["warm"]["kv_held_bytes"] == 2 * per_entry * (settings["prompt"] + settings["budget"])
+    assert rows["dynamic"]["warm"]["kv_held_bytes"] == 2 * per_entry * (settings["prompt"] + settings["new"] - 1)

@@ -117,7 +117,8 @@ class KVPressPrefill(PrefillCompressor):
         if not hidden:
             raise RuntimeError(
                 "KVPressPrefill saw no attention input during prefill: the model's attention modules must "
-                "receive `past_key_values` as a keyword (transformers' decoder layers do)."
+                "receive the cache as a keyword (`cache=` from transformers 5.24, `past_key_values=` before; "
+                "transformers' decoder layers do)."
             )
         hidden_states = torch.cat(hidden, dim=1)
         embeddings = memo.get("position_embeddings")
