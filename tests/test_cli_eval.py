@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -44,8 +45,29 @@ def test_parser_knows_the_commands():
 
 def test_fidelity_then_report(tiny, tmp_path, capsys):
     out = tmp_path / "fid"
-    rc = main(["eval", "fidelity", "--limit", "2", "--steps", "12", "-m", "full", "-m", "slide:8/4",
-               "-m", "slide:4/8", "--model", "some/dir", "--gguf-file", "m.gguf", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "fidelity",
+            "--limit",
+            "2",
+            "--steps",
+            "12",
+            "-m",
+            "full",
+            "-m",
+            "slide:8/4",
+            "-m",
+            "slide:4/8",
+            "--model",
+            "some/dir",
+            "--gguf-file",
+            "m.gguf",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1  # one method could not run
     assert "skipping method 'slide:4/8'" in captured.err and "recent" in captured.err
@@ -55,6 +77,7 @@ def test_fidelity_then_report(tiny, tmp_path, capsys):
     assert {r["method"] for r in rows} == {"reference", "full", "slide:8/4"}
 
     import matplotlib  # noqa: F401  (the report needs it; a test dependency)
+
     assert main(["report", str(out)]) == 0
     assert "fidelity_over_steps.png" in capsys.readouterr().out
     assert (out / "report.md").exists() and (out / "kv_over_steps.png").exists()
@@ -62,8 +85,27 @@ def test_fidelity_then_report(tiny, tmp_path, capsys):
 
 def test_longgenbench_cli(tiny, tmp_path, capsys):
     out = tmp_path / "lgb"
-    rc = main(["eval", "longgenbench", "--task", "csqa", "--limit", "1", "--max-questions", "3", "--max-new-tokens", "10",
-               "-m", "full", "-m", "discontinuous:8/4", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "longgenbench",
+            "--task",
+            "csqa",
+            "--limit",
+            "1",
+            "--max-questions",
+            "3",
+            "--max-new-tokens",
+            "10",
+            "-m",
+            "full",
+            "-m",
+            "discontinuous:8/4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "longgenbench.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["full", "discontinuous:8/4"]
@@ -91,21 +133,60 @@ def test_build_command(tmp_path, capsys):
 
 def test_device_map_reaches_the_loader(tiny, tmp_path):
     out = tmp_path / "fid"
-    assert main(["eval", "fidelity", "--limit", "1", "--steps", "6", "-m", "slide:8/4", "--device-map", "auto",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "fidelity",
+                "--limit",
+                "1",
+                "--steps",
+                "6",
+                "-m",
+                "slide:8/4",
+                "--device-map",
+                "auto",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert tiny[-1][2] == "None" and tiny[-1][5] == "auto"  # no single device: accelerate places the model
-    assert main(["eval", "fidelity", "--limit", "1", "--steps", "6", "-m", "slide:8/4", "--device-map",
-                 '{"": "cpu"}', "--out", str(tmp_path / "fid2"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "fidelity",
+                "--limit",
+                "1",
+                "--steps",
+                "6",
+                "-m",
+                "slide:8/4",
+                "--device-map",
+                '{"": "cpu"}',
+                "--out",
+                str(tmp_path / "fid2"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert tiny[-1][5] == {"": "cpu"}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device-map", "auto", "--device", "cpu"], "exclude each other"),
-    (["--device-map", "auto", "--rank", "0", "--world-size", "2"], "data-parallel"),
-    (["--device-map", "{not json"], "not valid JSON"),
-    (["--device-map", '["cpu"]'], "must be an object"),
-    (["--device-map", "everywhere"], "must be auto, balanced"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device-map", "auto", "--device", "cpu"], "exclude each other"),
+        (["--device-map", "auto", "--rank", "0", "--world-size", "2"], "data-parallel"),
+        (["--device-map", "{not json"], "not valid JSON"),
+        (["--device-map", '["cpu"]'], "must be an object"),
+        (["--device-map", "everywhere"], "must be auto, balanced"),
+    ],
+)
 def test_device_map_misuse_is_refused(tiny, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "fidelity", "-m", "full", "--out", str(tmp_path), *argv])
@@ -133,6 +214,89 @@ def test_every_option_has_help_and_tasks_come_from_the_task_table():
                 assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help text"
             if "--task" in action.option_strings:
                 assert list(action.choices) == list(TASKS), parser.prog
+
+
+def test_help_cites_only_files_of_the_repository():
+    for parser in _parsers(build_parser()):
+        texts = [parser.description or "", *(a.help or "" for a in parser._actions)]
+        for text in texts:
+            assert "SCOPE_SPEC" not in text and "DESIGN" not in text, (parser.prog, text)
+
+
+def test_demo_help_states_both_modes_measured_times():
+    from scope_kv import demo
+
+    help_text = next(p for p in _parsers(build_parser()) if p.prog.endswith(" demo")).format_help()
+    for measured in (demo.QUICK_TIME, demo.LONG_TIME):
+        assert re.fullmatch(r"about \d+(\.\d+)? min(utes)?", measured), measured
+    flat = " ".join(help_text.split())
+    assert demo.QUICK_TIME in flat and demo.LONG_TIME in flat and "another job" in flat
+
+
+def test_a_method_that_evicts_nothing_in_the_run_is_warned_about(tiny, tmp_path, capsys):
+    rc = main(
+        [
+            "eval",
+            "fidelity",
+            "--limit",
+            "1",
+            "--steps",
+            "8",
+            "-m",
+            "slide:64/32",
+            "-m",
+            "slide:4/2",
+            "-m",
+            "snapkv:16+slide:64/32",
+            "-m",
+            "full",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "warning: slide:64/32 evicts nothing in this run" in err
+    assert "snapkv:16+slide:64/32: its decoding strategy evicts nothing" in err
+    assert "slide:4/2" not in err and "full" not in err.replace("full cache", "")
+    # longgenbench: max_new_tokens - 1 decode steps
+    main(
+        [
+            "eval",
+            "longgenbench",
+            "--limit",
+            "1",
+            "--max-questions",
+            "1",
+            "--max-new-tokens",
+            "65",
+            "-m",
+            "slide:64/32",
+            "--out",
+            str(tmp_path / "lgb"),
+            "--no-progress",
+        ]
+    )
+    assert "warning: slide:64/32 evicts nothing" in capsys.readouterr().err
+    main(
+        [
+            "eval",
+            "longgenbench",
+            "--limit",
+            "1",
+            "--max-questions",
+            "1",
+            "--max-new-tokens",
+            "66",
+            "-m",
+            "slide:64/32",
+            "--out",
+            str(tmp_path / "lgb2"),
+            "--no-progress",
+        ]
+    )
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_demo_never_installs_and_prints_the_command(monkeypatch, capsys):

@@ -185,8 +185,10 @@ def test_mistral_with_every_layer_sliding_is_refused_with_a_fix():
 
 def test_wrong_arguments_raise_type_error():
     model = make_model("llama")
-    with pytest.raises(TypeError, match="decoding must be"):
+    with pytest.raises(TypeError, match=r"make_cache\(model, 'slide'\)"):
         ScopeCache(model, decoding="slide")
+    with pytest.raises(TypeError, match="decoding must be"):
+        ScopeCache(model, decoding=42)
     with pytest.raises(TypeError, match="transformers model"):
         ScopeCache(model.config, decoding=Slide(8, 3))
 

@@ -172,9 +172,11 @@ SPLIT_KV_CASES = [  # (batch, q_heads, kv_heads, length, dim, splits (0: default
 ]
 
 
+@pytest.mark.triton
 def test_split_kv_decode_attention_matches_reference():
     """The split-KV Triton kernels under TRITON_INTERPRET=1 against the float32 reference: output
     and log-sum-exp, with padding masks, per-KV-head validity and every split count."""
+    assert kernels.triton_available(), "install the triton extra: pip install -e '.[triton]'"
     env = dict(os.environ, TRITON_INTERPRET="1")
     cases = ";".join(",".join(map(str, case)) for case in SPLIT_KV_CASES)
     done = subprocess.run([sys.executable, "-c", _SPLIT_KV_CHECK, cases], env=env, capture_output=True, text=True,
@@ -190,10 +192,11 @@ TRITON_CASES = [  # (batch, q_heads, kv_heads, dim, start, end, recent, rotation
 ]
 
 
+@pytest.mark.triton
 def test_evict_one_triton_matches_reference():
     """The Triton kernel under TRITON_INTERPRET=1 (read when Triton is imported, hence a fresh
     process) against the plain-torch reference: same evicted slots, pointer, and storage."""
-    assert kernels.triton_available(), "install triton (pip install triton) to test the kernel on the CPU"
+    assert kernels.triton_available(), "install the triton extra: pip install -e '.[triton]'"
     env = dict(os.environ, TRITON_INTERPRET="1")
     cases = ";".join(",".join(map(str, case)) for case in TRITON_CASES)
     done = subprocess.run([sys.executable, "-c", _TRITON_CHECK, cases], env=env, capture_output=True, text=True,
@@ -278,10 +281,11 @@ for case in sys.argv[1].split(";"):
 """
 
 
+@pytest.mark.triton
 def test_evict_one_batched_kernel_matches_reference():
     """One launch for several layers (kernels.EvictionBatch, TRITON_INTERPRET=1) leaves every
     layer exactly as the per-layer reference does; a group of one takes the per-layer kernel."""
-    assert kernels.triton_available(), "install triton (pip install triton) to test the kernel on the CPU"
+    assert kernels.triton_available(), "install the triton extra: pip install -e '.[triton]'"
     cases = "0,2,8,2,16,3;1,3,6,1,32,4;2,1,4,4,16,1"
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", _BATCHED_CHECK, cases], env=env, capture_output=True, text=True,
@@ -335,11 +339,12 @@ run(lambda: Slide(12, 5), False, False, 2)
 """
 
 
+@pytest.mark.triton
 def test_batched_evictions_match_per_layer_in_generate():
     """Whole-model check of the one-launch-per-step path (forced on the CPU under
     TRITON_INTERPRET=1): the same tokens, held entries and ring pointers as per-layer evictions,
     with padding + SnapKV, and under beam search (re-indexing between steps)."""
-    assert kernels.triton_available(), "install triton (pip install triton) to test the kernel on the CPU"
+    assert kernels.triton_available(), "install the triton extra: pip install -e '.[triton]'"
     env = dict(os.environ, TRITON_INTERPRET="1")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-c", _BATCHED_MODEL_CHECK, tests_dir], env=env, capture_output=True,

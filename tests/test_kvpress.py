@@ -1,6 +1,6 @@
 """kvpress scorer presses as SCOPE prefill compressors (scope_kv.integrations.kvpress).
 
-kvpress is installed without its dependencies (``pip install --no-deps kvpress``): its package
+kvpress is installed without its dependencies (``pip install --no-deps kvpress==0.5.5``): its package
 ``__init__`` imports every press, several of which need packages we do not install (cachetools,
 datasets, ...), and it patches transformers' attention functions at import. The presses
 themselves only need torch and transformers, so the test imports the press modules alone:
@@ -28,7 +28,7 @@ def _press_module(name: str) -> types.ModuleType:
     if "kvpress" not in sys.modules:
         spec = importlib.util.find_spec("kvpress")
         if spec is None:
-            pytest.skip("kvpress is not installed (pip install --no-deps kvpress)")
+            pytest.skip("kvpress is not installed: pip install --no-deps kvpress==0.5.5 (the README's install command does)")
         package = types.ModuleType("kvpress")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["kvpress"] = package

@@ -41,7 +41,7 @@ def _kvpress(budget: int):
     if "kvpress" not in sys.modules:
         spec = importlib.util.find_spec("kvpress")
         if spec is None:
-            pytest.skip("kvpress is not installed (pip install --no-deps kvpress)")
+            pytest.skip("kvpress is not installed: pip install --no-deps kvpress==0.5.5 (the README's install command does)")
         package = types.ModuleType("kvpress")  # bare package: see tests/test_kvpress.py
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["kvpress"] = package

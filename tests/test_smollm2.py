@@ -26,6 +26,16 @@ PROMPT_TOKENS = 1024
 NEW_TOKENS = 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On 2 cores shared with other work, one torch thread decoded SmolLM2 4-9x faster than two
+    # (threads wait for each other); on quiet cores it costs little at this model size.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     try:
@@ -168,7 +178,7 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
     # model, so the ~20 s GGUF load happens once per module (the fixture tests the loader).
     loads = []
     monkeypatch.setattr(scope_demo, "load_smollm2", lambda: loads.append(1) or smollm2)
-    status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16"])
+    status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16", "--threads", "1"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert loads == [1]
@@ -183,7 +193,46 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
     for new, speed, _, entries, mib in rows.values():
         assert 1 <= int(new) <= 16 and float(speed) > 0 and float(mib) > 0
         assert int(entries) == prompt_tokens + int(new) - 1  # 16 tokens stay under the budget
-    assert "first lines" in out
+    assert "first lines" in out and "What the numbers mean" in out
+    # the computed row for this run is the measured one
+    measured = {label: groups[4] for label, groups in rows.items()}
+    this_run = re.search(r"^\s+(\d+)\s+([\d.]+) MiB\s+([\d.]+) MiB\s+-?[\d.]+%\s+\(this run\)$", out, re.M)
+    assert this_run and (this_run.group(2), this_run.group(3)) == (
+        measured["DynamicCache"],
+        measured["ScopeCache slide:64/32"],
+    )
+
+
+def test_long_demo_shows_flat_against_growing(smollm2, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(scope_demo, "load_smollm2", lambda: smollm2)
+    png = tmp_path / "kv.png"
+    argv = ["demo", "--long", "--prompt-tokens", "256", "--max-new-tokens", "48", "--budget", "16", "--recent", "8"]
+    assert main([*argv, "--threads", "1", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    table = re.findall(r"^\s+([\d,]+)\s+([\d.]+) MiB\s+([\d.]+) MiB$", out, re.M)
+    assert [int(n) for n, _, _ in table] == [1, 6, 12, 18, 24, 30, 36, 42, 48]
+    full = [float(f) for _, f, _ in table]
+    assert full == sorted(full) and full[-1] > full[0] and len({s for _, _, s in table}) == 1
+    assert "from token 17 on it holds prompt + 16 entries" in " ".join(out.split())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_example_runs(smollm2, monkeypatch, capsys):
+    import pathlib
+    import runpy
+
+    monkeypatch.setattr(scope_models, "load_smollm2", lambda: smollm2)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert captured.out.count("new tokens after a") == 2 and "KV memory for longer answers" in captured.out
+    assert "SCOPE slide:64/32: 1/160 tokens" in captured.err  # live progress
+    held = [int(n) for n in re.findall(r"KV entries held per layer: (\d+)", captured.out)]
+    prompt = int(re.search(r"after a (\d+)-token prompt", captured.out).group(1))
+    assert held[1] <= prompt + 64 < held[0]
 
 
 def test_missing_model_says_how_to_install(monkeypatch, capsys):

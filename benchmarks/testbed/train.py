@@ -57,7 +57,9 @@ def _testbed():
 
 # ----------------------------------------------------------------------------- arguments
 
-FULL_STAGES = "4-8:8-16,8-16:16-32,16-32:32-64,32-64:64-128,48-64:128-256,56-72:288-416"
+# Few facts first: a lookup among 2-4 candidate values gets a strong gradient before the
+# content-matching heads exist; the last stage brackets the trained setting (64 facts, 352 items).
+FULL_STAGES = "2-4:4-8,4-8:8-16,8-16:16-32,16-32:32-64,32-64:64-128,48-64:128-256,56-72:288-416"
 SMOKE_STAGES = "2-3:3-4,3-4:4-6"
 
 
@@ -109,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--head-dim", type=int, default=0, help="0: hidden // heads")
     p.add_argument("--rope-theta", type=float, default=5e5)
     p.add_argument("--max-position", type=int, default=8192)
     p.add_argument("--embed-common", type=float, default=1.0,
@@ -123,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-stage-steps", type=int, default=50)
     p.add_argument("--replay", type=float, default=0.15, help="probability that a batch comes from an earlier stage")
     p.add_argument("--tokens-per-step", type=int, default=65536)
+    p.add_argument("--mix", default="0.3,0.3", help="source mix of the training programs: 'prompt,hot' probabilities (the rest: back)")
+    p.add_argument("--early-mix", default=None,
+                   help="source mix of every stage but the last two (default: --mix)")
     p.add_argument("--offset-prob", type=float, default=0.5, help="probability of a random position-id offset per row")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.02)
@@ -156,19 +162,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Settings a checkpoint must agree with to be resumed (the schedule length may change).
-_ARCH_KEYS = ("seed", "embed_std", "embed_common", "hidden", "layers", "heads", "kv_heads", "ffn", "rope_theta", "max_position", "stages")
+_ARCH_KEYS = ("seed", "embed_std", "embed_common", "hidden", "layers", "heads", "kv_heads", "ffn", "head_dim", "rope_theta", "max_position", "stages")
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def make_batch(testbed, rng: np.random.Generator, stage: Stage, tokens_per_step: int, max_position: int, offset_prob: float):
+def make_batch(testbed, rng: np.random.Generator, stage: Stage, tokens_per_step: int, max_position: int, offset_prob: float, mix):
     """One batch of one length: ids ``(B, T)``, position ids ``(B, T)``, prompt length, items, kinds ``(B, M)``."""
     n_bind = int(rng.integers(stage.bind_lo, stage.bind_hi + 1))
     n_items = int(rng.integers(stage.items_lo, stage.items_hi + 1))
     length = testbed.prompt_length(n_bind, n_items) + testbed.output_length(n_items)
     batch = max(1, tokens_per_step // length)
-    progs = testbed.task.sample_programs(rng, batch, n_bind, n_items)
+    progs = testbed.task.sample_programs(rng, batch, n_bind, n_items, mix)
     ids, plen = testbed.task.program_tokens(progs)
     room = max(0, max_position - length)
     offsets = np.where(rng.random(batch) < offset_prob, rng.integers(0, room + 1, batch), 0)
@@ -247,6 +253,7 @@ def build_model(testbed, args: argparse.Namespace, device: torch.device):
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         intermediate_size=args.ffn,
+        head_dim=args.head_dim or None,
         rope_theta=args.rope_theta,
         max_position_embeddings=args.max_position,
     )
@@ -342,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = ckpt_dir / "log.jsonl"
     stages = parse_stages(args.stages)
+    late_mix = testbed.Mix(*(float(x) for x in args.mix.split(",")))
+    early_mix = testbed.Mix(*(float(x) for x in (args.early_mix or args.mix).split(",")))
     arch = {k: getattr(args, k) for k in _ARCH_KEYS}
 
     model = build_model(testbed, args, device)
@@ -416,7 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
         stage_idx = state["stage"]
         if stage_idx > 0 and rng.random() < args.replay:
             stage_idx = int(rng.integers(0, state["stage"]))
-        ids, pos, plen, n_items, kinds = make_batch(testbed, rng, stages[stage_idx], args.tokens_per_step, args.max_position, args.offset_prob)
+        mix = early_mix if stage_idx < len(stages) - 2 else late_mix
+        ids, pos, plen, n_items, kinds = make_batch(testbed, rng, stages[stage_idx], args.tokens_per_step, args.max_position, args.offset_prob, mix)
         ids, pos, kinds = ids.to(device, non_blocking=True), pos.to(device, non_blocking=True), kinds.to(device, non_blocking=True)
         lr = lr_at(args, state["step"] - state.get("rewarm_from", 0), progress)
         for g in opt.param_groups:

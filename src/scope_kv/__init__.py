@@ -5,7 +5,7 @@ The prompt's KV (prefill pool) is kept whole, or compressed once by a prefill co
 to a budget by a heavy-hitter selector (slide, adaptive or discontinuous)::
 
     from scope_kv import ScopeCache, Slide
-    out = model.generate(**inputs, past_key_values=ScopeCache(model, decoding=Slide(512, 256)),
+    out = model.generate(**inputs, cache=ScopeCache(model, decoding=Slide(512, 256)),  # past_key_values= before 5.24
                          max_new_tokens=4096)
 
 or, from the method strings ``scope-kv eval`` reads (grammar: :mod:`scope_kv.spec`)::

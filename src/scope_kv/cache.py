@@ -75,10 +75,19 @@ class ScopeCache(Cache):
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}.")
+        given: tuple[object, ...] = (prefill, decoding)  # users pass spec strings here by mistake
+        strings = [s for s in given if isinstance(s, str)]
+        if strings:
+            spec = "+".join(strings)  # prefill first, as the spec grammar writes it
+            raise TypeError(
+                f"ScopeCache takes strategy objects (decoding=Slide(512, 256), prefill=SnapKV(2048)), not spec "
+                f"strings; to build a cache from {spec!r}, use scope_kv.make_cache(model, {spec!r})."
+            )
         if decoding is not None and not isinstance(decoding, DecodingStrategy):
             raise TypeError(
                 f"decoding must be Slide(...), Adaptive(...), Discontinuous(...), UnifiedH2O(...), "
-                f"UnifiedStreamingLLM(...) or None, got {decoding!r}."
+                f"UnifiedStreamingLLM(...) or None, got {decoding!r}; scope_kv.make_cache(model, 'slide:512/256') "
+                "builds a cache from a spec string."
             )
         if prefill is not None and not isinstance(prefill, PrefillCompressor):
             raise TypeError(

@@ -234,7 +234,8 @@ def split_kv_decode_attention(
     block = 64
     if splits is None:
         splits = default_splits(batch, kv_heads, length, keys.device)
-    chunk = -(-(-(-length // splits)) // block) * block
+    per_split = -(-length // splits)  # ceil(length / splits)
+    chunk = -(-per_split // block) * block  # rounded up to whole blocks
     splits = -(-length // chunk)
     group_pad = max(16, triton.next_power_of_2(group))
     rows = batch * kv_heads

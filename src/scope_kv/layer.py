@@ -110,7 +110,7 @@ class ScopeLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    # `crop` cannot restore evicted entries, so stop-string rollback / assisted decoding stay off.
+    # `crop` cannot restore evicted entries, so assisted decoding stays off (stop_strings= works).
     is_croppable = False
 
     def __init__(
@@ -218,7 +218,9 @@ class ScopeLayer(CacheLayerMixin):
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
         if q == 0:
-            raise ValueError("a forward with no tokens reached the cache: give generate a prompt of at least one token.")
+            raise ValueError(
+                "a forward with no tokens reached the cache: give generate a prompt of at least one token."
+            )
         decode = self.length > 0 and q == 1
         if self.static:
             self.prepare(q)  # (normally done already, when transformers sized this forward's mask)
@@ -280,8 +282,8 @@ class ScopeLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
-            "ScopeCache cannot be cropped: evicted entries cannot be restored. Assisted decoding and "
-            "stop-string rollback need a croppable cache (DynamicCache)."
+            "ScopeCache cannot be cropped: evicted entries cannot be restored. Assisted decoding "
+            "(assistant_model=, prompt_lookup_num_tokens=) needs a croppable cache (DynamicCache)."
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -286,9 +286,13 @@ def head_mask(backend: str, valid: torch.Tensor, q_heads: int, dtype: torch.dtyp
         The query dtype (eager's additive mask).
     """
     if backend.startswith("flash"):
-        raise ValueError("a static-layout ScopeCache needs per-head masks, which flash kernels do not take; "
-                         "load the model with attn_implementation='sdpa' (or 'eager').")
+        raise ValueError(
+            "a static-layout ScopeCache needs per-head masks, which flash kernels do not take; "
+            "load the model with attn_implementation='sdpa' (or 'eager')."
+        )
     allowed = valid.repeat_interleave(q_heads // valid.shape[1], dim=1)[:, :, None, :]
     if backend == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     return allowed

@@ -126,7 +126,7 @@ def load_smollm2(
 ) -> tuple[Any, Any]:
     """Load SmolLM2-135M-Instruct from its GGUF file, ready for ``generate``.
 
-    The model is de-quantised from Q4_1 (about 20 s on 2 CPU cores) and put in eval mode. Its
+    The model is de-quantised from Q4_1 (20-50 s on 2 CPU cores, the more the busier) and put in eval mode. Its
     end-of-turn token ``<|im_end|>`` (id 2) becomes the eos of both the tokenizer and
     ``model.generation_config``, and the same token is the pad token, so greedy generation
     stops at the end of the assistant's turn and batches can be padded.

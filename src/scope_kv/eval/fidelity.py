@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from ..compat import cache_kwargs
 from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
 from .longgenbench import Example, PromptSettings
 from .methods import Method
@@ -90,7 +91,7 @@ def _forward(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """One forward over ``ids`` (1, q) with ``cache``; returns last-position float32 logits (vocab,)."""
     seen = cache.get_seq_length()
     mask = torch.ones((1, seen + ids.shape[1]), dtype=torch.long, device=ids.device)
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     return out.logits[0, -1].float()
 
 

@@ -43,6 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from ..accounting import bytes_per_entry, kv_footprint
+from ..compat import cache_kwargs
 from .common import Progress, ResultStore, Shard, input_device, write_csv
 from .longgenbench import Example, PromptSettings, gold_output
 from .methods import Method
@@ -375,7 +376,7 @@ def full_reference(
                     input_ids=ids[:, a:b],
                     attention_mask=mask[:, :b],
                     position_ids=positions[:, a:b],
-                    past_key_values=cache,
+                    **cache_kwargs(cache),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -512,7 +513,7 @@ def teacher_force(
             input_ids=batch.prompt_ids[:, a:b],
             attention_mask=batch.prompt_mask[:, :b],
             position_ids=positions[:, a:b],
-            past_key_values=cache,
+            **cache_kwargs(cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -525,7 +526,7 @@ def teacher_force(
             input_ids=batch.gold_ids[:, t - 1 : t],
             attention_mask=mask[:, : p + t],
             position_ids=real + (t - 1),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             use_cache=True,
         )
         record(t, out.logits[:, -1])

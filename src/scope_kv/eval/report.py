@@ -150,7 +150,15 @@ def _style(method: str, methods: Sequence[str], colours: dict[str, Any]) -> dict
     """Colour (the family's), line style and marker (the method's rank in its family) of a method;
     the full cache in black, thicker, on top."""
     if _is_full(method):
-        return {"color": "black", "linewidth": 2.0, "zorder": 10, "linestyle": "-", "marker": "*"}
+        # the reference solid and topmost; a `full` ScopeCache beside it dashed (they coincide)
+        reference = method != "full"
+        return {
+            "color": "black",
+            "linewidth": 2.0,
+            "zorder": 11 if reference else 10,
+            "linestyle": "-" if reference else "--",
+            "marker": "*" if reference else "P",
+        }
     family = method_family(method)
     rank = [m for m in dict.fromkeys(methods) if not _is_full(m) and method_family(m) == family].index(method)
     return {

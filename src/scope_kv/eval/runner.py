@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..compat import cache_kwargs
 from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
 from .longgenbench import Example, PromptSettings, score_output
 from .methods import Method
@@ -171,7 +172,7 @@ def run_longgenbench(
             with torch.no_grad():
                 out = model.generate(
                     **inputs,
-                    past_key_values=cache,
+                    **cache_kwargs(cache),
                     max_new_tokens=settings.max_new_tokens,
                     do_sample=False,
                     stopping_criteria=StoppingCriteriaList([trace]),

@@ -15,7 +15,19 @@ ACL 2025)::
 
 from .evaluate import CacheFactory, SeedResult, TestbedResult, evaluate_caches
 from .model import DEFAULT_MODEL_DIR, TestbedModelMissingError, load_testbed, save_testbed, testbed_config
-from .task import DEFAULT_MIX, KINDS, TRAINED, Example, Item, Mix, execute, make_example, output_length, prompt_length, score
+from .task import (
+    DEFAULT_MIX,
+    KINDS,
+    TRAINED,
+    Example,
+    Item,
+    Mix,
+    execute,
+    make_example,
+    output_length,
+    prompt_length,
+    score,
+)
 from .tokenizer import VOCAB_SIZE, build_tokenizer
 
 __all__ = [

@@ -269,11 +269,12 @@ def evaluate_caches(
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         examples = [make_example(s, n_bindings, n_items, mix) for s in chunk]
-        texts, lengths, cache, peak, seconds = generate_outputs(model, tokenizer, examples, make_cache, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs
+        texts, lengths, cache, peak, seconds = generate_outputs(
+            model, tokenizer, examples, make_cache, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs
         )
         fp = kv_footprint(cache)
         rows = len(chunk)
-        for ex, text, n in zip(examples, texts, lengths):
+        for ex, text, n in zip(examples, texts, lengths, strict=True):
             correct = tuple(score(ex, text))
             results.append(
                 SeedResult(

@@ -56,6 +56,7 @@ def testbed_config(
     num_attention_heads: int = 8,
     num_key_value_heads: int = 2,
     intermediate_size: int = 768,
+    head_dim: int | None = None,
     rope_theta: float = 5e5,
     max_position_embeddings: int = 8192,
     **overrides: Any,
@@ -65,7 +66,9 @@ def testbed_config(
     Parameters
     ----------
     hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size : int
-        Geometry; ``head_dim = hidden_size // num_attention_heads``.
+        Geometry.
+    head_dim : int, optional
+        Width of one head; ``hidden_size // num_attention_heads`` by default.
     rope_theta : float
         RoPE base. Large, so that the slowest rotary pairs barely turn over the 8K positions
         of a 2x-length example and can match keys by content alone.
@@ -87,7 +90,7 @@ def testbed_config(
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
+        head_dim=head_dim or hidden_size // num_attention_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
@@ -176,9 +179,13 @@ def load_testbed(
     path = pathlib.Path(path) if path is not None else DEFAULT_MODEL_DIR
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json") if not (path / name).is_file()]
     if missing:
-        raise TestbedModelMissingError(f"No trained testbed model in {path} (missing {', '.join(missing)}).\n{_MISSING_HINT}")
+        raise TestbedModelMissingError(
+            f"No trained testbed model in {path} (missing {', '.join(missing)}).\n{_MISSING_HINT}"
+        )
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    model.to(device).eval()
+    model.eval()
+    if torch.device(device) != model.device:
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types .to's first argument oddly
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -240,9 +240,9 @@ def program_tokens(programs: Programs) -> tuple[np.ndarray, int]:
     const = lambda t, n: np.full((B, n), t, dtype=np.int64)  # noqa: E731
     bind = np.stack([name_tok[:, :N], const(EQ, N), val_tok[:, :N], const(SEMI, N)], axis=-1).reshape(B, 4 * N)
     prog = np.stack([src_tok, const(GT, M), dst_tok, const(SEMI, M)], axis=-1).reshape(B, 4 * M)
-    out = np.stack(
-        [src_tok, const(GT, M), dst_tok, const(EQ, M), val_tok[:, N:], const(SEMI, M)], axis=-1
-    ).reshape(B, 6 * M)
+    out = np.stack([src_tok, const(GT, M), dst_tok, const(EQ, M), val_tok[:, N:], const(SEMI, M)], axis=-1).reshape(
+        B, 6 * M
+    )
     ids = np.concatenate([const(BOS, 1), bind, const(SEP, 1), prog, const(SEP, 1), out, const(EOS, 1)], axis=1)
     return ids, prompt_length(N, M)
 
@@ -319,7 +319,9 @@ class Example:
         return tuple(item.text for item in self.items)
 
 
-def make_example(seed: int, n_bindings: int = TRAINED.n_bindings, n_items: int = TRAINED.n_items, mix: Mix = DEFAULT_MIX) -> Example:
+def make_example(
+    seed: int, n_bindings: int = TRAINED.n_bindings, n_items: int = TRAINED.n_items, mix: Mix = DEFAULT_MIX
+) -> Example:
     """The testbed example of ``seed`` (deterministic: same arguments, same example).
 
     Parameters
