@@ -1,4 +1,4 @@
-"""The ``scope-kv`` command: ``demo``, ``eval longgenbench|fidelity|gold|build`` and ``report``.
+"""The ``scope-kv`` command: ``demo``, ``eval longgenbench|fidelity|gold|testbed|build`` and ``report``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
         -m full -m slide:64/32 -m snapkv:256+slide:64/32 -m unified-h2o:320/32 --out runs/fid
     scope-kv eval longgenbench --task gsm8k -m full -m slide:512/256 --out runs/lgb
     scope-kv eval gold --questions 30 --out runs/gold-k30      # the default equal-memory grid
+    scope-kv eval testbed --seeds 16 --scale 1 2 --out runs/testbed
     scope-kv report runs/fid
 """
 
@@ -217,6 +218,59 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     gold.add_argument("--per-token", action="store_true", help="also store per-token lists in gold.jsonl (large)")
     gold.set_defaults(func=_run_gold)
+
+    tb = harness.add_parser(
+        "testbed",
+        help="item accuracy of each method on the trained long-output testbed (exact match)",
+        description="Greedy generation on fresh testbed examples (scope_kv.testbed) under each method: "
+        "item accuracy against KV entries held, overall and by output position. Without -m, runs "
+        "full and the equal-memory grid of --budgets (docs/eval.md).",
+    )
+    tb.add_argument(
+        "--model-dir",
+        type=pathlib.Path,
+        default=None,
+        help="a directory written by scope_kv.testbed.save_testbed (default: the model shipped in the package)",
+    )
+    tb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    tb.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and KV (default float32)",
+    )
+    tb.add_argument(
+        "-m",
+        "--method",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="method spec, repeatable (default: full and the equal-memory grid of --budgets)",
+    )
+    tb.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[128, 256, 512],
+        metavar="B",
+        help="decoding budgets of the default grid (recent window B/2; default 128 256 512)",
+    )
+    tb.add_argument("--seeds", type=int, default=16, help="fresh examples per method and scale (default 16)")
+    tb.add_argument("--seed-start", type=int, default=1_000_000, help="first seed (default 1000000)")
+    tb.add_argument(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="output lengths as multiples of the trained number of items (default 1; e.g. 1 2)",
+    )
+    tb.add_argument("--bindings", type=int, default=None, help="facts in the prompt (default: the trained setting's)")
+    tb.add_argument("--items", type=int, default=None, help="items at scale 1 (default: the trained setting's)")
+    tb.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
+    tb.add_argument("--out", required=True, type=pathlib.Path, help="results directory (resumable)")
+    tb.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tb.set_defaults(func=_run_testbed)
 
     build = harness.add_parser(
         "build",
@@ -446,6 +500,50 @@ def _run_gold(args: argparse.Namespace) -> int:
     run_gold(model, tok, items, methods, args.out, settings, shard, not args.no_progress, info)
     if shard.is_main:
         _print_summary(args.out / "gold_summary.csv", GOLD_COLUMNS)
+    return 1 if errors else 0
+
+
+def _run_testbed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.methods import parse_methods
+    from .eval.testbed import COLUMNS, TestbedSettings, run_testbed, testbed_grid
+    from .testbed import TRAINED, TestbedModelMissingError, load_testbed, output_length, prompt_length
+
+    try:
+        settings = TestbedSettings(
+            seeds=args.seeds,
+            seed_start=args.seed_start,
+            scales=tuple(args.scale),
+            n_bindings=args.bindings if args.bindings is not None else TRAINED.n_bindings,
+            n_items=args.items if args.items is not None else TRAINED.n_items,
+            batch_size=args.batch_size,
+        )
+        specs = args.method or testbed_grid(args.budgets)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    longest = max(settings.items_at(s) for s in settings.scales)
+    methods, errors = parse_methods(specs, output_length(longest))
+    for spec, message in errors.items():
+        _err(f"skipping method {spec!r}: {message}")
+    if not methods and args.method:
+        return 2
+    _warn_idle(methods, output_length(longest) - 1, [prompt_length(settings.n_bindings, longest)])
+    try:
+        model, tok = load_testbed(args.model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    except TestbedModelMissingError as exc:
+        _err(str(exc))
+        return 2
+    info = {"model_dir": str(args.model_dir) if args.model_dir else "shipped", "dtype": args.dtype}
+    run_testbed(model, tok, methods, args.out, settings, not args.no_progress, info)
+    import csv
+
+    from .eval.report import markdown_table
+
+    with (args.out / "testbed_summary.csv").open(encoding="utf-8") as fh:
+        print(markdown_table(list(csv.DictReader(fh)), COLUMNS))
+    print(f"\nreport and plots: {args.out / 'testbed_report.md'}")
     return 1 if errors else 0
 
 

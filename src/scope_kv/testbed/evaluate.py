@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import compat
 from ..accounting import kv_footprint
 from .task import DEFAULT_MIX, TRAINED, Example, Mix, make_example, output_length, score
 from .tokenizer import EOS, PAD
@@ -140,9 +141,9 @@ class _PeakFootprint:
         self.allocated = 0
 
     def __call__(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_argument(kwargs)
         if cache is None:
-            cache = getattr(output, "past_key_values", None)
+            cache = compat.output_cache(output)
         if cache is None or not hasattr(cache, "layers"):
             return
         fp = kv_footprint(cache)
@@ -201,7 +202,7 @@ def generate_outputs(
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                **compat.cache_kwargs(cache),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=EOS,
@@ -218,7 +219,7 @@ def generate_outputs(
         n = row.index(EOS) + 1 if EOS in row else len(row)
         lengths.append(n)
         texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
-    return texts, lengths, out.past_key_values, peak, seconds
+    return texts, lengths, compat.output_cache(out), peak, seconds
 
 
 def evaluate_caches(

@@ -1,0 +1,330 @@
+"""``scope-kv eval testbed``: item accuracy of every cache method on the long-output testbed.
+
+The testbed (:mod:`scope_kv.testbed`) is a task whose answers are checked by exact match and a
+small model trained to solve it; this harness runs greedy ``generate`` on fresh seeds under each
+method and records, per seed, which items came out right and how much KV the cache held. The
+default grid is the gold harness's equal-memory grid (:func:`~.methods.gold_grid`): SCOPE's
+strategies at ``P + B`` entries per layer and KV head, the unified baselines at the same
+``P + B``, SnapKV(``P/4``) + slide against unified H2O at ``P/4 + B``; plus ``full`` (a
+``ScopeCache`` that compresses nothing) beside transformers' ``DynamicCache`` (the reference).
+
+Lengths: ``--scale s`` multiplies the trained number of items (the output, and the program lines
+in the prompt, grow ``s`` times; the facts stay), so ``--scale 1 2`` measures the trained setting
+and twice its output length.
+
+Results are resumable JSON lines (``testbed.jsonl``, one record per method x scale x seed), a
+summary CSV and markdown table, and two plots per scale: accuracy against KV entries per method
+family, and accuracy by output position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..testbed import DEFAULT_MIX, TRAINED, evaluate_caches, output_length, prompt_length
+from .common import Progress, ResultStore, Shard, write_csv
+from .gold import method_family
+from .methods import Method, gold_grid
+
+__all__ = ["REFERENCE", "RESULTS", "TestbedSettings", "summarize", "testbed_grid", "run_testbed", "write_report"]
+
+RESULTS = "testbed"
+REFERENCE = "DynamicCache"
+"""The method name of transformers' own cache (what every other method is compared with)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedSettings:
+    """What a testbed run measures (stored with the results; a resumed run must repeat it).
+
+    Attributes
+    ----------
+    seeds : int
+        Examples per scale and method.
+    seed_start : int
+        First seed (examples ``seed_start .. seed_start + seeds - 1``). The training script
+        draws its programs from its own random stream, so every seed is an unseen example.
+    scales : tuple[float, ...]
+        Output lengths as multiples of the trained number of items.
+    n_bindings : int
+        Facts in the prompt.
+    n_items : int
+        Items at scale 1.
+    batch_size : int
+        Rows per ``generate`` call.
+    position_bins : int
+        Bins of the accuracy-by-position curve.
+    """
+
+    __test__ = False  # not a pytest class
+
+    seeds: int = 16
+    seed_start: int = 1_000_000
+    scales: tuple[float, ...] = (1.0,)
+    n_bindings: int = TRAINED.n_bindings
+    n_items: int = TRAINED.n_items
+    batch_size: int = 8
+    position_bins: int = 16
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}.")
+        if self.seed_start < 0:
+            raise ValueError(f"--seed-start must be >= 0, got {self.seed_start}.")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"--scale takes positive multiples of the trained length, got {list(self.scales)}.")
+        if self.n_bindings < 1 or self.n_items < 1:
+            raise ValueError(f"--bindings and --items must be >= 1, got {self.n_bindings} and {self.n_items}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.position_bins < 1:
+            raise ValueError(f"position_bins must be >= 1, got {self.position_bins}.")
+
+    def items_at(self, scale: float) -> int:
+        """Items of an example at ``scale`` (at least one)."""
+        return max(1, round(self.n_items * scale))
+
+
+def testbed_grid(budgets: Sequence[int] = (128, 256, 512)) -> list[str]:
+    """The default methods: ``full`` and the equal-memory grid of :func:`~.methods.gold_grid`."""
+    return ["full", *gold_grid(budgets)]
+
+
+def _record(method: str, scale: float, n_items: int, prompt: int, seed: Any, layers: int) -> dict[str, Any]:
+    entries = list(seed.entries)
+    return {
+        "method": method,
+        "family": REFERENCE if method == REFERENCE else method_family(method),
+        "scale": scale,
+        "seed": seed.seed,
+        "n_items": n_items,
+        "prompt_tokens": prompt,
+        "gold_tokens": output_length(n_items),
+        "new_tokens": seed.new_tokens,
+        "accuracy": seed.accuracy,
+        "correct": [int(c) for c in seed.correct],
+        "output": seed.generated,
+        # per layer, per row and KV head, after the last step; the bound is the largest layer's
+        "kv_entries": max(entries),
+        "kv_entries_mean": sum(entries) / layers,
+        "kv_held_bytes": seed.held_bytes,
+        "kv_allocated_peak_bytes": seed.peak_allocated_bytes,
+        "seconds": seed.seconds,
+    }
+
+
+def run_testbed(
+    model: Any,
+    tokenizer: Any,
+    methods: Sequence[Method],
+    out_dir: str | pathlib.Path,
+    settings: TestbedSettings,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every method (and the ``DynamicCache`` reference) at every scale; resumable.
+
+    Parameters
+    ----------
+    model, tokenizer
+        From :func:`scope_kv.testbed.load_testbed`.
+    methods : sequence of Method
+        Parsed specs (:func:`~.methods.parse_methods`).
+    out_dir : path
+        Results directory (``testbed.jsonl``, ``testbed.config.json``, summary, plots).
+    settings : TestbedSettings
+    progress : bool
+        tqdm bars: runs done, and tokens of the current ``generate`` call.
+    info : dict, optional
+        More settings stored with the results (e.g. the model directory).
+
+    Returns
+    -------
+    list[dict]
+        Every record of the directory (this run's and earlier ones).
+    """
+    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(info or {})}
+    store = ResultStore(out_dir, RESULTS, Shard(), config)
+    done = store.done(lambda r: (r["method"], r["scale"], r["seed"]))
+    layers = model.config.num_hidden_layers
+    names = [REFERENCE, *(m.spec for m in methods)]
+    by_name: dict[str, Method | None] = {REFERENCE: None, **{m.spec: m for m in methods}}
+    seeds = list(range(settings.seed_start, settings.seed_start + settings.seeds))
+    batches = [seeds[i : i + settings.batch_size] for i in range(0, len(seeds), settings.batch_size)]
+    todo = [
+        (scale, name, batch)
+        for scale in settings.scales
+        for name in names
+        for batch in batches
+        if any((name, scale, s) not in done for s in batch)
+    ]
+    bars = Progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed")
+    try:
+        for scale, name, batch in todo:
+            n_items = settings.items_at(scale)
+            prompt = prompt_length(settings.n_bindings, n_items)
+            method = by_name[name]
+            make = None if method is None else _factory(method)
+            bars.start(f"{name} x{scale:g}", output_length(n_items))
+            result = evaluate_caches(
+                model,
+                tokenizer,
+                [s for s in batch if (name, scale, s) not in done],
+                make,
+                n_bindings=settings.n_bindings,
+                n_items=n_items,
+                mix=DEFAULT_MIX,
+                batch_size=settings.batch_size,
+                generate_kwargs={"streamer": _Ticks(bars)},
+            )
+            for seed in result.seeds:
+                store.append(_record(name, scale, n_items, prompt, seed, layers))
+            bars.done(accuracy=f"{result.accuracy:.3f}")
+    finally:
+        bars.close()
+    store.finish(lambda r: (r["method"], r["scale"], r["seed"]), lambda r: (r["scale"], r["method"], r["seed"]))
+    rows = store.records()
+    write_report(rows, out_dir, settings.position_bins)
+    return rows
+
+
+def _factory(method: Method) -> Any:
+    def make(model: Any, prompt_ids: torch.Tensor) -> Any:
+        # testbed prompts of one scale have one length: no padding, one budget for the batch
+        return method.make_cache(model, prompt_tokens=int(prompt_ids.shape[-1]))
+
+    return make
+
+
+class _Ticks:
+    """A ``generate`` streamer that only advances the progress bar (one tick per step)."""
+
+    def __init__(self, bars: Progress):
+        self.bars = bars
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands the prompt to the streamer first
+            self.prompt_seen = True
+            return
+        self.bars.step()
+
+    def end(self) -> None:
+        pass
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scale, method): accuracy overall and per output quarter, KV held, time.
+
+    ``kv_vs_full`` divides a method's held entries by the reference's at the same scale.
+    """
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["scale"], r["method"]), []).append(r)
+    full = {scale: np.mean([r["kv_entries"] for r in rs]) for (scale, m), rs in groups.items() if m == REFERENCE}
+    out = []
+    for (scale, method), rs in groups.items():
+        correct = np.array([r["correct"] for r in rs], dtype=float)  # (seeds, items)
+        quarters = np.array_split(np.arange(correct.shape[1]), 4)
+        entries = float(np.mean([r["kv_entries"] for r in rs]))
+        row = {
+            "scale": scale,
+            "method": method,
+            "family": rs[0]["family"],
+            "seeds": len(rs),
+            "prompt_tokens": rs[0]["prompt_tokens"],
+            "gold_tokens": rs[0]["gold_tokens"],
+            "accuracy": float(correct.mean()),
+            "exact_outputs": float(np.mean([r["accuracy"] == 1.0 for r in rs])),
+            **{
+                f"accuracy_q{i + 1}": float(correct[:, q].mean()) if len(q) else float("nan")
+                for i, q in enumerate(quarters)
+            },
+            "kv_entries": round(entries, 1),
+            "kv_vs_full": round(entries / full[scale], 4) if scale in full else float("nan"),
+            "kv_mib": round(float(np.mean([r["kv_held_bytes"] for r in rs])) / 2**20, 3),
+            "seconds_per_seed": round(float(np.mean([r["seconds"] for r in rs])) / max(1, len(rs)), 2),
+        }
+        out.append(row)
+    order = [REFERENCE, "full"]
+    return sorted(out, key=lambda r: (r["scale"], r["method"] not in order, r["kv_entries"], r["method"]))
+
+
+COLUMNS = [
+    ("scale", "length x"),
+    ("method", "method"),
+    ("kv_entries", "KV entries / layer / KV head"),
+    ("kv_vs_full", "KV vs full"),
+    ("accuracy", "item accuracy"),
+    ("accuracy_q1", "Q1"),
+    ("accuracy_q2", "Q2"),
+    ("accuracy_q3", "Q3"),
+    ("accuracy_q4", "Q4"),
+    ("exact_outputs", "outputs all right"),
+    ("seeds", "seeds"),
+]
+
+
+def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, position_bins: int = 16) -> pathlib.Path:
+    """Summary CSV/JSON, ``testbed_report.md`` and the plots of a testbed run; returns the report path."""
+    from .report import _figure, _style, markdown_table, method_colours
+
+    out = pathlib.Path(out_dir)
+    summary = summarize(rows)
+    write_csv(summary, out / "testbed_summary.csv")
+    (out / "testbed_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    colours = method_colours(methods)
+    lines = ["# Testbed: item accuracy against KV memory", ""]
+    for scale in sorted({r["scale"] for r in summary}):
+        part = [r for r in summary if r["scale"] == scale]
+        first = part[0]
+        lines += [
+            f"## {scale:g}x the trained output length: {first['prompt_tokens']}-token prompts, "
+            f"{first['gold_tokens']}-token outputs",
+            "",
+            markdown_table(part, COLUMNS),
+            "",
+        ]
+        # accuracy against entries: one line per family through its budgets
+        fig, (ax,) = _figure()
+        for family in dict.fromkeys(r["family"] for r in part):
+            pts = sorted((r["kv_entries"], r["accuracy"], r["method"]) for r in part if r["family"] == family)
+            style = _style(pts[0][2], methods, colours)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, label=family, **style)
+        ax.set_xlabel("KV entries held per layer and KV head")
+        ax.set_ylabel("item accuracy (exact match)")
+        ax.set_title(f"testbed, {scale:g}x trained length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        name = f"testbed_accuracy_x{scale:g}.png"
+        fig.savefig(out / name, dpi=120)
+        # accuracy by output position
+        fig, (ax,) = _figure()
+        for method in dict.fromkeys(r["method"] for r in part):
+            rs = [r for r in rows if r["scale"] == scale and r["method"] == method]
+            correct = np.array([r["correct"] for r in rs], dtype=float)
+            bins = np.array_split(np.arange(correct.shape[1]), min(position_bins, correct.shape[1]))
+            xs = [(b[0] + b[-1]) / 2 + 1 for b in bins if len(b)]
+            ys = [correct[:, b].mean() for b in bins if len(b)]
+            style = _style(method, methods, colours)
+            ax.plot(xs, ys, label=method, **style)
+        ax.set_xlabel("item (output position)")
+        ax.set_ylabel("item accuracy")
+        ax.set_title(f"testbed, {scale:g}x trained length: accuracy along the output")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        pos_name = f"testbed_by_position_x{scale:g}.png"
+        fig.savefig(out / pos_name, dpi=120)
+        lines += [f"![accuracy against KV]({name})", "", f"![accuracy by position]({pos_name})", ""]
+    path = out / "testbed_report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
