@@ -19,7 +19,7 @@ same command continues from it. Each call also writes the current model to ``--o
 (``save_pretrained``, fp16 safetensors, + tokenizer) with the log; the call that finishes the
 schedule evaluates greedy generation on fresh seeds (``final_eval.json``).
 
-    python benchmarks/testbed/train.py --out OUT --ckpt /tmp/testbed_ckpt --time-budget-s 500 --train-s 1380
+    python benchmarks/testbed/train.py --out OUT --ckpt /tmp/testbed_ckpt --time-budget-s 520 --train-s 1250
     python benchmarks/testbed/train.py --smoke --out /tmp/tb_out --ckpt /tmp/tb_ckpt --max-steps 3
 
 See NOTES.md next to this file.
