@@ -113,6 +113,28 @@ def test_longgenbench_cli(tiny, tmp_path, capsys):
     assert "| csqa | full |" in capsys.readouterr().out
 
 
+def test_longgenbench_runs_the_paper_setting(tiny, tmp_path, monkeypatch):
+    """The research code's behaviour (README, "Reproducing the paper's numbers") is one spec on the CLI."""
+    from scope_kv.spec import CacheSpec
+
+    made = []
+    original = CacheSpec.make_cache
+
+    def spy(self, *args, **kwargs):
+        made.append(original(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(CacheSpec, "make_cache", spy)
+    out = tmp_path / "paper"
+    argv = ["eval", "longgenbench", "--task", "csqa", "--limit", "1", "--max-questions", "3",
+            "--max-new-tokens", "24", "-m", "adaptive:8/4,uncapped,per_query_head", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    (cache,) = made
+    assert cache.per_query_head and cache.decoding.cap_budget is False
+    (row,) = [json.loads(line) for line in (out / "longgenbench.jsonl").read_text().splitlines()]
+    assert row["method"] == "adaptive:8/4,uncapped,per_query_head" and row["output_tokens"] == 24
+
+
 def test_all_methods_bad_or_no_results(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "fidelity", "-m", "nonsense", "--out", str(tmp_path)])
