@@ -63,6 +63,12 @@ def test_cli_runs_resumes_and_reports(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "item accuracy" in printed and "testbed_report.md" in printed
 
+    # scope-kv report knows testbed directories too
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Testbed" in report and "slide:8/4" in report
+    assert (tmp_path / "report" / "testbed_accuracy_x2.png").exists()
+
     before = (out / "testbed.jsonl").read_text()
     assert _run(model_dir, out) == 0  # resumed: nothing left to run, nothing appended
     assert (out / "testbed.jsonl").read_text() == before

@@ -32,6 +32,8 @@ from .fidelity import summarize_fidelity
 from .gold import REFERENCE, method_family, summarize_gold
 from .methods import gold_grid
 from .runner import summarize_longgenbench
+from .testbed import load_records as load_testbed_records
+from .testbed import write_report as write_testbed_report
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +273,7 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
     Raises
     ------
     FileNotFoundError
-        If the directory holds neither ``longgenbench.jsonl`` nor ``fidelity.jsonl`` results.
+        If the directory holds no results of any harness.
     """
     directory = pathlib.Path(directory)
     out = pathlib.Path(out_dir) if out_dir is not None else directory
@@ -279,16 +281,21 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
     lgb = load_results(directory, "longgenbench")
     fid = load_results(directory, "fidelity")
     gold = load_results(directory, "gold")
-    if not lgb and not fid and not gold:
+    testbed = load_testbed_records(directory)
+    if not lgb and not fid and not gold and not testbed:
         raise FileNotFoundError(
             f"{directory} holds no results: run `scope-kv eval longgenbench --out {directory} ...`, "
-            f"`scope-kv eval fidelity --out {directory} ...` or `scope-kv eval gold --out {directory}` first."
+            f"`scope-kv eval fidelity --out {directory} ...`, `scope-kv eval gold --out {directory}` or "
+            f"`scope-kv eval testbed --out {directory}` first."
         )
     parts = [f"# scope_kv evaluation report\n\nResults from `{directory}`.\n"]
     # one colour per method (its family's) across every plot of the report
     colours = method_colours(list(dict.fromkeys(r["method"] for r in [*gold, *fid, *lgb])))
     if gold:
         parts.append(_gold_section(gold, out, colours))
+    if testbed:
+        section = write_testbed_report(testbed, out).read_text(encoding="utf-8")
+        parts.append(section.replace("# Testbed", "## Testbed", 1).replace("\n## ", "\n### "))
     if fid:
         summary = summarize_fidelity(fid)
         write_csv(summary, out / "fidelity_summary.csv")

@@ -33,7 +33,16 @@ from .common import Progress, ResultStore, Shard, write_csv
 from .gold import method_family
 from .methods import Method, gold_grid
 
-__all__ = ["REFERENCE", "RESULTS", "TestbedSettings", "summarize", "testbed_grid", "run_testbed", "write_report"]
+__all__ = [
+    "REFERENCE",
+    "RESULTS",
+    "TestbedSettings",
+    "load_records",
+    "run_testbed",
+    "summarize",
+    "testbed_grid",
+    "write_report",
+]
 
 RESULTS = "testbed"
 REFERENCE = "DynamicCache"
@@ -152,7 +161,7 @@ def run_testbed(
     """
     config = {"harness": RESULTS, **dataclasses.asdict(settings), **(info or {})}
     store = ResultStore(out_dir, RESULTS, Shard(), config)
-    done = store.done(lambda r: (r["method"], r["scale"], r["seed"]))
+    done = store.done(_key)
     layers = model.config.num_hidden_layers
     names = [REFERENCE, *(m.spec for m in methods)]
     by_name: dict[str, Method | None] = {REFERENCE: None, **{m.spec: m for m in methods}}
@@ -189,10 +198,29 @@ def run_testbed(
             bars.done(accuracy=f"{result.accuracy:.3f}")
     finally:
         bars.close()
-    store.finish(lambda r: (r["method"], r["scale"], r["seed"]), lambda r: (r["scale"], r["method"], r["seed"]))
-    rows = store.records()
+    store.finish(_key, lambda r: (r["scale"], r["method"], r["seed"]))
+    rows = load_records(out_dir)
     write_report(rows, out_dir, settings.position_bins)
     return rows
+
+
+def _key(record: dict[str, Any]) -> tuple[str, float, int]:
+    return record["method"], record["scale"], record["seed"]
+
+
+def load_records(directory: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Every testbed record in ``directory`` (merged file and part files, first of each key kept)."""
+    directory = pathlib.Path(directory)
+    seen: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for path in [directory / f"{RESULTS}.jsonl", *sorted(directory.glob(f"{RESULTS}.part-*-of-*.jsonl"))]:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by an interrupted run
+                    continue
+                seen.setdefault(_key(row), row)
+    return sorted(seen.values(), key=lambda r: (r["scale"], r["method"], r["seed"]))
 
 
 def _factory(method: Method) -> Any:
