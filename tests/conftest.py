@@ -88,3 +88,15 @@ def arch(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    On 2 cores shared with other work one thread decoded SmolLM2 4-9x faster than two (threads
+    wait for each other); tiny models gain nothing from more; on quiet cores it costs little."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

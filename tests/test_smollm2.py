@@ -20,20 +20,10 @@ from scope_kv.cli import main
 from scope_kv.demo import gsm8k_prompt, timed_generate
 from scope_kv.models import GGUF_ENV, ModelNotFoundError, ModelUnavailableError, find_smollm2, load_smollm2
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]  # conftest.py
 
 PROMPT_TOKENS = 1024
 NEW_TOKENS = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On 2 cores shared with other work, one torch thread decoded SmolLM2 4-9x faster than two
-    # (threads wait for each other); on quiet cores it costs little at this model size.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

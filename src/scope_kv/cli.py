@@ -112,6 +112,17 @@ def _add_common(p: argparse.ArgumentParser, methods_required: bool = True, metho
     )
 
 
+def _add_budgets(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[128, 256, 512],
+        metavar="B",
+        help="decoding budgets of the default grid (recent window B/2; default 128 256 512)",
+    )
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p_eval = sub.add_parser("eval", help="run an evaluation harness", description="Evaluate cache methods.")
     harness = p_eval.add_subparsers(dest="harness", required=True)
@@ -163,14 +174,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "(e.g. 60 joins rows 0-1, 2-3, ... of the 30-question file; --limit then counts those); "
         "default: the file's examples",
     )
-    gold.add_argument(
-        "--budgets",
-        type=int,
-        nargs="+",
-        default=[128, 256, 512],
-        metavar="B",
-        help="decoding budgets of the default grid (recent window B/2; default 128 256 512)",
-    )
+    _add_budgets(gold)
     gold.add_argument(
         "--max-gold-tokens",
         type=int,
@@ -247,14 +251,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="method spec, repeatable (default: full and the equal-memory grid of --budgets)",
     )
-    tb.add_argument(
-        "--budgets",
-        type=int,
-        nargs="+",
-        default=[128, 256, 512],
-        metavar="B",
-        help="decoding budgets of the default grid (recent window B/2; default 128 256 512)",
-    )
+    _add_budgets(tb)
     tb.add_argument("--seeds", type=int, default=16, help="fresh examples per method and scale (default 16)")
     tb.add_argument("--seed-start", type=int, default=1_000_000, help="first seed (default 1000000)")
     tb.add_argument(
