@@ -154,48 +154,14 @@ def test_build_command(tmp_path, capsys):
 
 
 def test_device_map_reaches_the_loader(tiny, tmp_path):
-    out = tmp_path / "fid"
-    assert (
-        main(
-            [
-                "eval",
-                "fidelity",
-                "--limit",
-                "1",
-                "--steps",
-                "6",
-                "-m",
-                "slide:8/4",
-                "--device-map",
-                "auto",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    def run(device_map, out):
+        argv = ["eval", "fidelity", "--limit", "1", "--steps", "6", "-m", "slide:8/4",
+                "--device-map", device_map, "--out", str(out), "--no-progress"]
+        assert main(argv) == 0
+
+    run("auto", tmp_path / "fid")
     assert tiny[-1][2] == "None" and tiny[-1][5] == "auto"  # no single device: accelerate places the model
-    assert (
-        main(
-            [
-                "eval",
-                "fidelity",
-                "--limit",
-                "1",
-                "--steps",
-                "6",
-                "-m",
-                "slide:8/4",
-                "--device-map",
-                '{"": "cpu"}',
-                "--out",
-                str(tmp_path / "fid2"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    run('{"": "cpu"}', tmp_path / "fid2")
     assert tiny[-1][5] == {"": "cpu"}
 
 
