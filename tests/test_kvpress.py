@@ -10,29 +10,17 @@ then imported normally from the installed files.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import make_model
+from conftest import kvpress_module, make_model
 from scope_kv import ScopeCache, Slide
 from scope_kv.integrations.kvpress import KVPressPrefill
 
 
-def _press_module(name: str) -> types.ModuleType:
-    if "kvpress" not in sys.modules:
-        spec = importlib.util.find_spec("kvpress")
-        if spec is None:
-            pytest.skip("kvpress is not installed: pip install --no-deps kvpress==0.5.5 (the README's install command does)")
-        package = types.ModuleType("kvpress")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["kvpress"] = package
-    return importlib.import_module(f"kvpress.presses.{name}")
+_press_module = kvpress_module
 
 
 def _press(kind: str, ratio: float):

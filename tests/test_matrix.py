@@ -8,16 +8,12 @@ A manual greedy loop (positions from the padding mask, as generate computes them
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import make_model
+from conftest import kvpress_module, make_model
 from scope_kv import (
     H2O,
     Adaptive,
@@ -38,14 +34,7 @@ HUGE = 4096
 
 
 def _kvpress(budget: int):
-    if "kvpress" not in sys.modules:
-        spec = importlib.util.find_spec("kvpress")
-        if spec is None:
-            pytest.skip("kvpress is not installed: pip install --no-deps kvpress==0.5.5 (the README's install command does)")
-        package = types.ModuleType("kvpress")  # bare package: see tests/test_kvpress.py
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["kvpress"] = package
-    press = importlib.import_module("kvpress.presses.snapkv_press").SnapKVPress(compression_ratio=0.5, window_size=4, kernel_size=3)
+    press = kvpress_module("snapkv_press").SnapKVPress(compression_ratio=0.5, window_size=4, kernel_size=3)
     return KVPressPrefill(press, budget=budget)
 
 
