@@ -249,42 +249,13 @@ def test_a_method_that_evicts_nothing_in_the_run_is_warned_about(tiny, tmp_path,
     assert "snapkv:16+slide:64/32: its decoding strategy evicts nothing" in err
     assert "slide:4/2" not in err and "full" not in err.replace("full cache", "")
     # longgenbench: max_new_tokens - 1 decode steps
-    main(
-        [
-            "eval",
-            "longgenbench",
-            "--limit",
-            "1",
-            "--max-questions",
-            "1",
-            "--max-new-tokens",
-            "65",
-            "-m",
-            "slide:64/32",
-            "--out",
-            str(tmp_path / "lgb"),
-            "--no-progress",
-        ]
-    )
-    assert "warning: slide:64/32 evicts nothing" in capsys.readouterr().err
-    main(
-        [
-            "eval",
-            "longgenbench",
-            "--limit",
-            "1",
-            "--max-questions",
-            "1",
-            "--max-new-tokens",
-            "66",
-            "-m",
-            "slide:64/32",
-            "--out",
-            str(tmp_path / "lgb2"),
-            "--no-progress",
-        ]
-    )
-    assert "warning" not in capsys.readouterr().err
+    def longgenbench(new_tokens, out):
+        main(["eval", "longgenbench", "--limit", "1", "--max-questions", "1", "--max-new-tokens", str(new_tokens),
+              "-m", "slide:64/32", "--out", str(out), "--no-progress"])
+        return capsys.readouterr().err
+
+    assert "warning: slide:64/32 evicts nothing" in longgenbench(65, tmp_path / "lgb")
+    assert "warning" not in longgenbench(66, tmp_path / "lgb2")
 
 
 def test_demo_never_installs_and_prints_the_command(monkeypatch, capsys):

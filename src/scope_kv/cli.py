@@ -382,7 +382,7 @@ def _device_map(value: str | None, device: str | None, world_size: int) -> str |
     return value
 
 
-def _print_summary(path: pathlib.Path, columns: Any) -> None:
+def _print_summary(path: pathlib.Path, columns: Any, footer: str | None = None) -> None:
     import csv
 
     from .eval.report import markdown_table
@@ -391,7 +391,7 @@ def _print_summary(path: pathlib.Path, columns: Any) -> None:
         with path.open(encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         print(markdown_table(rows, columns))
-    print(f"\nresults: {path.parent}  (scope-kv report {path.parent} for plots)")
+    print(footer or f"\nresults: {path.parent}  (scope-kv report {path.parent} for plots)")
 
 
 def _settings(cls: type, args: argparse.Namespace, **fields: Any) -> Any:
@@ -534,13 +534,7 @@ def _run_testbed(args: argparse.Namespace) -> int:
         return 2
     info = {"model_dir": str(args.model_dir) if args.model_dir else "shipped", "dtype": args.dtype}
     run_testbed(model, tok, methods, args.out, settings, not args.no_progress, info)
-    import csv
-
-    from .eval.report import markdown_table
-
-    with (args.out / "testbed_summary.csv").open(encoding="utf-8") as fh:
-        print(markdown_table(list(csv.DictReader(fh)), COLUMNS))
-    print(f"\nreport and plots: {args.out / 'testbed_report.md'}")
+    _print_summary(args.out / "testbed_summary.csv", COLUMNS, f"\nreport and plots: {args.out / 'testbed_report.md'}")
     return 1 if errors else 0
 
 

@@ -326,6 +326,22 @@ def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_results(
+    directory: str | pathlib.Path,
+    name: str,
+    key: Callable[[dict[str, Any]], Any],
+    order: Callable[[dict[str, Any]], Any],
+) -> list[dict[str, Any]]:
+    """Every record of harness ``name`` in ``directory``: the merged file and any part files,
+    the first record of each ``key`` kept, sorted by ``order``."""
+    directory = pathlib.Path(directory)
+    seen: dict[Any, dict[str, Any]] = {}
+    for path in [directory / f"{name}.jsonl", *sorted(directory.glob(f"{name}.part-*-of-*.jsonl"))]:
+        for row in _read_jsonl(path):
+            seen.setdefault(key(row), row)
+    return sorted(seen.values(), key=order)
+
+
 def _end_torn_line(path: pathlib.Path) -> None:
     """A run killed mid-write leaves a last line without its newline: end it, so that the next
     record appended starts a line of its own (the torn line stays unreadable and is redone)."""
@@ -424,11 +440,7 @@ class ResultStore:
     ) -> list[dict[str, Any]]:
         """Combine every part into ``<name>.jsonl`` (first record of each key kept, sorted)."""
         parts = self._all_paths()[1:]
-        seen: dict[Any, dict[str, Any]] = {}
-        for path in [self.path, *parts]:
-            for row in _read_jsonl(path):
-                seen.setdefault(key(row), row)
-        rows = sorted(seen.values(), key=order)
+        rows = read_results(self.dir, self.name, key, order)
         tmp = self.path.with_suffix(f".merging{self.shard.rank}")
         with tmp.open("w", encoding="utf-8") as fh:
             for row in rows:

@@ -21,13 +21,12 @@ Plots use matplotlib's object API (no pyplot state), so this is safe to call fro
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from .common import write_csv
+from .common import read_results, write_csv
 from .fidelity import summarize_fidelity
 from .gold import REFERENCE, method_family, summarize_gold
 from .methods import gold_grid
@@ -55,19 +54,7 @@ _MARKERS = "osD^v<>pPX*h"
 
 def load_results(directory: str | pathlib.Path, name: str) -> list[dict[str, Any]]:
     """All records of harness ``name`` in ``directory`` (merged file and part files, deduplicated)."""
-    directory = pathlib.Path(directory)
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in [directory / f"{name}.jsonl", *sorted(directory.glob(f"{name}.part-*-of-*.jsonl"))]:
-        if not path.exists():
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                rows.setdefault((row["example"], row["method"]), row)
-    return sorted(rows.values(), key=lambda r: r["index"])
+    return read_results(directory, name, lambda r: (r["example"], r["method"]), lambda r: r["index"])
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:

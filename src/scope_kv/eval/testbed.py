@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..testbed import DEFAULT_MIX, TRAINED, evaluate_caches, output_length, prompt_length
-from .common import Progress, ResultStore, Shard, write_csv
+from .common import Progress, ResultStore, Shard, read_results, write_csv
 from .gold import method_family
 from .methods import Method, gold_grid
 
@@ -198,7 +198,7 @@ def run_testbed(
             bars.done(accuracy=f"{result.accuracy:.3f}")
     finally:
         bars.close()
-    store.finish(_key, lambda r: (r["scale"], r["method"], r["seed"]))
+    store.finish(_key, _order)
     rows = load_records(out_dir)
     write_report(rows, out_dir, settings.position_bins)
     return rows
@@ -210,17 +210,11 @@ def _key(record: dict[str, Any]) -> tuple[str, float, int]:
 
 def load_records(directory: str | pathlib.Path) -> list[dict[str, Any]]:
     """Every testbed record in ``directory`` (merged file and part files, first of each key kept)."""
-    directory = pathlib.Path(directory)
-    seen: dict[tuple[str, float, int], dict[str, Any]] = {}
-    for path in [directory / f"{RESULTS}.jsonl", *sorted(directory.glob(f"{RESULTS}.part-*-of-*.jsonl"))]:
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line torn by an interrupted run
-                    continue
-                seen.setdefault(_key(row), row)
-    return sorted(seen.values(), key=lambda r: (r["scale"], r["method"], r["seed"]))
+    return read_results(directory, RESULTS, _key, _order)
+
+
+def _order(record: dict[str, Any]) -> tuple[float, str, int]:
+    return record["scale"], record["method"], record["seed"]
 
 
 def _factory(method: Method) -> Any:
