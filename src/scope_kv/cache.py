@@ -172,6 +172,8 @@ class ScopeCache(Cache):
         # transformers sizes a forward's mask before any layer runs (and, in compiled decoding,
         # outside the compiled step): the moment a static layer changes layout (scope_kv.static).
         if query_length == 0 and self.get_seq_length() == 0:
+            # transformers sizes the mask before anything else touches the empty input: the one
+            # place to say what is wrong before an IndexError inside generate
             raise ValueError("the prompt is empty: give generate at least one input token.")
         if self.static:
             for layer in self.layers:

@@ -217,10 +217,6 @@ class ScopeLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
         q = key_states.shape[-2]
-        if q == 0:
-            raise ValueError(
-                "a forward with no tokens reached the cache: give generate a prompt of at least one token."
-            )
         decode = self.length > 0 and q == 1
         if self.static:
             self.prepare(q)  # (normally done already, when transformers sized this forward's mask)
