@@ -279,3 +279,43 @@ def test_train_continues_from_its_output_without_a_checkpoint(tmp_path):
     assert summary["step"] == 3 and summary["finished"]
     records = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[0]["resumed_from"] == 2
+
+
+def test_train_position_jitter_jumps_only_at_line_boundaries():
+    """Jittered position ids rise by 1 inside a line and by 1 + (0..max) after ';' or '|', stay
+    under max_position, and some rows keep contiguous ids (the evaluation's layout)."""
+    train = _train_module()
+    testbed = train._testbed()
+    stage = train.parse_stages("8-8:40-40")[0]
+    rng = np.random.default_rng(0)
+    ids, pos, plen, n_items, _ = train.make_batch(
+        testbed, rng, stage, 200 * 40, 512, 0.0, testbed.Mix(), (0.75, 0.5, 4)
+    )
+    ids, pos = ids.numpy(), pos.numpy()
+    step = np.diff(pos, axis=1)  # (B, T - 1)
+    boundary = np.isin(ids[:, :-1], (testbed.tokenizer.SEMI, testbed.tokenizer.SEP))
+    assert (step[~boundary] == 1).all()
+    assert ((step[boundary] >= 1) & (step[boundary] <= 5)).all()
+    assert (step[boundary] > 1).any()
+    assert (pos[:, 0] == 0).all() and (pos[:, -1] < 512).all()
+    contiguous = (step == 1).all(axis=1)
+    assert 0 < contiguous.sum() < len(ids)
+    # without jitter every row is contiguous
+    _, pos0, *_ = train.make_batch(testbed, np.random.default_rng(0), stage, 200 * 40, 512, 0.0, testbed.Mix())
+    assert (np.diff(pos0.numpy(), axis=1) == 1).all()
+
+
+def test_train_weights_from_starts_a_new_schedule(tmp_path):
+    """--weights-from: the weights of an earlier run, a new curriculum and step count."""
+    train = _train_module()
+    common = ["--smoke", "--device", "cpu"]
+    train.main(common + ["--out", str(tmp_path / "a"), "--ckpt", str(tmp_path / "ck1"), "--max-steps", "2"])
+    summary = train.main(common + ["--out", str(tmp_path / "b"), "--ckpt", str(tmp_path / "ck2"), "--max-steps", "1",
+                                   "--weights-from", str(tmp_path / "a"), "--stages", "3-3:5-6", "--jitter-prob", "1"])
+    assert summary["step"] == 1 and summary["finished"]
+    state = json.loads((tmp_path / "b" / "train_state.json").read_text())
+    assert state["weights_from"]["step"] == 2 and state["arch"]["stages"] == "3-3:5-6"
+    # another geometry is refused
+    with pytest.raises(SystemExit, match="geometry"):
+        train.main(common + ["--out", str(tmp_path / "c"), "--ckpt", str(tmp_path / "ck3"), "--max-steps", "1",
+                             "--weights-from", str(tmp_path / "a"), "--rope-theta", "1e4"])

@@ -9,6 +9,9 @@ Training recipe: a length curriculum (stages of growing bindings / items; the ne
 when the teacher-forced item accuracy of the current one reaches ``--advance-acc``; earlier
 stages are replayed now and then), loss on the output tokens only, random position-id offsets
 (positions up to ``--max-position`` are seen, so 2x-length examples are not out of range),
+position jitter at line boundaries (``--jitter-prob``: without it the model finds the next
+program line by counting positions, which breaks one position off the trained layout and at
+other lengths; see NOTES.md, run 1),
 AdamW with warmup, a constant phase and a cosine decay over the last ``--decay-frac`` of the run
 (the run's length is ``--train-s`` seconds of training or ``--max-steps`` steps), bf16 autocast
 and sdpa attention on CUDA.
@@ -19,7 +22,8 @@ same command continues from it. Each call also writes the current model to ``--o
 (``save_pretrained``, fp16 safetensors, + tokenizer) with the log; the call that finishes the
 schedule evaluates greedy generation on fresh seeds (``final_eval.json``).
 
-    python benchmarks/testbed/train.py --out OUT --ckpt /tmp/testbed_ckpt --time-budget-s 520 --train-s 1250
+    python benchmarks/testbed/train.py --out OUT --ckpt /tmp/testbed_ckpt --time-budget-s 540 --train-s 1350
+    python benchmarks/testbed/train.py --weights-from benchmarks/testbed/runs/run1 ...   # fine-tune run 1
     python benchmarks/testbed/train.py --smoke --out /tmp/tb_out --ckpt /tmp/tb_ckpt --max-steps 3
 
 See NOTES.md next to this file.
@@ -58,8 +62,9 @@ def _testbed():
 # ----------------------------------------------------------------------------- arguments
 
 # Few facts first: a lookup among 2-4 candidate values gets a strong gradient before the
-# content-matching heads exist; the last stage brackets the trained setting (64 facts, 352 items).
-FULL_STAGES = "2-4:4-8,4-8:8-16,8-16:16-32,16-32:32-64,32-64:64-128,48-64:128-256,56-72:288-416"
+# content-matching heads exist; the last stage spans the trained setting (64 facts, 352 items)
+# and twice its output (704 items), so that the 2x evaluation is not a new length.
+FULL_STAGES = "2-4:4-8,4-8:8-16,8-16:16-32,16-32:32-64,32-64:64-128,48-64:128-256,56-72:288-720"
 SMOKE_STAGES = "2-3:3-4,3-4:4-6"
 
 
@@ -93,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="when --ckpt holds no checkpoint: continue from a previous call's --out (weights + train_state.json)")
+    p.add_argument("--weights-from", default=None,
+                   help="when --ckpt holds no checkpoint: start a NEW schedule (this call's stages, lengths and "
+                        "recipe) from the weights of a previous --out of the same geometry (fine-tuning)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU smoke test)")
@@ -104,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reserve-s", type=float, default=25.0, help="seconds kept for saving before the time budget ends")
     p.add_argument("--eval-reserve-s", type=float, default=150.0, help="seconds the final greedy evaluation needs")
     p.add_argument("--ckpt-every-s", type=float, default=120.0)
+    p.add_argument("--probe-every-s", type=float, default=0.0,
+                   help="every so many seconds of training, log teacher-forced accuracy at --eval-lengths on 8 held-out seeds (0: off)")
     p.add_argument("--log-every", type=int, default=50)
     # model
     p.add_argument("--hidden", type=int, default=256)
@@ -130,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--early-mix", default=None,
                    help="source mix of every stage but the last two (default: --mix)")
     p.add_argument("--offset-prob", type=float, default=0.5, help="probability of a random position-id offset per row")
+    p.add_argument("--jitter-prob", type=float, default=0.75,
+                   help="probability that a row's position ids jump at line boundaries (after ';' and '|'), so that "
+                        "the next program line can only be found by content, not by counting positions")
+    p.add_argument("--jitter-rate", type=float, default=0.5,
+                   help="a jittered row jumps after each boundary with a probability drawn uniformly in [0, this]")
+    p.add_argument("--jitter-max", type=int, default=4, help="largest jump (extra positions) at one boundary")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.02)
     p.add_argument("--warmup-steps", type=int, default=200)
@@ -168,17 +184,40 @@ _ARCH_KEYS = ("seed", "embed_std", "embed_common", "hidden", "layers", "heads", 
 # ----------------------------------------------------------------------------- data
 
 
-def make_batch(testbed, rng: np.random.Generator, stage: Stage, tokens_per_step: int, max_position: int, offset_prob: float, mix):
-    """One batch of one length: ids ``(B, T)``, position ids ``(B, T)``, prompt length, items, kinds ``(B, M)``."""
+def make_batch(testbed, rng: np.random.Generator, stage: Stage, tokens_per_step: int, max_position: int, offset_prob: float, mix,
+               jitter: tuple[float, float, int] = (0.0, 0.0, 0)):
+    """One batch of one length: ids ``(B, T)``, position ids ``(B, T)``, prompt length, items, kinds ``(B, M)``.
+
+    ``jitter = (prob, rate, max)``: with probability ``prob`` a row's position ids jump by
+    ``1..max`` extra positions after a line boundary (``;`` or ``|``), each boundary with a
+    probability drawn per row uniformly in ``[0, rate]`` (a row that would pass ``max_position``
+    keeps contiguous ids). Output item ``i`` then no longer sits a fixed distance from program
+    line ``i``, so the copy of the next line must be found by content (by the previous line's
+    destination name), which holds at any length; the token order inside a line is unchanged.
+    """
     n_bind = int(rng.integers(stage.bind_lo, stage.bind_hi + 1))
     n_items = int(rng.integers(stage.items_lo, stage.items_hi + 1))
     length = testbed.prompt_length(n_bind, n_items) + testbed.output_length(n_items)
     batch = max(1, tokens_per_step // length)
     progs = testbed.task.sample_programs(rng, batch, n_bind, n_items, mix)
     ids, plen = testbed.task.program_tokens(progs)
-    room = max(0, max_position - length)
-    offsets = np.where(rng.random(batch) < offset_prob, rng.integers(0, room + 1, batch), 0)
-    pos = np.arange(length)[None, :] + offsets[:, None]
+    step = np.ones((batch, length), dtype=np.int64)
+    step[:, 0] = 0
+    j_prob, j_rate, j_max = jitter
+    if j_prob > 0 and j_max > 0:
+        boundary = np.isin(ids[:, :-1], (testbed.tokenizer.SEMI, testbed.tokenizer.SEP))  # (B, T - 1)
+        rate = rng.random((batch, 1)) * j_rate
+        # a long row keeps a share of its jumps that fits in max_position (in expectation)
+        expected = boundary.sum(axis=1, keepdims=True) * rate * (j_max + 1) / 2
+        rate = rate * np.minimum(1.0, (max_position - length) / np.maximum(expected, 1e-9))
+        jump = boundary & (rng.random((batch, length - 1)) < rate) & (rng.random((batch, 1)) < j_prob)
+        step[:, 1:] += jump * rng.integers(1, j_max + 1, (batch, length - 1))
+    pos = np.cumsum(step, axis=1)  # (B, T)
+    over = pos[:, -1] >= max_position
+    pos[over] = np.arange(length)  # the rare row still too long keeps contiguous ids
+    room = np.maximum(0, max_position - 1 - pos[:, -1])
+    offsets = np.where(rng.random(batch) < offset_prob, rng.integers(0, room + 1), 0)
+    pos = pos + offsets[:, None]
     return torch.from_numpy(ids), torch.from_numpy(pos), plen, n_items, torch.from_numpy(progs.kinds.astype(np.int64))
 
 
@@ -292,6 +331,38 @@ def log(record: dict, log_path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def teacher_forced(testbed, model, examples, device: torch.device, batch_size: int) -> dict:
+    """Teacher-forced accuracies (:func:`output_metrics`) of ``model`` on ``examples`` (one length)."""
+    n_items = examples[0].n_items
+    plen = len(examples[0].prompt_ids)
+    sums: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        exs = examples[start : start + batch_size]
+        ids = torch.tensor([list(e.prompt_ids) + list(e.output_ids) for e in exs], device=device)
+        kinds = torch.tensor([[testbed.KINDS.index(it.kind) for it in e.items] for e in exs], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, logits_to_keep=6 * n_items + 2).logits[:, :-1]
+        _, metrics = output_metrics(logits, ids, plen, n_items, kinds)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(exs)
+    model.train(was_training)
+    return {k: v / len(examples) for k, v in sums.items()}
+
+
+def length_probe(testbed, model, specs: str, device: torch.device, seeds: int = 8) -> dict:
+    """Teacher-forced item accuracy at each ``bindings:items`` of ``specs`` on fixed held-out seeds."""
+    out = {}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for spec in specs.split(","):
+            n_bind, n_items = (int(x) for x in spec.split(":"))
+            exs = [testbed.make_example(2_000_000_011 + i, n_bind, n_items) for i in range(seeds)]
+            tf = teacher_forced(testbed, model, exs, device, batch_size=seeds)
+            out[spec] = {k: round(tf[k], 4) for k in ("item", "copy", "value")}
+    return out
+
+
 def final_evaluation(testbed, model, args: argparse.Namespace, device: torch.device) -> dict:
     """Greedy generation (DynamicCache) and teacher-forced accuracy on fresh seeds."""
     tokenizer = testbed.build_tokenizer()
@@ -304,23 +375,21 @@ def final_evaluation(testbed, model, args: argparse.Namespace, device: torch.dev
         t0 = time.monotonic()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             res = testbed.evaluate_caches(model, tokenizer, seeds, None, n_bindings=n_bind, n_items=n_items, batch_size=args.eval_batch)
-            # teacher-forced, same seeds
             exs = [testbed.make_example(s, n_bind, n_items) for s in seeds]
-            ids = torch.tensor([list(e.prompt_ids) + list(e.output_ids) for e in exs], device=device)
-            plen = len(exs[0].prompt_ids)
-            with torch.no_grad():
-                logits = model(input_ids=ids, logits_to_keep=6 * n_items + 2).logits[:, :-1]
-            kinds = torch.tensor([[testbed.KINDS.index(it.kind) for it in e.items] for e in exs], device=device)
-            _, tf = output_metrics(logits, ids, plen, n_items, kinds)
+            tf = teacher_forced(testbed, model, exs, device, args.eval_batch)
         results[spec] = {
             "greedy_item_accuracy": res.accuracy,
             "greedy_seed_accuracy": [s.accuracy for s in res.seeds],
+            # where each example's first wrong item is (n_items: none); a copy slip early in the
+            # output shifts every later line, so this says more than the mean
+            "greedy_first_error": [int(np.argmin(s.correct)) if not all(s.correct) else n_items for s in res.seeds],
+            "greedy_new_tokens": [s.new_tokens for s in res.seeds],
             "greedy_accuracy_by_kind": {
                 k: float(np.mean([c for s, e in zip(res.seeds, exs) for c, it in zip(s.correct, e.items) if it.kind == k] or [0.0]))
                 for k in testbed.KINDS
             },
             "teacher_forced": {k: float(v) for k, v in tf.items()},
-            "prompt_tokens": plen,
+            "prompt_tokens": len(exs[0].prompt_ids),
             "output_tokens": 6 * n_items + 1,
             "seconds": time.monotonic() - t0,
         }
@@ -352,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     late_mix = testbed.Mix(*(float(x) for x in args.mix.split(",")))
     early_mix = testbed.Mix(*(float(x) for x in (args.early_mix or args.mix).split(",")))
     arch = {k: getattr(args, k) for k in _ARCH_KEYS}
+    jitter = (args.jitter_prob, args.jitter_rate, args.jitter_max)
 
     model = build_model(testbed, args, device)
     opt = make_optimizer(model, args, device)
@@ -383,6 +453,20 @@ def main(argv: list[str] | None = None) -> dict:
         state = saved
         state["rewarm_from"] = state["step"]
         resumed_from = state["step"]
+    elif args.weights_from:
+        # a new schedule from trained weights: the geometry must match, the recipe may differ
+        from safetensors.torch import load_file
+
+        src = pathlib.Path(args.weights_from)
+        saved = json.loads((src / "train_state.json").read_text())
+        geometry = [k for k in _ARCH_KEYS if k not in ("seed", "stages", "embed_std", "embed_common")]
+        if any(saved["arch"][k] != arch[k] for k in geometry):
+            raise SystemExit(f"{src} has another geometry ({ {k: saved['arch'][k] for k in geometry} })")
+        weights = load_file(str(src / "model.safetensors"))
+        if "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        state["weights_from"] = {"path": str(src), "step": saved["step"], "train_s": saved["train_s"]}
     state["calls"] += 1
     # a longer --train-s than before continues a finished run
     state["finished"] = progress_of(args, state["step"], state["train_s"]) >= 1.0
@@ -426,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
         if stage_idx > 0 and rng.random() < args.replay:
             stage_idx = int(rng.integers(0, state["stage"]))
         mix = early_mix if stage_idx < len(stages) - 2 else late_mix
-        ids, pos, plen, n_items, kinds = make_batch(testbed, rng, stages[stage_idx], args.tokens_per_step, args.max_position, args.offset_prob, mix)
+        ids, pos, plen, n_items, kinds = make_batch(testbed, rng, stages[stage_idx], args.tokens_per_step, args.max_position,
+                                                   args.offset_prob, mix, jitter)
         ids, pos, kinds = ids.to(device, non_blocking=True), pos.to(device, non_blocking=True), kinds.to(device, non_blocking=True)
         lr = lr_at(args, state["step"] - state.get("rewarm_from", 0), progress)
         for g in opt.param_groups:
@@ -465,6 +550,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "lr": round(lr, 6), "gnorm": round(float(gnorm), 3), "ema": round(state["ema"], 4),
                  "tok_s": round(window_tokens / max(1e-9, now - window_t)), **acc}, log_path)
             window_t, window_tokens = now, 0
+        if args.probe_every_s > 0 and state["train_s"] - state.get("last_probe_s", 0.0) >= args.probe_every_s:
+            state["last_probe_s"] = state["train_s"]
+            log({"event": "probe", "step": state["step"], "train_s": round(state["train_s"], 1),
+                 **length_probe(testbed, model, args.eval_lengths, device)}, log_path)
         if time.monotonic() - last_ckpt > args.ckpt_every_s:
             save_checkpoint(ckpt_dir, model, opt, state)
             last_ckpt = time.monotonic()

@@ -21,7 +21,10 @@ What differs, and where it is handled:
 
 from __future__ import annotations
 
+import pathlib
+import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import transformers
@@ -49,7 +52,7 @@ TRANSFORMERS_VERSION: tuple[int, ...] = Version(transformers.__version__).releas
 FLOOR = (5, 17)
 """The oldest supported transformers (``Cache.get_query_offset``; cache-position-free forwards)."""
 
-NEWEST_TESTED = (5, 24)
+NEWEST_TESTED = (5, 25)
 """The newest transformers release the test-suite ran against."""
 
 # 5.24 renamed the cache argument of `generate`, of model forwards and of the output classes.
@@ -105,17 +108,31 @@ def output_cache(output: Any) -> Any:
     return getattr(output, CACHE_KWARG, None)
 
 
+def _outside_frames() -> int:
+    """``warnings.warn``'s ``stacklevel`` for the first frame outside scope_kv and transformers,
+    so that a warning points at the user's line (``ScopeCache(...)``, ``make_cache(...)``,
+    ``model.generate(...)``), not into a library file."""
+    inside = (str(pathlib.Path(__file__).resolve().parent), str(pathlib.Path(transformers.__file__).resolve().parent))
+    frame: FrameType | None = sys._getframe(1)  # the caller of this helper: level 1 of its warn()
+    level = 1
+    while frame is not None and str(pathlib.Path(frame.f_code.co_filename).resolve()).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_if_untested() -> None:
-    """Warn (once per call site, Python's default filter) when the installed transformers is
-    newer than :data:`NEWEST_TESTED`: it is allowed, but nothing has checked it yet."""
+    """Warn when the installed transformers is newer than :data:`NEWEST_TESTED`: it is allowed
+    (the declared range is open up to 6.0), nothing has checked it yet. The warning points at
+    the user's line (so Python's default filter shows it once per line of user code) and does
+    not ask for a downgrade."""
     if TRANSFORMERS_VERSION[:2] > NEWEST_TESTED:
         newest = ".".join(map(str, NEWEST_TESTED))
         warnings.warn(
-            f"scope_kv was tested with transformers {'.'.join(map(str, FLOOR))} to {newest}; "
-            f"{transformers.__version__} is newer. If generation fails or differs from DynamicCache, "
-            f"`pip install 'transformers=={newest}.*'` and report the difference.",
+            f"scope_kv's test-suite last ran on transformers {newest}; {transformers.__version__} is newer and "
+            f"allowed. If a ScopeCache without compression generates other tokens than DynamicCache here, "
+            f"please report it (transformers {newest} is the newest tested).",
             UserWarning,
-            stacklevel=4,  # the caller of ScopeCache(...)
+            stacklevel=_outside_frames(),
         )
 
 
