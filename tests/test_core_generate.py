@@ -249,3 +249,23 @@ def test_an_empty_prompt_gets_a_clear_error():
     with pytest.raises(ValueError, match="prompt is empty"):
         model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3,
                        past_key_values=ScopeCache(model, decoding=Slide(8, 3)))
+
+
+CHUNK_SPECS = ["full", "slide:8/3", "adaptive:10/4,T=30", "discontinuous:10/4,T=30", "slide:8/3,static",
+               "snapkv:12+slide:8/3", "unified-h2o:24/4"]
+
+
+@pytest.mark.parametrize("spec", CHUNK_SPECS)
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(spec):
+    """A row whose left padding spans whole chunks (pad run 9 and 17 >= chunk 8) is not taken for
+    a reused cache; every row equals the one-shot prefill's."""
+    from scope_kv import make_cache
+
+    model = make_model("llama")
+    prompts = _ids([26, 17, 9], seed=11)
+    ids, mask = _left_pad(prompts)
+    one_shot = _generate(model, make_cache(model, spec), ids, mask)
+    chunked = _generate(model, make_cache(model, spec), ids, mask, prefill_chunk_size=8)
+    assert torch.equal(chunked, one_shot)
+    if spec == "full":
+        assert torch.equal(chunked, _generate(model, DynamicCache(config=model.config), ids, mask, prefill_chunk_size=8))

@@ -165,3 +165,24 @@ def test_plot_draws_the_reference_on_top(tmp_path):
     }
     path = plot_kv_over_tokens(samples, tmp_path / "sub" / "kv.png", "t", reference="DynamicCache")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("x\ny\nz", "x\ny\nw", (2, "z", "w")),  # the first differing line, not the first lines
+        ("x\ny", "x\ny\nmore", (2, "", "more")),  # one output is longer
+        ("x\ny", "x\ny ", (1, "y", "y ")),
+        ("", "", (0, "", "")),
+    ],
+)
+def test_demo_shows_the_first_differing_line(a, b, expected):
+    assert scope_demo.first_difference(a, b) == expected
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert re.match(r"scope-kv \d+\.\d+\.\d+ \(transformers \d+\.\d+", out), out

@@ -287,9 +287,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_run_build)
 
 
+def _version() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"scope-kv {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scope-kv", description="SCOPE KV-cache compression for transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
     _add_eval(sub)

@@ -562,6 +562,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def first_difference(a: str, b: str) -> tuple[int, str, str]:
+    """The first line (0-based) where ``a`` and ``b`` differ, and that line of each ("" past the end).
+
+    >>> first_difference("x\\ny\\nz", "x\\ny\\nw")
+    (2, 'z', 'w')
+    """
+    la, lb = a.splitlines(), b.splitlines()
+    i = 0
+    while i < min(len(la), len(lb)) and la[i] == lb[i]:
+        i += 1
+    if i == len(la) == len(lb):  # the same lines (the texts differ in trailing whitespace, or not at all)
+        i = max(0, i - 1)
+    return i, la[i] if i < len(la) else "", lb[i] if i < len(lb) else ""
+
+
 def _head(text: str, lines: int) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()][:lines]
     return "\n".join(f"    {line}" for line in kept) if kept else "    (empty)"
@@ -691,11 +706,15 @@ def _run(
         _long_report(args, model, prompt, strategy, runs)
     else:
         _explain(model, prompt.n_tokens, strategy, n_new, sys.stdout)
-    same = torch.equal(runs[0][1].new_tokens, runs[1][1].new_tokens)
-    print(f"\noutputs {'identical' if same else 'differ'}; first lines:")
-    for label, result, *_ in runs:
-        print(f"  {label}:")
-        print(_head(tokenizer.decode(result.new_tokens, skip_special_tokens=True), args.lines))
+    texts = [tokenizer.decode(result.new_tokens, skip_special_tokens=True) for _, result, *_ in runs]
+    if torch.equal(runs[0][1].new_tokens, runs[1][1].new_tokens):
+        print("\noutputs identical; first lines:")
+        print(_head(texts[0], args.lines))
+    else:
+        line, first, second = first_difference(texts[0], texts[1])
+        print(f"\noutputs differ from line {line + 1} on; that line in each:")
+        for (label, *_), text in zip(runs, (first, second), strict=True):
+            print(f"  {label}:\n    {text!r}")
     print(f"\ndemo took {_duration(time.perf_counter() - started)} after loading the model")
     return 0
 

@@ -412,7 +412,13 @@ class ScopeLayer(CacheLayerMixin):
                     "Build a new ScopeCache for every generate call and every pipeline prompt; to continue a "
                     "conversation, pass the previous output followed by the new turn."
                 )
-        self._last_position = position_ids[:, -1].clone()
+        # A chunk that is all left padding (chunked prefill of a padded batch) carries one repeated
+        # filler position and no real token: that row has not started, its first real token
+        # (position 0) comes in a later chunk. A real run of two or more tokens always rises.
+        pad_only = (position_ids == position_ids[:, :1]).all(dim=1) & (position_ids.shape[1] > 1)
+        if last is not None:
+            pad_only &= last.to(position_ids.device) < 0  # padding only ever precedes a row's tokens
+        self._last_position = torch.where(pad_only, -1, position_ids[:, -1])
 
     # -- after the attention: the decode step's stages ------------------------------------
     def after_attention(self, step: AttentionStep) -> None:
