@@ -248,13 +248,15 @@ def test_a_method_that_evicts_nothing_in_the_run_is_warned_about(tiny, tmp_path,
     assert "warning: slide:64/32 evicts nothing in this run" in err
     assert "snapkv:16+slide:64/32: its decoding strategy evicts nothing" in err
     assert "slide:4/2" not in err and "full" not in err.replace("full cache", "")
+    assert "raise --steps or lower the budget" in err and "--max-new-tokens" not in err  # fidelity's own flag
     # longgenbench: max_new_tokens - 1 decode steps
     def longgenbench(new_tokens, out):
         main(["eval", "longgenbench", "--limit", "1", "--max-questions", "1", "--max-new-tokens", str(new_tokens),
               "-m", "slide:64/32", "--out", str(out), "--no-progress"])
         return capsys.readouterr().err
 
-    assert "warning: slide:64/32 evicts nothing" in longgenbench(65, tmp_path / "lgb")
+    warned = longgenbench(65, tmp_path / "lgb")
+    assert "warning: slide:64/32 evicts nothing" in warned and "--max-new-tokens" in warned and "--steps" not in warned
     assert "warning" not in longgenbench(66, tmp_path / "lgb2")
 
 
@@ -290,3 +292,14 @@ def test_an_explicit_gguf_file_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv(GGUF_ENV, str(tmp_path / "gone.gguf"))
     with pytest.raises(ModelNotFoundError, match=r"gone\.gguf"):
         find_smollm2()
+
+
+def test_each_harness_warning_names_only_its_own_length_options():
+    """The idle-method advice names flags the harness accepts (gold's is --max-gold-tokens)."""
+    from scope_kv import cli
+
+    parsers = {p.prog.split()[-1]: p for p in _parsers(build_parser())}
+    for harness, option in cli._LENGTH_OPTION.items():
+        accepted = {flag for action in parsers[harness]._actions for flag in action.option_strings}
+        named = re.findall(r"--[a-z-]+", option)
+        assert named and set(named) <= accepted, (harness, named)

@@ -198,3 +198,39 @@ def test_make_cache_is_public():
 def test_a_spec_string_given_to_scope_cache_points_to_make_cache(model):
     with pytest.raises(TypeError, match=re.escape("make_cache(model, 'slide:64/32')")):
         ScopeCache(model, decoding="slide:64/32")  # type: ignore[arg-type]
+
+
+ROUND_TRIP = [
+    "full", "slide:512/256", "adaptive:512/256,T=4096", "discontinuous:512/256,delta=15",
+    "adaptive:512/256,T=4096,uncapped", "snapkv:2048+slide:512/256", "snapkv:2048,window=16,kernel=5,pooling=avg",
+    "pyramidkv:2048,beta=10+full", "h2o:2048,recent=16+discontinuous:512/256,T=4096", "streamingllm:2048,sinks=2",
+    "unified-h2o:2560/256", "unified-streamingllm:2560/256", "slide:512/256,static", "slide:512/256,per_query_head",
+    "snapkv:64,window=4+slide:16/8,static,per_query_head",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_what_the_library_prints_about_a_cache_is_a_spec_that_builds_it_again(model, text):
+    """ScopeCache.describe() and each strategy's / compressor's describe() parse back to the same configuration."""
+    cache = make_cache(model, text)
+    printed = cache.describe()
+    again = make_cache(model, printed)
+    assert (again.prefill, again.decoding, again.static, again.per_query_head) == (
+        cache.prefill, cache.decoding, cache.static, cache.per_query_head
+    ), printed
+    for part in (cache.prefill, cache.decoding):
+        if part is not None:
+            assert parse_spec(part.describe()).prefill in (part, None)
+            assert parse_spec(part.describe()).decoding in (part, None)
+
+
+def test_prefill_window_error_suggests_a_value_that_is_accepted():
+    for cls in (SnapKV, PyramidKV):
+        with pytest.raises(ValueError, match=r"e\.g\. \w+\(budget=(\d+), window=(\d+)\)") as info:
+            cls(1)
+        budget, window = (int(x) for x in re.search(r"budget=(\d+), window=(\d+)\)", str(info.value)).groups())
+        cls(budget, window=window)  # the suggestion itself is accepted
+        with pytest.raises(ValueError, match=r"e\.g\.") as info:
+            cls(8, window=8)
+        budget, window = (int(x) for x in re.search(r"budget=(\d+), window=(\d+)\)", str(info.value)).groups())
+        cls(budget, window=window)

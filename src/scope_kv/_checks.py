@@ -1,8 +1,29 @@
-"""Validation shared by every configuration class (strategies, compressors)."""
+"""Shared by every configuration class (strategies, compressors): validation, and the option
+text of their spec strings."""
 
 from __future__ import annotations
 
-__all__ = ["check_int"]
+from dataclasses import MISSING, fields
+from typing import Any
+
+__all__ = ["check_int", "spec_options"]
+
+
+def spec_options(config: Any, names: tuple[str, ...]) -> str:
+    """``",key=value"`` for each field of ``names`` whose value differs from the class default:
+    the option part of a spec string (``scope_kv.spec``) that rebuilds ``config``.
+
+    >>> from scope_kv import SnapKV
+    >>> spec_options(SnapKV(2048, window=16), ("window", "kernel", "pooling"))
+    ',window=16'
+    """
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    parts = []
+    for name in names:
+        value = getattr(config, name)
+        if name not in defaults or value != defaults[name]:
+            parts.append(f",{name}={str(value).lower() if isinstance(value, bool) else value}")
+    return "".join(parts)
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

@@ -208,6 +208,14 @@ class ScopeCache(Cache):
                 rows.append({"layer": idx, "kind": type(layer).__name__, "held": held[idx]})
         return rows
 
+    def describe(self) -> str:
+        """This cache's configuration as a spec string: ``make_cache(model, cache.describe())``
+        builds the same configuration (``scope_kv.spec``), e.g. ``"snapkv:2048+slide:512/256,static"``."""
+        decoding = self.decoding.describe() if self.decoding is not None else "full"
+        text = f"{self.prefill.describe()}+{decoding}" if self.prefill is not None else decoding
+        flags = [name for name in ("static", "per_query_head") if getattr(self, name)]
+        return text + "".join(f",{name}" for name in flags)
+
     def __repr__(self) -> str:
         managed = sum(isinstance(layer, ScopeLayer) for layer in self.layers)
         return (

@@ -318,11 +318,21 @@ def _err(message: str) -> None:
     print(f"scope-kv: {message}", file=sys.stderr)
 
 
-def _warn_idle(methods: Any, decode_entries: int, prompt_tokens: Any = None, num_layers: int = 1) -> None:
+# The option that sets each harness's run length, named in its warnings.
+_LENGTH_OPTION = {
+    "longgenbench": "--max-new-tokens (or --length)",
+    "fidelity": "--steps",
+    "gold": "--max-gold-tokens",
+    "testbed": "--items or --scale",
+}
+
+
+def _warn_idle(harness: str, methods: Any, decode_entries: int, prompt_tokens: Any = None, num_layers: int = 1) -> None:
     """Warn about methods that evict nothing within the run (they measure the full cache)."""
     from .eval.methods import idle_methods
 
-    for reason in idle_methods(methods, decode_entries, prompt_tokens, num_layers).values():
+    option = _LENGTH_OPTION[harness]
+    for reason in idle_methods(methods, decode_entries, prompt_tokens, num_layers, option).values():
         _err(f"warning: {reason}")
 
 
@@ -339,7 +349,7 @@ def _prepare(args: argparse.Namespace, max_new_tokens: int, decode_entries: int 
     if not methods:
         raise SystemExit(2)
     if decode_entries is not None:
-        _warn_idle(methods, decode_entries)
+        _warn_idle(args.harness, methods, decode_entries)
     try:
         examples = load_examples(args.task, args.data, args.limit)
     except (OSError, ValueError) as exc:
@@ -502,7 +512,7 @@ def _run_gold(args: argparse.Namespace) -> int:
     # the reference feeds gold - 1 tokens after each prompt, one per decode step
     decode_entries = max(int(it.gold_ids.numel()) for it in items) - 1
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    _warn_idle(methods, decode_entries, [int(it.prompt_ids.numel()) for it in items], layers)
+    _warn_idle("gold", methods, decode_entries, [int(it.prompt_ids.numel()) for it in items], layers)
     info = {**info, "questions": args.questions, "limit": limit, "plan_tokens_used": planned}
     run_gold(model, tok, items, methods, args.out, settings, shard, not args.no_progress, info)
     if shard.is_main:
@@ -536,7 +546,7 @@ def _run_testbed(args: argparse.Namespace) -> int:
         _err(f"skipping method {spec!r}: {message}")
     if not methods and args.method:
         return 2
-    _warn_idle(methods, output_length(longest) - 1, [prompt_length(settings.n_bindings, longest)])
+    _warn_idle("testbed", methods, output_length(longest) - 1, [prompt_length(settings.n_bindings, longest)])
     try:
         model, tok = load_testbed(args.model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     except TestbedModelMissingError as exc:

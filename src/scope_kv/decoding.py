@@ -217,8 +217,10 @@ class Adaptive(DecodingStrategy):
         return self.cap_budget
 
     def describe(self) -> str:
+        # the schedule as it was given: the length it was planned for, or delta itself
+        plan = f",T={self.max_new_tokens}" if self.max_new_tokens is not None else f",delta={self.delta}"
         cap = "" if self.cap_budget else ",uncapped"
-        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}/d{self.delta}{cap}"
+        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}{plan}{cap}"
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ class UnifiedH2O(DecodingStrategy):
     evicts_prompt: ClassVar[bool] = True
 
     def describe(self) -> str:
-        return f"unified_h2o:{self.budget}/{self.recent}"
+        return f"unified-h2o:{self.budget}/{self.recent}"
 
 
 @dataclass(frozen=True)
@@ -285,4 +287,4 @@ class UnifiedStreamingLLM(UnifiedH2O):
         return -step.arrival_order(first, last).float()  # the earliest entries score highest
 
     def describe(self) -> str:
-        return f"unified_streamingllm:{self.budget}/{self.recent}"
+        return f"unified-streamingllm:{self.budget}/{self.recent}"

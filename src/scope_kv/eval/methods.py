@@ -60,7 +60,11 @@ def _prefill_evicts(method: Method, lengths: Sequence[int], num_layers: int) -> 
 
 
 def never_evicts(
-    method: Method, decode_entries: int, prompt_tokens: Sequence[int] | None = None, num_layers: int = 1
+    method: Method,
+    decode_entries: int,
+    prompt_tokens: Sequence[int] | None = None,
+    num_layers: int = 1,
+    length_option: str = "the run's length",
 ) -> str | None:
     """Why ``method`` evicts nothing in a run, or ``None`` when it does (or cannot be told).
 
@@ -79,6 +83,9 @@ def never_evicts(
         fixed unified budgets) is taken to evict (no warning).
     num_layers : int
         Decoder layers (for per-layer prefill budgets).
+    length_option : str
+        What sets the run's length where the message is read (a harness's own flag, e.g.
+        ``"--max-gold-tokens"``), named in the advice.
 
     Returns
     -------
@@ -88,7 +95,7 @@ def never_evicts(
     if method.is_full:
         return None
     lengths = list(prompt_tokens) if prompt_tokens else None
-    fix = "raise the run's length (--steps / --max-new-tokens) or lower the budget"
+    fix = f"raise {length_option} or lower the budget"
     prefill_idle = method.prefill is None or (lengths is not None and not _prefill_evicts(method, lengths, num_layers))
     decoding = method.decoding
     if decoding is not None and not decoding.evicts_prompt:
@@ -126,12 +133,16 @@ def never_evicts(
 
 
 def idle_methods(
-    methods: Sequence[Method], decode_entries: int, prompt_tokens: Sequence[int] | None = None, num_layers: int = 1
+    methods: Sequence[Method],
+    decode_entries: int,
+    prompt_tokens: Sequence[int] | None = None,
+    num_layers: int = 1,
+    length_option: str = "the run's length",
 ) -> dict[str, str]:
     """``{spec: reason}`` for the methods that evict nothing in a run (:func:`never_evicts`)."""
     found = {}
     for method in methods:
-        reason = never_evicts(method, decode_entries, prompt_tokens, num_layers)
+        reason = never_evicts(method, decode_entries, prompt_tokens, num_layers, length_option)
         if reason is not None:
             found[method.spec] = reason
     return found

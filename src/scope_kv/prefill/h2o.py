@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int, spec_options
 from ..selection import causal_probs
-from .base import PrefillCompressor, check_int
+from .base import PrefillCompressor
 
 __all__ = ["H2O", "accumulated_attention"]
 
@@ -116,4 +117,4 @@ class H2O(PrefillCompressor):
         return scores
 
     def describe(self) -> str:
-        return f"h2o:{self.budget}/r{self.recent}"
+        return f"h2o:{self.budget}{spec_options(self, ('recent',))}"

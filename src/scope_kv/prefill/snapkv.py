@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int, spec_options
 from ..selection import causal_probs
-from .base import PrefillCompressor, check_int
+from .base import PrefillCompressor
 
 __all__ = ["SnapKV", "PyramidKV"]
 
@@ -61,9 +62,14 @@ class SnapKV(PrefillCompressor):
         check_int(f"{cls}.window", self.window, 1)
         check_int(f"{cls}.kernel", self.kernel, 1)
         if self.window >= self.budget:
+            example = (
+                f"e.g. {cls}(budget={self.budget}, window={max(1, self.budget // 4)})"
+                if self.budget >= 2
+                else f"so the budget must be at least 2, e.g. {cls}(budget=2, window=1)"
+            )
             raise ValueError(
                 f"{cls}: window ({self.window}) must be smaller than budget ({self.budget}); the budget "
-                f"holds the window plus the selected entries, e.g. {cls}(budget={self.budget}, window={max(1, self.budget // 4)})."
+                f"holds the window (at least 1) plus the selected entries, {example}."
             )
         if self.kernel % 2 == 0:
             raise ValueError(
@@ -103,7 +109,7 @@ class SnapKV(PrefillCompressor):
         return torch.cat([grouped, window], dim=-1)
 
     def describe(self) -> str:
-        return f"{type(self).__name__.lower()}:{self.budget}/w{self.window}/k{self.kernel}/{self.pooling}"
+        return f"snapkv:{self.budget}{spec_options(self, ('window', 'kernel', 'pooling'))}"
 
 
 @dataclass(frozen=True)
@@ -160,4 +166,4 @@ class PyramidKV(SnapKV):
         return torch.tensor(counts, dtype=torch.long, device=real.device)
 
     def describe(self) -> str:
-        return f"pyramidkv:{self.budget}/w{self.window}/k{self.kernel}/{self.pooling}/b{self.beta}"
+        return f"pyramidkv:{self.budget}{spec_options(self, ('window', 'kernel', 'pooling', 'beta'))}"

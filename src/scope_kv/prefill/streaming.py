@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .base import PrefillCompressor, check_int
+from .._checks import check_int, spec_options
+from .base import PrefillCompressor
 
 __all__ = ["StreamingLLM"]
 
@@ -49,4 +50,4 @@ class StreamingLLM(PrefillCompressor):
         return scores[:, None, :].expand(batch, heads, length)
 
     def describe(self) -> str:
-        return f"streamingllm:{self.budget}/s{self.sinks}"
+        return f"streamingllm:{self.budget}{spec_options(self, ('sinks',))}"
