@@ -3,6 +3,8 @@ multi-turn reuse, independence of caches, and clear errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -171,16 +173,32 @@ def test_memory_is_bounded_and_measured():
 # -- errors ----------------------------------------------------------------------------------
 
 
-def test_mistral_with_every_layer_sliding_is_refused_with_a_fix():
-    config = transformers.MistralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
-    )
-    model = transformers.MistralForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="sliding_window = None"):
+_SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+ALL_SLIDING = {
+    "mistral": lambda **o: transformers.MistralConfig(**{**_SMALL, "sliding_window": 4096, **o}),
+    "qwen2": lambda **o: transformers.Qwen2Config(**{**_SMALL, "use_sliding_window": True, "sliding_window": 4,
+                                                     "max_window_layers": 0, **o}),
+    "gemma3": lambda **o: transformers.Gemma3TextConfig(**{**_SMALL, "head_dim": 16, "sliding_window": 4,
+                                                           "layer_types": ["sliding_attention"] * 2, **o}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ALL_SLIDING))
+def test_a_model_with_every_layer_sliding_is_refused_with_a_fix_that_works(arch):
+    """The refusal's fix, applied where it says (at loading), gives a model ScopeCache manages and
+    that generates as DynamicCache does."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(ALL_SLIDING[arch]()).eval()
+    with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., ") as info:
         ScopeCache(model, decoding=Slide(8, 3))
-    model.config.sliding_window = None
-    ScopeCache(model, decoding=Slide(8, 3))
+    fix = re.search(r"from_pretrained\(\.\.\., (.+)\)\.$", str(info.value)).group(1)
+    overrides = eval(f"dict({fix})")  # noqa: S307 - the message's own keyword arguments
+    fixed = transformers.AutoModelForCausalLM.from_config(ALL_SLIDING[arch](**overrides)).eval()
+    fixed.load_state_dict(model.state_dict())
+    ids = _ids([12])[0][None]
+    reference = _generate(fixed, DynamicCache(config=fixed.config), ids)
+    assert torch.equal(_generate(fixed, ScopeCache(fixed, decoding=Slide(10_000, 3)), ids), reference)
 
 
 def test_wrong_arguments_raise_type_error():

@@ -143,6 +143,10 @@ def test_uncapped_schedules():
         ("adaptive:64/32,T=256,uncapped,static", "bounded pool"),
         ("slide:64/32,static=maybe", "true or false"),
         ("snapkv:256,static=false+slide:64/32,static", "set twice"),
+        ("slide:8/3,static,static=false", "static is set twice"),  # inside one part, as across '+'
+        ("adaptive:8/3,T=20,T=4000", "max_new_tokens is set twice"),
+        ("adaptive:8/3,T=20,t=4000", "max_new_tokens is set twice"),
+        ("snapkv:64,window=4,window=8", "window is set twice"),
         ("slide:64/32,fast", "static, per_query_head or uncapped"),
         ("unified-h2o:prompt+64/32,recent=3", "no other settings"),
     ],

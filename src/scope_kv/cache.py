@@ -135,11 +135,17 @@ class ScopeCache(Cache):
         scope_layers = [layer for layer in layers if isinstance(layer, ScopeLayer)]
         if not scope_layers:
             window = getattr(config, "sliding_window", None)
+            # the override that turns every layer into full attention, given when the model is loaded
+            # (the attention modules and rotary embeddings read the layer types when they are built)
+            if getattr(config, "layer_types", None) is not None:
+                fix = f'layer_types=["full_attention"] * {len(config.layer_types)}'
+            else:
+                fix = "sliding_window=None"
             raise ValueError(
                 f"every attention layer of {type(model).__name__} is a sliding-window layer (sliding_window={window}), "
                 "so there is nothing for ScopeCache to compress. If your prompts plus outputs stay within the "
-                "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), set "
-                "`model.config.sliding_window = None` before building the cache."
+                "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), load it with full "
+                f"attention: AutoModelForCausalLM.from_pretrained(..., {fix})."
             )
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
         scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them

@@ -395,14 +395,16 @@ def _split_part(part: str, spec: str) -> tuple[str, str, dict[str, Any]]:
     for kv in items:
         key, eq, val = kv.partition("=")
         if not eq and key.lower() in _FLAGS:
-            flag, value = _FLAGS[key.lower()]
-            kwargs[flag] = value
-            continue
-        if not eq or not key:
+            field_name, value = _FLAGS[key.lower()]
+        elif not eq or not key:
             raise SpecError(
                 f"{spec!r}: expected key=value, static, per_query_head or uncapped after ',' in {part!r}, got {kv!r}."
             )
-        kwargs[_KEY_ALIASES.get(key, key)] = _value(val)
+        else:
+            field_name, value = _KEY_ALIASES.get(key, key), _value(val)
+        if field_name in kwargs and kwargs[field_name] != value:
+            raise SpecError(f"{spec!r}: {field_name} is set twice, differently, in {part!r}; keep one.")
+        kwargs[field_name] = value
     return name, budgets, kwargs
 
 
