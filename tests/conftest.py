@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
-import functools
 import sys
 import types
 

@@ -18,6 +18,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from scope_kv.compat import cache_kwargs
+
 ORACLE_NAME = "scope_test_oracle"
 
 
@@ -148,7 +150,7 @@ def forced_decode(model, cache, input_ids, attention_mask, steps, tokens=None, o
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask, input_ids.shape[1]),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             use_cache=True,
         )
         all_logits = [out.logits[:, -1].float()]
@@ -161,7 +163,7 @@ def forced_decode(model, cache, input_ids, attention_mask, steps, tokens=None, o
                 input_ids=nxt[:, None],
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask, 1),
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
             )
             all_logits.append(out.logits[:, -1].float())

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from conftest import ARCHS, make_model
 from scope_kv import ScopeCache, ScopeLayer, Slide
 from scope_kv.attention import _attention_modules, enable_scope_attention
-from scope_kv.compat import cache_argument
+from scope_kv.compat import cache_argument, cache_kwargs
 
 
 def test_enable_is_idempotent_and_keeps_the_backend():
@@ -35,8 +35,8 @@ def test_attention_modules_receive_the_cache_by_keyword(arch):
                                            with_kwargs=True) for m in modules]
     try:
         ids = torch.randint(3, 100, (1, 12))
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        model(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
     finally:
         for h in handles:
             h.remove()
@@ -62,6 +62,6 @@ def test_routing_is_a_pass_through_for_other_caches():
     ScopeCache(model, decoding=Slide(8, 3))  # model now routes through scope_sdpa
     ids = torch.randint(3, 100, (1, 12))
     with torch.no_grad():
-        a = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+        a = model(input_ids=ids, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True).logits
         b = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from conftest import make_model
 from oracle import forced_decode
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide
+from scope_kv.compat import cache_kwargs
 
 STRATEGIES = [Slide(8, 3), Adaptive(10, 4, max_new_tokens=30), Discontinuous(10, 4, max_new_tokens=30)]
 IDS = ["slide", "adaptive", "discontinuous"]
@@ -38,7 +39,7 @@ def _generate(model, cache, ids, mask=None, **kwargs):
     kwargs = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, **kwargs}
     if mask is None:
         mask = torch.ones_like(ids)
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **kwargs)
 
 
 def _managed_lengths(cache):
@@ -135,11 +136,11 @@ def test_two_caches_never_affect_each_other_and_fresh_caches_repeat():
     with torch.no_grad():
         state = {}
         for name, cache in (("a", a), ("b", b)):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
             state[name] = [out.logits[:, -1].argmax(-1)]
         for _ in range(NEW - 1):
             for name, cache in (("a", a), ("b", b)):
-                out = model(input_ids=state[name][-1][:, None], past_key_values=cache, use_cache=True)
+                out = model(input_ids=state[name][-1][:, None], **cache_kwargs(cache), use_cache=True)
                 state[name].append(out.logits[:, -1].argmax(-1))
         tokens = {k: torch.stack(v, dim=1) for k, v in state.items()}
     assert torch.equal(tokens["a"], solo_a[:, : NEW])
@@ -251,22 +252,22 @@ def test_a_cache_handed_to_an_unrelated_prompt_is_refused():
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     cache = ScopeCache(model, decoding=Slide(8, 3))
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=12, do_sample=False)
     turn = torch.cat([out, torch.randint(3, 100, (2, 5))], dim=1)
     turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-    model.generate(input_ids=turn, attention_mask=turn_mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    model.generate(input_ids=turn, attention_mask=turn_mask, **cache_kwargs(cache), max_new_tokens=6, do_sample=False)
     with pytest.raises(ValueError, match="Build a new ScopeCache"):
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6)
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=6)
     other = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(8))
     with pytest.raises(ValueError, match="do not continue it"):
-        model.generate(input_ids=other, past_key_values=cache, max_new_tokens=6)
+        model.generate(input_ids=other, **cache_kwargs(cache), max_new_tokens=6)
 
 
 def test_an_empty_prompt_gets_a_clear_error():
     model = make_model("llama")
     with pytest.raises(ValueError, match="prompt is empty"):
         model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3,
-                       past_key_values=ScopeCache(model, decoding=Slide(8, 3)))
+                       **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3))))
 
 
 CHUNK_SPECS = ["full", "slide:8/3", "adaptive:10/4,T=30", "discontinuous:10/4,T=30", "slide:8/3,static",

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from conftest import make_model
 from oracle import Rule, forced_decode, oracle_logits
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide
+from scope_kv.compat import cache_kwargs
 
 PROMPT, STEPS = 24, 40
 
@@ -27,13 +28,13 @@ def test_huge_budget_is_token_identical_to_dynamic_cache(arch, backend, decoding
     model = make_model(arch, backend)
     ids = _prompt()
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
-    reference = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    reference = model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
     cache = ScopeCache(model, decoding=decoding)
-    out = model.generate(ids, past_key_values=cache, **kwargs)
+    out = model.generate(ids, **cache_kwargs(cache), **kwargs)
     assert torch.equal(out, reference)
     assert cache.get_seq_length() == ids.shape[1] + STEPS - 1
     # After ScopeCache(model) the model still runs the stock cache token for token.
-    again = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    again = model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
     assert torch.equal(again, reference)
 
 

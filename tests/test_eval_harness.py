@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from conftest import make_model
 from scope_kv import ScopeCache, Slide
+from scope_kv.compat import cache_kwargs
 from scope_kv.eval import (
     FidelitySettings,
     KVAccount,
@@ -88,7 +89,7 @@ def test_kv_account_matches_dynamic_cache(model):
     account = KVAccount(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.arange(3, 20)[None], past_key_values=cache)
+        model(input_ids=torch.arange(3, 20)[None], **cache_kwargs(cache))
     entries = account.entries(cache)
     assert entries == [17, 17]
     assert account.held_bytes(sum(entries)) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -214,7 +215,7 @@ def test_one_prompt_preparation_and_one_kv_count_for_every_harness(model):
     assert account.bytes_per_entry == bytes_per_entry(model)
     cache = ScopeCache(model, decoding=Slide(8, 4))
     with torch.no_grad():
-        model(input_ids=torch.arange(3, 20)[None], past_key_values=cache)
+        model(input_ids=torch.arange(3, 20)[None], **cache_kwargs(cache))
     footprint = kv_footprint(cache)
     assert account.entries(cache) == list(footprint.entries) == [17, 17]
     assert account.allocated_bytes(cache) == footprint.allocated_bytes == cache.nbytes()

@@ -15,6 +15,7 @@ import torch
 from conftest import make_model
 from oracle import Rule, forced_decode, oracle_logits
 from scope_kv import AttentionStep, ScopeCache, Slide
+from scope_kv.compat import cache_kwargs
 
 PROMPT, STEPS = 24, 40
 
@@ -56,7 +57,7 @@ def test_custom_scorer_through_generate_matches_brute_force(arch):
     ids = _prompt(2, seed=4)
     mask = torch.ones_like(ids)
     cache = ScopeCache(model, decoding=KeyNormSlide(8, 3))
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=STEPS,
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=STEPS,
                          min_new_tokens=STEPS, do_sample=False)
     tokens = out[:, PROMPT:]
     assert all(layer.selections > 0 for layer in cache.layers)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import make_model
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, kernels
+from scope_kv.compat import cache_kwargs
 from scope_kv.selection import attention_scores, compact_, select_heavy
 
 SHAPES = [  # (batch, q_heads, kv_heads, dim)
@@ -233,7 +234,7 @@ def test_fast_decode_path_matches_reference_path(strategy, padded, snapkv):
         cache = ScopeCache(model, decoding=strategy(), prefill=SnapKV(12, window=4) if snapkv else None)
         for layer in cache.layers:
             layer.fast_decode = fast
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=40,
                              do_sample=False, pad_token_id=0)
         caches.append(cache)
         outputs.append(out)
@@ -317,7 +318,7 @@ def run(strategy, padded, snapkv, beams):
         for layer in cache.layers:
             layer.fast_decode = True
             layer.batch_evictions = batched
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=30,
                              do_sample=False, num_beams=beams, pad_token_id=0)
         assert len(cache.layers[0].ring.batch) == 0  # nothing left queued after generate
         # Batched: one launch per evicting step covering both layers; per layer: none of these.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scope_kv import kernels
+from scope_kv.compat import cache_kwargs
 
 pytestmark = pytest.mark.gpu
 
@@ -84,11 +85,11 @@ def test_fast_path_graph_replay_matches_eager_steps():
         caches, logits = [], []
         for graph in (False, True):
             cache = ScopeCache(model, decoding=Slide(16, 4))
-            out = model(input_ids=prompt, past_key_values=cache)
+            out = model(input_ids=prompt, **cache_kwargs(cache))
             ids = out.logits[:, -1:].argmax(-1)
             pos = torch.full((2, 1), 40, device="cuda")
             for _ in range(20):  # past the budget: steady state, every step evicts one
-                out = model(input_ids=ids, position_ids=pos, past_key_values=cache)
+                out = model(input_ids=ids, position_ids=pos, **cache_kwargs(cache))
                 ids = out.logits[:, -1:].argmax(-1)
                 pos += 1
             ids, pos = ids.clone(), pos.clone()
@@ -96,7 +97,7 @@ def test_fast_path_graph_replay_matches_eager_steps():
             if graph:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
-                    out = model(input_ids=ids, position_ids=pos, past_key_values=cache)
+                    out = model(input_ids=ids, position_ids=pos, **cache_kwargs(cache))
                     nxt = out.logits[:, -1:].argmax(-1)
                     ids.copy_(nxt)
                     pos.add_(1)
@@ -105,7 +106,7 @@ def test_fast_path_graph_replay_matches_eager_steps():
                     step_logits.append(out.logits.float().clone())
             else:
                 for _ in range(10):
-                    out = model(input_ids=ids, position_ids=pos, past_key_values=cache)
+                    out = model(input_ids=ids, position_ids=pos, **cache_kwargs(cache))
                     ids.copy_(out.logits[:, -1:].argmax(-1))
                     pos.add_(1)
                     step_logits.append(out.logits.float().clone())
@@ -136,7 +137,7 @@ def test_batched_evictions_match_per_layer_on_cuda(monkeypatch):
         cache = ScopeCache(model, decoding=Slide(16, 4))
         for layer in cache.layers:
             layer.batch_evictions = batched
-        out = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=48, do_sample=False,
+        out = model.generate(input_ids=prompt, **cache_kwargs(cache), max_new_tokens=48, do_sample=False,
                              pad_token_id=0)
         assert (launches and set(launches) == {4}) if batched else not launches
         runs.append((out, cache))
@@ -198,11 +199,11 @@ def test_static_layout_compiled_generate_on_cuda_matches_eager():
     for prefill in (None, SnapKV(96, window=8)):
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=160, min_new_tokens=160, do_sample=False,
                       pad_token_id=0)
-        eager = model.generate(past_key_values=ScopeCache(model, decoding=Slide(64, 32), prefill=prefill), **kwargs)
+        eager = model.generate(**cache_kwargs(ScopeCache(model, decoding=Slide(64, 32), prefill=prefill)), **kwargs)
         seen.clear()
         try:
-            out = model.generate(past_key_values=ScopeCache(model, decoding=Slide(64, 32), prefill=prefill,
-                                                            static=True),
+            out = model.generate(**cache_kwargs(ScopeCache(model, decoding=Slide(64, 32), prefill=prefill,
+                                                            static=True)),
                                  compile_config=CompileConfig(fullgraph=True, backend=backend, mode=None), **kwargs)
         finally:
             torch._dynamo.reset()

@@ -10,15 +10,14 @@ then imported normally from the installed files.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import kvpress_module, make_model
 from scope_kv import ScopeCache, Slide
+from scope_kv.compat import cache_kwargs
 from scope_kv.integrations.kvpress import KVPressPrefill
-
 
 _press_module = kvpress_module
 
@@ -54,7 +53,7 @@ def _capture_inputs(model, ids):
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     for handle in handles:
         handle.remove()
     return cache, {m.layer_idx: m for m in attention}, captured
@@ -73,7 +72,7 @@ def test_kept_entries_equal_the_press_own_top_k(kind):
 
     cache = ScopeCache(model, prefill=KVPressPrefill(press), decoding=Slide(8, 2))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     cache.finish_prefill()
 
     for idx, module in modules.items():
@@ -100,9 +99,9 @@ def test_chunked_prefill_gives_the_press_the_whole_prompt():
     one = ScopeCache(model, prefill=KVPressPrefill(press), decoding=Slide(8, 2))
     chunked = ScopeCache(model, prefill=KVPressPrefill(press), decoding=Slide(8, 2))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=one)
+        model(input_ids=ids, **cache_kwargs(one))
         for lo in range(0, 40, 16):
-            model(input_ids=ids[:, lo : lo + 16], past_key_values=chunked)
+            model(input_ids=ids[:, lo : lo + 16], **cache_kwargs(chunked))
     one.finish_prefill()
     chunked.finish_prefill()
     for a, b in zip(one.layers, chunked.layers):
@@ -120,10 +119,10 @@ def test_generation_under_scope_decoding_with_padding(kind):
     ids[1, :9], mask[1, :9] = 0, 0
     prefill = KVPressPrefill(_press(kind, 0.5), budget=16)
     cache = ScopeCache(model, prefill=prefill, decoding=Slide(8, 2))
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert all(cache.kv_length(i) <= 16 + 8 for i in range(2))
     alone = model.generate(
-        input_ids=ids[1:, 9:], past_key_values=ScopeCache(model, prefill=prefill, decoding=Slide(8, 2)),
+        input_ids=ids[1:, 9:], **cache_kwargs(ScopeCache(model, prefill=prefill, decoding=Slide(8, 2))),
         max_new_tokens=10, min_new_tokens=10, do_sample=False,
     )
     assert torch.equal(alone[0, 31:], out[1, 40:])

@@ -8,7 +8,6 @@ A manual greedy loop (positions from the padding mask, as generate computes them
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -27,6 +26,7 @@ from scope_kv import (
     UnifiedH2O,
     UnifiedStreamingLLM,
 )
+from scope_kv.compat import cache_kwargs
 from scope_kv.integrations.kvpress import KVPressPrefill
 
 PROMPT, STEPS = 28, 10
@@ -70,7 +70,7 @@ def _greedy(model, cache, ids, mask, on_step=None):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache))
         logits.append(out.logits[:, -1])
         if on_step is not None:
             on_step(-1)
@@ -78,7 +78,7 @@ def _greedy(model, cache, ids, mask, on_step=None):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             position = positions[:, -1:] + 1 + step
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, **cache_kwargs(cache))
             logits.append(out.logits[:, -1])
             if on_step is not None:
                 on_step(step)

@@ -26,6 +26,7 @@ import transformers
 from transformers import DynamicCache
 
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O
+from scope_kv.compat import cache_kwargs
 
 NEW = 16
 PROMPT = 16
@@ -118,7 +119,7 @@ def _prompt(batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _generate(model: torch.nn.Module, cache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False
+        ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False
     )
     return out[:, ids.shape[1] :]
 

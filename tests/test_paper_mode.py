@@ -11,6 +11,7 @@ import transformers
 
 from oracle import Rule, forced_decode, oracle_logits
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide
+from scope_kv.compat import cache_kwargs
 
 PROMPT, STEPS = 24, 48
 
@@ -105,7 +106,7 @@ def test_per_query_head_on_gqa_equals_per_kv_head_on_the_model_with_kv_heads_dup
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
-        past_key_values=ScopeCache(gqa, decoding=strategy(), per_query_head=True),
+        **cache_kwargs(ScopeCache(gqa, decoding=strategy(), per_query_head=True)),
     )
     b = mha.generate(
         input_ids=ids,
@@ -114,7 +115,7 @@ def test_per_query_head_on_gqa_equals_per_kv_head_on_the_model_with_kv_heads_dup
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
-        past_key_values=ScopeCache(mha, decoding=strategy()),
+        **cache_kwargs(ScopeCache(mha, decoding=strategy())),
     )
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
@@ -126,7 +127,7 @@ def test_per_query_head_on_gqa_equals_per_kv_head_on_the_model_with_kv_heads_dup
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
-        past_key_values=ScopeCache(gqa, decoding=strategy()),
+        **cache_kwargs(ScopeCache(gqa, decoding=strategy())),
     )
     assert (torch.stack(a.logits) - torch.stack(c.logits)).abs().max() > 1e-3
 
@@ -141,6 +142,6 @@ def test_per_query_head_with_a_huge_budget_is_the_full_cache(backend):
         attention_mask=mask,
         max_new_tokens=20,
         do_sample=False,
-        past_key_values=ScopeCache(model, decoding=Slide(4096, 8), per_query_head=True),
+        **cache_kwargs(ScopeCache(model, decoding=Slide(4096, 8), per_query_head=True)),
     )
     assert torch.equal(full, mine)

@@ -15,8 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import prefill_reference as ref
 from conftest import make_model
 from scope_kv import H2O, PyramidKV, ScopeCache, ScopeLayer, Slide, SnapKV, StreamingLLM
-from scope_kv.testing import attend
+from scope_kv.compat import cache_kwargs
 from scope_kv.prefill.h2o import accumulated_attention
+from scope_kv.testing import attend
 
 DIM = 8
 
@@ -264,9 +265,9 @@ def test_padded_batch_generates_each_row_as_alone(backend, compressor):
         ids[b, :pad], mask[b, :pad] = 0, 0
     gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     cache = ScopeCache(model, prefill=compressor, decoding=Slide(6, 2))
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen)
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), **gen)
     for b, pad in enumerate(pads):
-        alone = model.generate(input_ids=ids[b : b + 1, pad:], past_key_values=ScopeCache(model, prefill=compressor, decoding=Slide(6, 2)), **gen)
+        alone = model.generate(input_ids=ids[b : b + 1, pad:], **cache_kwargs(ScopeCache(model, prefill=compressor, decoding=Slide(6, 2))), **gen)
         assert torch.equal(alone[0, 36 - pad :], out[b, 36:]), f"row {b}"
 
 
@@ -277,9 +278,9 @@ def test_second_turn_after_compression_continues():
     torch.manual_seed(11)
     ids = torch.randint(3, 128, (1, 30))
     cache = ScopeCache(model, prefill=SnapKV(budget=12, window=4), decoding=Slide(6, 2))
-    out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     more = torch.cat([out, torch.randint(3, 128, (1, 10))], dim=1)
-    out2 = model.generate(input_ids=more, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out2 = model.generate(input_ids=more, **cache_kwargs(cache), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out2.shape[1] == more.shape[1] + 8
     assert cache.get_seq_length() == more.shape[1] + 7
     assert all(cache.kv_length(i) <= 12 + 6 for i in range(2))

@@ -13,6 +13,7 @@ from transformers import CompileConfig
 
 from conftest import make_model
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
+from scope_kv.compat import cache_kwargs
 
 PROMPT, NEW = 24, 40
 
@@ -97,7 +98,7 @@ def test_static_layout_keeps_what_the_dynamic_layout_keeps(strategy, prefill, ba
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=NEW,
             min_new_tokens=NEW,
             do_sample=False,
@@ -124,7 +125,7 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
         attention_mask=mask,
         max_new_tokens=NEW,
         min_new_tokens=NEW,
-        past_key_values=ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None),
+        **cache_kwargs(ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None)),
         do_sample=False,
         pad_token_id=0,
     )
@@ -135,7 +136,7 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=NEW,
             min_new_tokens=NEW,
             do_sample=False,
@@ -162,7 +163,7 @@ def test_compiled_sampling_matches_eager_sampling(kwargs):
         attention_mask=mask,
         max_new_tokens=NEW,
         pad_token_id=0,
-        past_key_values=ScopeCache(model, decoding=Slide(8, 3)),
+        **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3))),
         **kwargs,
     )
     counter = _Counter()
@@ -173,7 +174,7 @@ def test_compiled_sampling_matches_eager_sampling(kwargs):
             attention_mask=mask,
             max_new_tokens=NEW,
             pad_token_id=0,
-            past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True),
+            **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), static=True)),
             compile_config=_compile_config(counter.backend()),
             **kwargs,
         )
@@ -190,7 +191,7 @@ def test_multi_turn_leaves_and_reenters_the_static_layout():
     for static in (False, True):
         cache = ScopeCache(model, decoding=Slide(8, 3), static=static)
         first = model.generate(
-            input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache, pad_token_id=0
+            input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, **cache_kwargs(cache), pad_token_id=0
         )
         second_ids = torch.cat([first, follow], dim=1)
         second = model.generate(
@@ -198,7 +199,7 @@ def test_multi_turn_leaves_and_reenters_the_static_layout():
             max_new_tokens=20,
             min_new_tokens=20,
             do_sample=False,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             pad_token_id=0,
         )
         outs.append((second, cache))
@@ -223,12 +224,12 @@ def test_beam_search_reorders_the_static_state():
         pad_token_id=0,
     )
     a = model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=ScopeCache(model, decoding=Slide(8, 3)), **kwargs
+        input_ids=ids, attention_mask=mask, **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3))), **kwargs
     )
     b = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True),
+        **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), static=True)),
         **kwargs,
     )
     assert torch.equal(a, b)
@@ -247,7 +248,7 @@ def test_static_state_is_counted_on_the_device():
     model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **cache_kwargs(cache),
         max_new_tokens=NEW,
         min_new_tokens=NEW,
         do_sample=False,
@@ -275,13 +276,13 @@ def test_inductor_compiled_decoding_on_the_cpu_matches_eager():
         output_logits=True,
         return_dict_in_generate=True,
     )
-    reference = model.generate(past_key_values=ScopeCache(model, decoding=Slide(8, 3)), **kwargs)
+    reference = model.generate(**cache_kwargs(ScopeCache(model, decoding=Slide(8, 3))), **kwargs)
     config = CompileConfig(fullgraph=True, backend="inductor", mode="default")
     config._compile_all_devices = True
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = model.generate(
-                past_key_values=ScopeCache(model, decoding=Slide(8, 3), static=True), compile_config=config, **kwargs
+                **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), static=True)), compile_config=config, **kwargs
             )
     finally:
         torch._dynamo.reset()

@@ -26,8 +26,8 @@ from scope_kv.testbed import (
     save_testbed,
     score,
 )
-from scope_kv.testbed import testbed_config as make_config
 from scope_kv.testbed import task as task_mod
+from scope_kv.testbed import testbed_config as make_config
 from scope_kv.testbed.tokenizer import EOS, NAMES, PAD, VOCAB_SIZE, decode_ids, encode_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

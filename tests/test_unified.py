@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import prefill_reference as ref
 from conftest import make_model
 from scope_kv import ScopeCache, ScopeLayer, SnapKV, UnifiedH2O, UnifiedStreamingLLM
+from scope_kv.compat import cache_kwargs
 from scope_kv.testing import attend
 
 DIM = 8
@@ -74,8 +75,8 @@ def test_budget_above_the_total_equals_the_full_cache(strategy, backend):
     mask = torch.ones_like(ids)
     ids[1, :6], mask[1, :6] = 0, 0
     gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    full = model.generate(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **gen)
-    ours = model.generate(input_ids=ids, attention_mask=mask, past_key_values=ScopeCache(model, decoding=strategy), **gen)
+    full = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), **gen)
+    ours = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(ScopeCache(model, decoding=strategy)), **gen)
     assert torch.equal(full, ours)
 
 
@@ -90,7 +91,7 @@ def test_one_budget_bounds_everything_and_padded_rows_decode_alone(strategy):
         ids[b, :pad], mask[b, :pad] = 0, 0
     gen = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     cache = ScopeCache(model, decoding=strategy)
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen)
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), **gen)
     for idx in range(2):
         layer = cache.layers[idx]
         assert layer.length == 20
@@ -98,7 +99,7 @@ def test_one_budget_bounds_everything_and_padded_rows_decode_alone(strategy):
         assert held == [20, 20, 6 + 9]  # the newest entry of the last step is not in the cache yet
         assert layer.capacity <= strategy.budget + 1  # the storage the prompt needed was given back
     for b, pad in enumerate(pads):
-        alone = model.generate(input_ids=ids[b : b + 1, pad:], past_key_values=ScopeCache(model, decoding=strategy), **gen)
+        alone = model.generate(input_ids=ids[b : b + 1, pad:], **cache_kwargs(ScopeCache(model, decoding=strategy)), **gen)
         assert torch.equal(alone[0, 30 - pad :], out[b, 30:]), f"row {b}"
 
 
@@ -108,10 +109,10 @@ def test_unified_over_a_compressed_prefill():
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (1, 40))
     cache = ScopeCache(model, prefill=SnapKV(budget=16, window=4), decoding=UnifiedH2O(24, 4))
-    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert cache.kv_length(0) == 16 + 2  # compressed prompt plus two decoded entries, below 24
     cache = ScopeCache(model, prefill=SnapKV(budget=16, window=4), decoding=UnifiedH2O(24, 4))
-    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert cache.kv_length(0) == cache.kv_length(1) == 24
 
 
