@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "falcon", "gpt_bigcode")
 BACKENDS = ("sdpa", "eager")
 
 _COMMON = dict(
@@ -49,6 +49,22 @@ def _config(arch: str) -> transformers.PreTrainedConfig:
             layer_types=["sliding_attention", "full_attention", "full_attention"],
             **_COMMON,
         )
+    # Architectures whose attention modules receive the cache as `layer_past=`:
+    if arch == "gpt_neox":  # Pythia; multi-head attention, partial rotary
+        return transformers.GPTNeoXConfig(
+            num_hidden_layers=2, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+        )
+    if arch == "falcon":  # grouped-query attention in one fused projection
+        return transformers.FalconConfig(
+            num_hidden_layers=2, vocab_size=128, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+            new_decoder_architecture=True, bos_token_id=1, eos_token_id=2,
+        )
+    if arch == "gpt_bigcode":  # multi-query attention, learned absolute positions
+        return transformers.GPTBigCodeConfig(
+            n_layer=2, vocab_size=128, n_embd=64, n_head=4, n_positions=1024, multi_query=True,
+            bos_token_id=1, eos_token_id=2,
+        )
     raise ValueError(arch)
 
 
@@ -59,6 +75,9 @@ _MODEL_CLASSES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "falcon": "FalconForCausalLM",
+    "gpt_bigcode": "GPTBigCodeForCausalLM",
 }
 
 
@@ -71,7 +90,7 @@ def _base_model(arch: str) -> torch.nn.Module:
     # selection decisions are well separated (ties would make the oracle comparison fragile).
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "query_key_value.weight", "c_attn.weight")):
                 param.mul_(4.0)
     return model.eval()
 

@@ -55,8 +55,11 @@ class OracleState:
     skipped: dict[int, int] = field(default_factory=dict)
 
 
+_STATE_KWARG = "scope_oracle_state"
+
+
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    state: OracleState = module._scope_oracle
+    state: OracleState = kwargs.pop(_STATE_KWARG)
     if getattr(module, "sliding_window", None) is not None or getattr(module, "is_sliding", False):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     layer = module.layer_idx
@@ -180,9 +183,15 @@ def oracle_logits(model, rule: Rule | None, input_ids, attention_mask, tokens):
     oracle = copy.deepcopy(model)
     oracle.set_attn_implementation(ORACLE_NAME)
     state = OracleState(rule)
-    for module in oracle.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):
-            module._scope_oracle = state
+
+    def hand_state(module, args, kwargs):  # through the call's kwargs, as the library hands its layer
+        return args, {**kwargs, _STATE_KWARG: state}
+
+    # the attention modules: the innermost modules that carry a layer_idx (any architecture)
+    indexed = [m for m in oracle.modules() if getattr(m, "layer_idx", None) is not None]
+    for module in indexed:
+        if not any(c is not module and getattr(c, "layer_idx", None) is not None for c in module.modules()):
+            module.register_forward_pre_hook(hand_state, with_kwargs=True)
     cache = DynamicCache(config=oracle.config)
     _, logits = forced_decode(oracle, cache, input_ids, attention_mask, tokens.shape[1], tokens=tokens)
     return logits, state

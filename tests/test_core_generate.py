@@ -288,3 +288,18 @@ def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(spec):
     assert torch.equal(chunked, one_shot)
     if spec == "full":
         assert torch.equal(chunked, _generate(model, DynamicCache(config=model.config), ids, mask, prefill_chunk_size=8))
+
+
+@pytest.mark.parametrize("config_class", ["DeepseekV2Config", "DeepseekV3Config"])
+def test_multi_head_latent_attention_is_refused_at_construction_with_the_reason(config_class):
+    """MLA models cache a latent, not the keys the attention sees: refused when the cache is built,
+    not with an internal shape error at the first step."""
+    config = getattr(transformers, config_class)(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="multi-head latent attention.*DynamicCache"):
+        ScopeCache(model, decoding=Slide(8, 3))

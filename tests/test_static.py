@@ -145,7 +145,12 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
         )
     finally:
         torch._dynamo.reset()
-    assert counter.graphs == 1  # traced once: every decode step has the same shapes and guards
+    # traced once: every decode step has the same shapes and guards. A unified baseline whose
+    # prompt exceeds its budget is traced twice: the first step over prompt + 1 slots, every later
+    # one over budget + 1 (the layer moves into its bound after the first selection).
+    decoding = strategy()
+    expected = 2 if decoding.evicts_prompt and PROMPT + 1 > decoding.max_held else 1
+    assert counter.graphs == expected
     assert torch.equal(out, reference)
 
 
@@ -288,3 +293,36 @@ def test_inductor_compiled_decoding_on_the_cpu_matches_eager():
         torch._dynamo.reset()
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", [lambda: UnifiedH2O(20, 4), lambda: UnifiedStreamingLLM(20, 4)], ids=["h2o", "streamingllm"])
+def test_a_unified_baseline_is_bounded_in_the_static_layout_as_in_the_dynamic_one(strategy):
+    """A 200-token prompt under a budget of 20: after the first decode step both layouts hold
+    budget + 1 slots per layer (not the whole prompt), summary() reports the live entries, and
+    the tokens are the same."""
+    model = make_model("llama", "sdpa")
+    ids = torch.randint(3, 128, (2, 200), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    runs = []
+    for static in (False, True):
+        cache = ScopeCache(model, decoding=strategy(), static=static)
+        capacities: list[int] = []
+
+        def record(module, args, kwargs, output, cache=cache, capacities=capacities):
+            capacities.append(max(layer.capacity for layer in cache.layers))
+
+        handle = model.register_forward_hook(record, with_kwargs=True)
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=12,
+                                 min_new_tokens=12, do_sample=False, pad_token_id=0)
+        finally:
+            handle.remove()
+        runs.append((out, cache, capacities))
+    (a, dynamic, cap_a), (b, static_cache, cap_b) = runs
+    assert torch.equal(a, b)
+    bound = strategy().max_held  # budget + 1
+    assert max(cap_a[2:]) <= bound and max(cap_b[2:]) <= bound  # every step after the first selection
+    assert static_cache.nbytes() == dynamic.nbytes()
+    for row in static_cache.summary():
+        assert row["held"] == 20 and row["prefill"] + row["decoding"] == 20 and row["static_slots"] == bound

@@ -112,6 +112,13 @@ class ScopeCache(Cache):
                 "with attn_implementation='sdpa' (or 'eager') to use the static layout."
             )
         config = model.config.get_text_config(decoder=True)
+        if getattr(config, "kv_lora_rank", None):
+            raise ValueError(
+                f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): it "
+                "caches a compressed latent per token and expands each head's keys and values from it inside the "
+                "attention module, so the keys the attention sees are not the cached entries scope_kv selects "
+                "among. ScopeCache cannot manage this cache; use transformers' DynamicCache for this model."
+            )
         templates = layer_templates(config)
         q_heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or q_heads

@@ -64,8 +64,9 @@ model forward: ``"cache"`` from 5.24, ``"past_key_values"`` before (5.24 still a
 ``past_key_values=``, with a ``FutureWarning``; removal is announced for 6.0 in ``generate``
 and 5.40 in forwards)."""
 
-# Every name a module's forward may receive the call's cache under, preferred first.
-_CACHE_KWARGS = ("cache", "past_key_values")
+# Every name a module's forward may receive the call's cache under, preferred first
+# (GPT-NeoX, Falcon and GPTBigCode hand it to their attention modules as `layer_past=`).
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 
 
 def cache_kwargs(cache: Any) -> dict[str, Any]:

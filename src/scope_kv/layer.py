@@ -536,8 +536,24 @@ class ScopeLayer(CacheLayerMixin):
             return
         if query_length == 1 and self._pools is None:
             self._enter_static()
+        elif query_length == 1 and self._pools is not None:
+            self._fit_static()
         elif query_length > 1 and self._pools is not None:
             self._leave_static()
+
+    def _fit_static(self) -> None:
+        """A unified baseline entered the layout holding a prompt longer than its budget; once its
+        first selection has cut the pool, move into ``budget + 1`` slots (one copy, once)."""
+        decoding, pools = self.decoding, self._pools
+        assert decoding is not None and pools is not None
+        slots = decoding.max_held
+        if not decoding.evicts_prompt or self.length <= slots or torch.compiler.is_compiling():
+            return  # (a traced region sees the layout it was called with; generate sizes the mask outside it first)
+        if int(pools.valid.sum(-1).max()) >= slots:  # (one host sync, until the first selection ran)
+            return
+        self._pools, self.keys, self.values = pools.repack(self.keys, self.values, slots)
+        self.length, self.prefill_length = slots, 0
+        self._splits = default_splits(self.keys.shape[0], self.keys.shape[1], slots, self.keys.device)
 
     def _enter_static(self) -> None:
         self.finish_prefill()
@@ -690,8 +706,9 @@ class ScopeLayer(CacheLayerMixin):
     # -- storage ------------------------------------------------------------------------------
     def _resize(self, capacity: int) -> None:
         """Move the held slots into new storage of ``capacity`` slots (one copy)."""
-        shape = (*self.keys.shape[:2], capacity, self.keys.shape[-1])
-        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        # keys and values may differ in width (multi-head latent attention: DeepSeek-V2/V3)
+        keys = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[-1]))
+        values = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[-1]))
         keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
         values[:, :, : self.length].copy_(self.values[:, :, : self.length])
         self.keys, self.values = keys, values
@@ -744,10 +761,14 @@ class ScopeLayer(CacheLayerMixin):
         }
         if self._pools is not None:  # the static layout counts on the device (one sync here)
             pools = self._pools
+            live = pools.valid[:, 0]  # (batch, slots): the first KV head's (every head holds as many)
+            prefill, decoding = live[:, : pools.prefill].sum(-1), live[:, pools.prefill :].sum(-1)
             row.update(
                 seen=int(pools.seen),
                 step=int(pools.t),
-                decoding=int(pools.held(True).max()),
+                held=int((prefill + decoding).max()),
+                prefill=int(prefill.max()),
+                decoding=int(decoding.max()),
                 static_slots=self.length,
                 selections=None,
             )

@@ -14,6 +14,12 @@ to select, which entry goes -- is computed on the device; nothing on the host ch
 steps, so ``torch.compile`` and CUDA graphs see one graph (docs/method.md §3-§4 for the rule,
 which is the same as the dynamic layout's; ties as in §9, by arrival).
 
+A unified baseline (one budget over prompt and output) enters the layout holding the whole prompt,
+since its first selection needs the first decode step's query, as in the dynamic layout; after that
+step has cut the pool to the budget the layer moves, once, into ``budget + 1`` slots
+(:meth:`StaticPools.repack`), so its memory is bounded as in the dynamic layout. A compiled run then
+traces two graphs (the first step's shape, then the bounded one) instead of one.
+
 What it costs: the step attends over ``D`` decoding slots even while the pool fills up (masked),
 and Discontinuous computes its selection every step and applies it on its schedule (the memory
 schedule is the same; the saving in score passes is not realised). Unified baselines select over
@@ -139,6 +145,35 @@ class StaticPools:
         # unified baseline, any slot): there is always one, the region holds budget + slack + 1.
         self.free.copy_(first + (~valid).to(torch.int8).argmax(-1))
         self.t.add_(1)
+
+    def repack(
+        self, keys: torch.Tensor, values: torch.Tensor, slots: int
+    ) -> tuple[StaticPools, torch.Tensor, torch.Tensor]:
+        """The same live entries in ``slots`` slots: new storage and state (one copy).
+
+        A unified baseline enters the layout with the whole prompt held (its first selection needs
+        the first decode step's query); once that step has cut the pool to the budget, the layer
+        moves into a buffer of ``budget + 1`` slots so the memory bound holds from then on, as in
+        the dynamic layout. Per (row, KV head) the live entries move to the front in arrival order
+        (their arrival steps kept, so "the newest r" and ties are unchanged); the decode counters
+        carry over. The prefill boundary is gone (0): prompt and output share one pool.
+        """
+        key_order = torch.where(self.valid, self.arrival, torch.iinfo(self.arrival.dtype).max)
+        index = torch.argsort(key_order, dim=-1, stable=True)[..., :slots]  # (batch, kv_heads, slots)
+        new_keys = keys.gather(2, index[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        new_values = values.gather(2, index[..., None].expand(-1, -1, -1, values.shape[-1]))
+        valid = self.valid.gather(-1, index)
+        state = StaticPools(
+            prefill=0,
+            valid=valid,
+            arrival=self.arrival.gather(-1, index),
+            free=(~valid).to(torch.int8).argmax(-1),
+            t=self.t.clone(),
+            skipped=self.skipped.clone(),
+            seen=self.seen.clone(),
+        )
+        _mark_static(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        return state, new_keys, new_values
 
     def held(self, decoding_only: bool) -> torch.Tensor:
         """``(batch,)`` live entries per row (of the decoding slots, or of every slot)."""
