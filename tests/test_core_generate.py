@@ -231,7 +231,7 @@ def test_attention_switched_away_after_construction_raises():
     model = make_model("llama")
     cache = ScopeCache(model, decoding=Slide(8, 3))
     model.set_attn_implementation("sdpa")
-    with pytest.raises(RuntimeError, match="never reached scope_kv's attention"):
+    with pytest.raises(RuntimeError, match="never went through transformers. AttentionInterface"):
         _generate(model, cache, _ids([12])[0][None])
 
 
@@ -303,3 +303,29 @@ def test_multi_head_latent_attention_is_refused_at_construction_with_the_reason(
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ValueError, match="multi-head latent attention.*DynamicCache"):
         ScopeCache(model, decoding=Slide(8, 3))
+
+
+def _loss_and_grad(model, cache, ids):
+    """Prefill, then three decode forwards, with autograd recording; the loss's gradient."""
+    model.zero_grad()
+    out = model(input_ids=ids, **cache_kwargs(cache))
+    loss = out.logits[:, -1].logsumexp(-1).sum()
+    for token in ids[0, :3]:
+        out = model(input_ids=token.view(1, 1), **cache_kwargs(cache))
+        loss = loss + out.logits[:, -1].logsumexp(-1).sum()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_backward_through_an_uncompressed_cache_equals_dynamic_cache_and_a_compressing_one_says_no_grad():
+    model = make_model("llama")
+    ids = _ids([12])[0][None]
+    loss, grads = _loss_and_grad(model, DynamicCache(config=model.config), ids)
+    ours, our_grads = _loss_and_grad(model, ScopeCache(model), ids)
+    torch.testing.assert_close(ours, loss)
+    assert grads.keys() == our_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(our_grads[name], grad, msg=name)
+    with pytest.raises(RuntimeError, match=r"torch\.no_grad\(\)"):
+        _loss_and_grad(model, ScopeCache(model, decoding=Slide(4, 2)), ids)
+    model.zero_grad()

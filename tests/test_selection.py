@@ -127,7 +127,7 @@ def test_layer_detects_attention_that_bypassed_scope():
     layer = ScopeLayer(0, Slide(4, 2), frozenset({id(module)}))
     k = torch.randn(1, 1, 3, 4)
     layer.update(k, k)  # ... and the attention function never ran
-    with pytest.raises(RuntimeError, match="never reached scope_kv's attention"):
+    with pytest.raises(RuntimeError, match="never went through transformers. AttentionInterface"):
         layer.update(k[:, :, :1], k[:, :, :1])
 
 

@@ -45,7 +45,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .compat import cache_argument, set_attention_implementation, warn_if_untested
 from .kernels import grouped_decode_attention
 from .masks import transformers_mask_function
-from .step import AttentionStep
 
 __all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
 
@@ -168,25 +167,10 @@ def _make_attention(backend: str) -> Callable[..., Any]:
         base = _base_function(backend, module)
         if layer is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        layer.check_attended(key)
-        if layer.own_mask:
-            # Once prompt entries were evicted, rows keep different numbers of pads (or filler) and
-            # layers different lengths (PyramidKV): the mask transformers built no longer describes
-            # this layer's slots, so the layer supplies its own (docs/method.md §8).
-            attention_mask = layer.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
-        scaling = kwargs.get("scaling")
-        step = AttentionStep(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            backend,
-            scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
-            softcap=kwargs.get("softcap"),
-            head_valid=layer.head_valid(),
-            arrival=layer.arrival(),
+        step = layer.open_step(
+            module, query, key, value, attention_mask, backend, kwargs.get("scaling"), kwargs.get("softcap")
         )
+        attention_mask = step.mask
         if backend == "sdpa" and layer.wants_lse(step) and _plain_softmax(module, attention_mask, kwargs):
             # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
             # log-sum-exp, from which the layer scores its candidates in O(budget).
@@ -250,6 +234,12 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
         If the model's backend is not supported, or the model does not dispatch attention
         through transformers' ``AttentionInterface`` (then SCOPE could never select).
     """
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module that takes a cache (no module carries a "
+            "layer_idx): it keeps its own state, so there is nothing for ScopeCache to manage."
+        )
     current = model.config._attn_implementation
     if not current.startswith(PREFIX):
         if current not in SUPPORTED_BACKENDS:
@@ -267,7 +257,7 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
                 "ALL_ATTENTION_FUNCTIONS.get_interface(...) are supported."
             )
         current = name
-    for module in _attention_modules(model):
+    for module in modules:
         if getattr(module, _ROUTE_HANDLE, None) is None:
             setattr(module, _ROUTE_HANDLE, module.register_forward_pre_hook(_route_layer, with_kwargs=True))
     return current

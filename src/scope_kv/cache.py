@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["ScopeCache", "ScopeLayer"]
 
 
+def _config_value(config: Any, name: str) -> Any:
+    """``config.name``, or ``None`` where the config has none -- or only per layer, as configs of
+    models whose layers differ raise for a global read (their layers are checked one by one)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # e.g. transformers' error for a per-layer attribute read globally
+        return None
+
+
 class ScopeCache(Cache):
     """KV cache implementing SCOPE's decoding-phase compression for any transformers decoder.
 
@@ -112,7 +121,7 @@ class ScopeCache(Cache):
                 "with attn_implementation='sdpa' (or 'eager') to use the static layout."
             )
         config = model.config.get_text_config(decoder=True)
-        if getattr(config, "kv_lora_rank", None):
+        if _config_value(config, "kv_lora_rank"):
             raise ValueError(
                 f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): it "
                 "caches a compressed latent per token and expands each head's keys and values from it inside the "
@@ -120,25 +129,29 @@ class ScopeCache(Cache):
                 "among. ScopeCache cannot manage this cache; use transformers' DynamicCache for this model."
             )
         templates = layer_templates(config)
-        q_heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
-        kv_repeat = q_heads // kv_heads if per_query_head else 1
-        module_ids = frozenset(id(m) for m in model.modules())
-        evictions = EvictionBatch()
-        layers: list[Any] = []
         for idx, layer in enumerate(templates):
-            if isinstance(layer, DynamicSlidingWindowLayer) or is_dummy_layer(layer):
-                layers.append(layer)  # bounded by its window already, or no KV of its own
-            elif type(layer) is DynamicLayer:
-                layers.append(
-                    ScopeLayer(idx, decoding, module_ids, prefill, len(templates), evictions, static, kv_repeat)
-                )
-            else:
+            if not (
+                isinstance(layer, DynamicSlidingWindowLayer) or is_dummy_layer(layer) or type(layer) is DynamicLayer
+            ):
                 kind = type(layer).__name__ if isinstance(layer, CacheLayerMixin) else repr(layer)
                 raise ValueError(
                     f"layer {idx} of {type(model).__name__} needs a {kind}; scope_kv manages "
                     "plain attention KV caches only (full or sliding-window attention)."
                 )
+        kv_repeat = 1
+        if per_query_head:
+            q_heads = config.num_attention_heads
+            kv_repeat = q_heads // (_config_value(config, "num_key_value_heads") or q_heads)
+        module_ids = frozenset(id(m) for m in model.modules())
+        evictions = EvictionBatch()
+        layers: list[Any] = []
+        for idx, layer in enumerate(templates):
+            if type(layer) is DynamicLayer:
+                layers.append(
+                    ScopeLayer(idx, decoding, module_ids, prefill, len(templates), evictions, static, kv_repeat)
+                )
+            else:
+                layers.append(layer)  # bounded by its window already, or no KV of its own
         scope_layers = [layer for layer in layers if isinstance(layer, ScopeLayer)]
         if not scope_layers:
             window = getattr(config, "sliding_window", None)

@@ -31,7 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch, EvictRing, default_splits
-from .masks import head_mask, layer_mask, leading_invalid, valid_from_start
+from .masks import head_mask, layer_mask, leading_invalid, valid_from_start, valid_slots
 from .prefill.base import PrefillCompressor
 from .selection import compact_, gather_, keep_top_, select_heavy
 from .static import StaticPools
@@ -163,6 +163,10 @@ class ScopeLayer(CacheLayerMixin):
         self.selections = 0  # selections run since the last prefill (for reports)
         # padding (class notes)
         self.start: torch.Tensor | None = None  # (batch,) leading invalid slots per row
+        # (batch, length) validity of every held slot while a prefill left invalid slots behind valid
+        # ones (a masked span, right padding, a padded later turn); compacted away after the
+        # forward (the filler then sits in front, described by `start`)
+        self._holes: torch.Tensor | None = None
         self.own_mask = False
         self._all_valid = False  # own mask only: no slot is invalid (then a decode step needs no mask)
         # prefill compression
@@ -172,6 +176,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
         self._pools: StaticPools | None = None  # the static layout's state while decoding in it
+        self._prefill_from = 0  # first slot of the prefill forward in flight
         self._last_position: torch.Tensor | None = None  # (batch,) position of the last prefill token
         self._splits: int | None = None
         self.ring.reset()
@@ -224,9 +229,7 @@ class ScopeLayer(CacheLayerMixin):
                 assert self._pools is not None
                 self._pools.write(self.keys, self.values, key_states, value_states)
                 self._pending = "decode"
-                keys = self.keys[:, :, : self.length]
-                self._attended = keys
-                return keys, self.values[:, :, : self.length]
+                return self._hand_out(key_states.requires_grad or value_states.requires_grad)
         if not decode:
             self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
         if decode and self._prefill_open:
@@ -245,6 +248,7 @@ class ScopeLayer(CacheLayerMixin):
         end = self.length + q
         self.keys[:, :, self.length : end].copy_(key_states)
         self.values[:, :, self.length : end].copy_(value_states)
+        self._prefill_from = self.length
         self.length = end
         self.seen += q
         if decode:
@@ -254,9 +258,25 @@ class ScopeLayer(CacheLayerMixin):
             self.prefill_length = end
             self.step = self.skipped = self.selections = 0
             self._prefill_open = self._evicts_prompt
-        keys = self.keys[:, :, : self.length]
+        return self._hand_out(key_states.requires_grad or value_states.requires_grad)
+
+    def _hand_out(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held slots for this forward's attention: views of the storage, or, when autograd
+        records the forward of an uncompressed cache, copies -- the storage is written in place by
+        later steps, which would invalidate what the attention saved for the backward pass; with
+        copies gradients are those of ``DynamicCache``. A compressing cache refuses to be recorded."""
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if differentiable and torch.is_grad_enabled():
+            if self.decoding is not None or self.prefill is not None:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: autograd is recording this forward, and a compressing ScopeCache moves "
+                    "and evicts entries in place, which the backward pass cannot follow. Run it under "
+                    "torch.no_grad() or torch.inference_mode() (generate does); to backpropagate through a cache, "
+                    "use ScopeCache(model) without compression, or DynamicCache."
+                )
+            keys, values = keys.clone(), values.clone()
         self._attended = keys
-        return keys, self.values[:, :, : self.length]
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Physical coordinates: mask column j is slot j (pads stay at the front). The static layout
@@ -306,6 +326,8 @@ class ScopeLayer(CacheLayerMixin):
             pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
         if self.start is not None:
             self.start = fn(self.start)
+        if self._holes is not None:
+            self._holes = fn(self._holes)
         if self._last_position is not None:
             self._last_position = fn(self._last_position)
         self.ring.map_batch(fn)
@@ -326,9 +348,10 @@ class ScopeLayer(CacheLayerMixin):
         """Refuse an attention call whose keys are not the ones this layer's update returned."""
         if self._pools is None and keys is not self._attended:
             raise RuntimeError(
-                f"layer {self.layer_idx}: the attention function received keys that this layer's update() did not "
-                "return (was the model's attention module changed, or the cache updated twice?). ScopeCache "
-                "supports models that pass the cache's keys straight to the attention function."
+                f"layer {self.layer_idx}: the attention function received other keys than the ones this layer's "
+                "update() returned: the model transforms the cached keys before attending (repeats or splits "
+                "them, or attends twice per layer), or updated the cache twice. ScopeCache selects among the "
+                "keys it hands out, so it cannot manage this model: use DynamicCache."
             )
 
     def wants_lse(self, step: AttentionStep) -> bool:
@@ -367,10 +390,123 @@ class ScopeLayer(CacheLayerMixin):
 
     def valid_slots(self) -> torch.Tensor:
         """``(batch, length)`` boolean: which held slots are real entries."""
+        if self._holes is not None:
+            return self._holes[:, : self.length]
         start = self.start
         if start is None:
             start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
         return valid_from_start(start, self.length)
+
+    def open_step(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        backend: str,
+        scaling: float | None = None,
+        softcap: float | None = None,
+    ) -> AttentionStep:
+        """Everything the layer does between its :meth:`update` and the attention itself, in one call.
+
+        Checks that ``keys`` are the ones :meth:`update` returned, learns a prefill forward's pads
+        and holes (:meth:`observe_prefill_mask`), puts the layer's own mask in place of the one
+        transformers built where the layer has one, and returns the step record the attention
+        runs with (its ``mask``) and :meth:`after_attention` then takes.
+
+        Parameters
+        ----------
+        module : nn.Module
+            The attention module.
+        query : Tensor
+            ``(batch, q_heads, q, dim)``.
+        keys, values : Tensor
+            What :meth:`update` returned.
+        attention_mask : Tensor or None
+            The mask transformers built, in ``backend``'s format.
+        backend : str
+            The attention backend (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...).
+        scaling : float, optional
+            Softmax scale (``dim ** -0.5`` by default).
+        softcap : float, optional
+            Logit soft-capping.
+        """
+        self.check_attended(keys)
+        self.observe_prefill_mask(attention_mask)
+        if self.own_mask:
+            # Once prompt entries were evicted (or a hole met), rows keep different numbers of pads
+            # or filler and layers different lengths: the mask transformers built no longer
+            # describes this layer's slots, so the layer supplies its own (docs/method.md §8).
+            attention_mask = self.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
+        return AttentionStep(
+            module,
+            query,
+            keys,
+            values,
+            attention_mask,
+            backend,
+            scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
+            softcap=softcap,
+            head_valid=self.head_valid(),
+            arrival=self.arrival(),
+        )
+
+    def observe_prefill_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Before a prefill forward's attention: which of the slots it attends are real entries.
+
+        Read from the mask transformers built for the forward (:func:`scope_kv.masks.valid_slots`):
+        its columns for the forward's own tokens are right for every layer (:mod:`scope_kv.masks`
+        reads them from the end of the 2-D mask), its columns for the held slots only while the
+        layer uses transformers' mask (else the layer's own state describes them). A row whose invalid
+        slots all lead is described by ``start``; an invalid slot behind a valid one (a masked
+        span, right padding, a padded later turn) puts the layer in hole mode: it attends with
+        its own mask, and the holes are compacted away after the attention.
+
+        Parameters
+        ----------
+        attention_mask : Tensor or None
+            The forward's mask in its backend's format (``None``: every slot valid). A decode step
+            returns at once.
+        """
+        if self._pending != "prefill":
+            return
+        batch, length = self.keys.shape[0], self.length
+        device = self.keys.device
+        q = length - self._prefill_from
+        valid = valid_slots(attention_mask, batch, length, device)
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if self._holes is not None:
+            held = self._holes[:, : length - q]
+        elif self.own_mask:
+            held = self.valid_slots()[:, : length - q]
+        else:
+            held = valid[:, : length - q]
+        full = torch.cat([held, valid[:, length - q :]], dim=-1)
+        self.start = leading_invalid(full, batch, device)
+        if self._holes is None and bool((full == valid_from_start(self.start, length)).all()):
+            return  # every invalid slot leads its row
+        self._holes = full
+        self.own_mask = True
+
+    def _compact_holes(self, scores: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> None:
+        """Drop the invalid slots behind valid ones: per row, the kept entries move to the end of
+        ``[0, n)`` in order and the filler in front of them is ``start`` (:func:`keep_top_`).
+        ``scores`` / ``counts``: a prefill compressor's choice among the valid slots (default: keep
+        every valid slot)."""
+        valid = self._holes
+        assert valid is not None
+        self._holes = None
+        real = valid.sum(-1)
+        counts = real if counts is None else torch.minimum(counts, real)
+        if scores is None:
+            scores = torch.zeros(valid.shape[0], self.keys.shape[1], self.length, device=valid.device)
+        scores = scores.float().masked_fill(~valid[:, None, : self.length], float("-inf"))
+        lead = leading_invalid(valid, valid.shape[0], valid.device)
+        self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, lead)
+        self.prefill_length = self.length
+        self._all_valid = not bool(self.start.any())
 
     def observe_input(
         self, hidden_states: torch.Tensor | None, position_embeddings: Any, position_ids: torch.Tensor | None = None
@@ -595,17 +731,17 @@ class ScopeLayer(CacheLayerMixin):
 
     # -- prefill ----------------------------------------------------------------------------
     def _after_prefill_attention(self, step: AttentionStep) -> None:
-        """A prefill forward attended: learn the pads, let the prefill compressor observe."""
-        if not self._evicts_prompt:
-            return
-        if not self.own_mask:
-            # Pads are the leading slots the prompt's last query may not see. Relearned at every
-            # chunk: a chunk of nothing but pads shows the whole row invalid until the next one.
-            self.start = leading_invalid(step.valid, step.batch, step.keys.device)
+        """A prefill forward attended: let the prefill compressor observe; drop holes.
+
+        (The pads were learned before the attention, :meth:`observe_prefill_mask`.) With a prefill
+        compressor the holes stay until the prompt is compressed (:meth:`finish_prefill`), which
+        never keeps them; otherwise they are compacted away now."""
         if self.prefill is not None:
             assert self.start is not None
             self._memo["module"] = step.module
             self.prefill.observe(self._memo, step.module, step.query, step.keys, self.start, step.scaling, step.softcap)
+        elif self._holes is not None:
+            self._compact_holes()
 
     def finish_prefill(self) -> None:
         """Compress the prefill pool now and switch to the layer's own mask (idempotent).
@@ -621,15 +757,21 @@ class ScopeLayer(CacheLayerMixin):
         if self.start is None:
             self.start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
         if self.prefill is not None and self.length == prompt:
-            real = prompt - self.start
+            holes = self._holes
+            real = holes.sum(-1) if holes is not None else prompt - self.start
             counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, memo.get("module")).clamp(min=0)
             counts = torch.minimum(counts, real)
             if bool((counts < real).any()):
                 keys, values = self.keys[:, :, :prompt], self.values[:, :, :prompt]
                 scores = self.prefill.scores(memo, keys, values, self.start)
-                self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
-                self.prefill_length = self.length
+                if holes is not None:
+                    self._compact_holes(scores, counts)  # the compressor's choice, among real entries only
+                else:
+                    self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
+                    self.prefill_length = self.length
                 self._shrink()
+        if self._holes is not None:
+            self._compact_holes()
         self._all_valid = not bool(self.start.any())
         self.own_mask = True
 

@@ -118,6 +118,53 @@ def _flash_format(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.
     return None if bool(valid.all()) else valid.to(torch.int32)
 
 
+def _physical_padding(attention_mask: torch.Tensor | None, q_length: int, kv_length: int, kv_offset: int) -> Any:
+    """The 2-D padding mask in a managed layer's physical slots.
+
+    transformers reads column ``j`` of the logical 2-D mask (one column per token seen) for slot
+    ``j``. A managed layer's held slots ``[0, kv_length - q_length)`` are the prompt's (pads in
+    front, never moved while transformers' mask is used) followed by entries in arrival order,
+    so the prefix reads right; but once entries were evicted the layer holds fewer slots than
+    tokens seen, and the forward's own ``q_length`` tokens -- the last slots -- would read columns
+    of earlier tokens. They take the mask's last ``q_length`` columns instead, so a padded later
+    turn (or a chunk's pads) is seen where it is. (Layers that were compressed or met a hole use
+    their own mask for the held slots; the forward's columns are read from here, :mod:`scope_kv.layer`.)
+    Stock caches (logical = physical) and sliding-window layers (``kv_offset > 0``) are unchanged.
+    """
+    if (
+        attention_mask is None
+        or attention_mask.dim() != 2
+        or kv_offset != 0
+        or attention_mask.shape[-1] <= kv_length
+        or not 0 < q_length <= kv_length
+    ):
+        return attention_mask
+    return torch.cat([attention_mask[:, : kv_length - q_length], attention_mask[:, -q_length:]], dim=-1)
+
+
+def _scope_eager_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers' eager mask, over the physical padding mask (:func:`_physical_padding`)."""
+    return eager_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=_physical_padding(attention_mask, q_length, kv_length, kv_offset),
+        **kwargs,
+    )
+
+
 def _scope_sdpa_mask(
     batch_size: int,
     q_length: int,
@@ -132,7 +179,9 @@ def _scope_sdpa_mask(
     """transformers' sdpa mask, except that one new token with no padding and every held slot
     behind it gets no mask even while tracing or capturing a CUDA graph (transformers then
     materialises an all-True mask, which costs a mask build and the slower masked kernel per
-    layer). Exact for any cache: every slot is visible to the query."""
+    layer). Exact for any cache: every slot is visible to the query. Padding is read in physical
+    slots (:func:`_physical_padding`)."""
+    attention_mask = _physical_padding(attention_mask, q_length, kv_length, kv_offset)
     if (
         attention_mask is None
         and q_length == 1
@@ -164,15 +213,16 @@ def _physical_flash_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
-    """Flash attention's 2-D padding mask, sliced as ``[kv_offset, kv_offset + kv_length)``.
+    """Flash attention's 2-D padding mask in physical slots (:func:`_physical_padding`), else sliced
+    as ``[kv_offset, kv_offset + kv_length)``.
 
     transformers' own version slices from the right, which for ScopeCache (physical length
     shorter than the logical mask) would drop the pad columns at the front. For every stock
-    cache both slicings coincide.
+    cache the slicings coincide.
     """
     if attention_mask is None:
         return None
-    mask = attention_mask[:, kv_offset : kv_offset + kv_length]
+    mask = _physical_padding(attention_mask, q_length, kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length]
     if mask.shape[1] == kv_length and bool(mask.all()):
         return None
     return mask
@@ -199,7 +249,7 @@ class MaskFormat:
 _FLASH = MaskFormat(_flash_format, _physical_flash_mask)
 _FORMATS: dict[str, MaskFormat] = {
     "sdpa": MaskFormat(_sdpa_format, _scope_sdpa_mask),
-    "eager": MaskFormat(_eager_format, eager_mask),
+    "eager": MaskFormat(_eager_format, _scope_eager_mask),
     "flash_attention_2": _FLASH,
     "flash_attention_3": _FLASH,
     "flash_attention_4": _FLASH,

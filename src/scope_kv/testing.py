@@ -67,21 +67,8 @@ def attend(
     keys = layer.attending
     if keys is None:
         raise RuntimeError("attend() follows a layer.update(...) whose attention has not run yet.")
-    layer.check_attended(keys)
-    if layer.own_mask:
-        mask = layer.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
-    step = AttentionStep(
-        module,
-        query,
-        keys,
-        layer.values[:, :, : layer.length],
-        mask,
-        backend,
-        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        softcap=softcap,
-        lse=lse,
-        head_valid=layer.head_valid(),
-        arrival=layer.arrival(),
-    )
+    step = layer.open_step(module, query, keys, layer.values[:, :, : layer.length], mask, backend, scaling, softcap)
+    if lse is not None:
+        step = step.with_lse(lse)
     layer.after_attention(step)
     return step
