@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "falcon", "gpt_bigcode")
+_ALL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "falcon", "gpt_bigcode")
 BACKENDS = ("sdpa", "eager")
 
 _COMMON = dict(
@@ -101,6 +101,24 @@ def make_model(arch: str, backend: str = "sdpa") -> torch.nn.Module:
     model.set_attn_implementation(backend)
     model.generation_config.pad_token_id = 0
     return model
+
+
+def routes_attention(arch: str) -> bool:
+    """Whether the installed transformers' ``arch`` dispatches attention through its
+    AttentionInterface (Falcon does from a release after 5.17; before, ScopeCache refuses it at
+    construction, tests/test_attention.py)."""
+    from scope_kv import ScopeCache
+
+    try:
+        ScopeCache(copy.deepcopy(_base_model(arch)))
+    except ValueError as exc:
+        if "does not dispatch attention" in str(exc):
+            return False
+        raise
+    return True
+
+
+ARCHS = tuple(arch for arch in _ALL_ARCHS if arch != "falcon" or routes_attention(arch))
 
 
 @pytest.fixture(params=ARCHS)

@@ -52,7 +52,7 @@ def test_attention_on_keys_the_layer_did_not_return_is_refused():
     layer = cache.layers[0]
     k = torch.randn(1, 2, 5, 16)
     layer.update(k, k)
-    with pytest.raises(RuntimeError, match="did not\\s+return"):
+    with pytest.raises(RuntimeError, match=r"other keys than the ones this layer.s update\(\) returned"):
         layer.check_attended(k.clone())
     layer.check_attended(layer.attending)
 
@@ -65,3 +65,16 @@ def test_routing_is_a_pass_through_for_other_caches():
         a = model(input_ids=ids, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True).logits
         b = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_falcon_is_managed_on_a_transformers_that_routes_its_attention_and_refused_before():
+    """Falcon joins the architecture suites where its attention goes through AttentionInterface
+    (transformers 5.25 does); on older releases ScopeCache refuses it when the cache is built."""
+    from conftest import routes_attention
+    from scope_kv import compat
+
+    if compat.TRANSFORMERS_VERSION[:2] >= (5, 25):
+        assert routes_attention("falcon") and "falcon" in ARCHS
+    if not routes_attention("falcon"):
+        with pytest.raises(ValueError, match="does not dispatch attention through transformers' AttentionInterface"):
+            ScopeCache(make_model("falcon"), decoding=Slide(8, 3))

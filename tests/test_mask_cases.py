@@ -149,7 +149,7 @@ def test_a_padded_later_turn_after_evictions_equals_the_conversation_alone(spec)
         assert torch.equal(batched[row], _alone(model, spec, prompts[row], follow_ups[row])), f"row {row}"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_bigcode"])
 @pytest.mark.parametrize("strategy,rule", [(Slide(8, 3), Rule("slide", 8, 3)), (Slide(5, 2), Rule("slide", 5, 2))],
                          ids=["slide-8-3", "slide-5-2"])
 def test_a_masked_span_with_evictions_matches_the_oracle(arch, strategy, rule):

@@ -326,3 +326,43 @@ def test_a_unified_baseline_is_bounded_in_the_static_layout_as_in_the_dynamic_on
     assert static_cache.nbytes() == dynamic.nbytes()
     for row in static_cache.summary():
         assert row["held"] == 20 and row["prefill"] + row["decoding"] == 20 and row["static_slots"] == bound
+
+
+BOUND_CASES = [
+    "slide:8/3", "adaptive:12/5,T=40", "discontinuous:12/5,T=40", "snapkv:12,window=4+slide:8/3",
+    "unified-h2o:20/4", "unified-streamingllm:20/4", "slide:8/3,per_query_head",
+]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["default", "static"])
+@pytest.mark.parametrize("spec", BOUND_CASES)
+def test_memory_is_bounded_at_every_step_in_both_layouts(spec, static):
+    """After every decode step, each managed layer allocates at most what its strategy may ever
+    hold: prefill pool + B + slack + 1 slots (a unified baseline: its budget + 1, from the step
+    after its first selection), in the default and the static layout alike."""
+    from scope_kv import make_cache
+
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs(pad=5)
+    cache = make_cache(model, spec + (",static" if static else ""))
+    decoding = cache.decoding
+    steps: list[list[tuple[int, int]]] = []
+
+    def record(module, args, kwargs, output):
+        steps.append([(layer.capacity, layer.prefill_length) for layer in cache.layers])
+
+    handle = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW,
+                       min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert len(steps) == NEW  # the prefill, then NEW - 1 decode steps
+    prompt_slots = 12 if "snapkv" in spec else PROMPT  # what the prefill pool keeps
+    for t, layers in enumerate(steps[1:], start=1):
+        for capacity, prefill in layers:
+            if decoding.evicts_prompt:
+                if t >= 2:
+                    assert capacity <= decoding.max_held, (t, capacity)
+            else:
+                assert capacity <= prompt_slots + decoding.max_held, (t, capacity, prefill)

@@ -66,6 +66,25 @@ class _Cut:
         return self.candidates_end - self.first - self.keep == 1
 
 
+class _CompressedCopy(torch.autograd.Function):
+    """A copy of a compressing layer's held entries for an attention autograd records: the forward
+    works as without autograd; the backward pass stops here with the reason (selection moves and
+    evicts entries in place, which gradients cannot follow)."""
+
+    @staticmethod
+    def forward(ctx: Any, held: torch.Tensor) -> torch.Tensor:
+        return held.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "backward through a compressing ScopeCache: selection moves and evicts cached entries in place, "
+            "which gradients cannot follow. Run the forward under torch.no_grad() or torch.inference_mode() "
+            "(generate does); to backpropagate through a cache, use ScopeCache(model) without compression, "
+            "or DynamicCache."
+        )
+
+
 class ScopeLayer(CacheLayerMixin):
     """One decoder layer's SCOPE cache.
 
@@ -210,10 +229,11 @@ class ScopeLayer(CacheLayerMixin):
         self.ring.settle()
         if self._pending is not None:
             raise RuntimeError(
-                f"layer {self.layer_idx}: the previous forward never reached scope_kv's attention function, so "
-                "nothing could be selected. The model's attention must route through transformers' "
-                "AttentionInterface with the implementation ScopeCache(model) set; build the cache with the "
-                "model you generate with, and do not change its attn_implementation afterwards."
+                f"layer {self.layer_idx}: the previous forward stored keys here but its attention never went "
+                "through transformers' AttentionInterface, so ScopeCache could not see it. Either the model "
+                "computes this layer's attention in its own code (such models are not supported: use "
+                "DynamicCache), or the cache was built for another model or before its attn_implementation "
+                "was changed (build one ScopeCache(model) per model and generate call)."
             )
         if self.kv_repeat > 1:
             key_states = key_states.repeat_interleave(self.kv_repeat, dim=1)
@@ -262,19 +282,16 @@ class ScopeLayer(CacheLayerMixin):
 
     def _hand_out(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The held slots for this forward's attention: views of the storage, or, when autograd
-        records the forward of an uncompressed cache, copies -- the storage is written in place by
-        later steps, which would invalidate what the attention saved for the backward pass; with
-        copies gradients are those of ``DynamicCache``. A compressing cache refuses to be recorded."""
+        records the forward, copies -- the storage is written in place by later steps, which would
+        invalidate what the attention saved for the backward pass. Uncompressed, gradients are then
+        those of ``DynamicCache``; a compressing cache's copies refuse the backward pass with the
+        reason (:class:`_CompressedCopy`), while forwards without it work."""
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         if differentiable and torch.is_grad_enabled():
             if self.decoding is not None or self.prefill is not None:
-                raise RuntimeError(
-                    f"layer {self.layer_idx}: autograd is recording this forward, and a compressing ScopeCache moves "
-                    "and evicts entries in place, which the backward pass cannot follow. Run it under "
-                    "torch.no_grad() or torch.inference_mode() (generate does); to backpropagate through a cache, "
-                    "use ScopeCache(model) without compression, or DynamicCache."
-                )
-            keys, values = keys.clone(), values.clone()
+                keys, values = _CompressedCopy.apply(keys), _CompressedCopy.apply(values)
+            else:
+                keys, values = keys.clone(), values.clone()
         self._attended = keys
         return keys, values
 
