@@ -237,8 +237,9 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
-            f"{type(model).__name__} has no attention module that takes a cache (no module carries a "
-            "layer_idx): it keeps its own state, so there is nothing for ScopeCache to manage."
+            f"{type(model).__name__} has no attention module carrying a layer_idx, the index transformers' "
+            "attention interface and caches go by: it keeps its own state or computes attention in its own "
+            "code, so there is nothing ScopeCache can manage. Use the model's own cache (or DynamicCache)."
         )
     current = model.config._attn_implementation
     if not current.startswith(PREFIX):
