@@ -11,7 +11,7 @@ once still works, token for token, with ``DynamicCache``.
 How the function finds its layer: transformers passes an attention function the module, the
 tensors and the attention module's ``**kwargs``, but not the cache. A forward pre-hook on each
 attention module (:func:`_route_layer`) reads the cache from that call's own arguments and
-adds the module's :class:`~scope_kv.cache.ScopeLayer` to the kwargs under :data:`LAYER_KWARG`;
+adds the module's :class:`~scope_kv.layer.ScopeLayer` to the kwargs under :data:`LAYER_KWARG`;
 transformers forwards those kwargs to the attention function unchanged. The hook holds no
 state and does nothing for any other cache. It relies on one fact about transformers' decoder
 layers -- they call the attention module with the cache as a keyword argument -- which

@@ -3,7 +3,7 @@ selects, and how it scores the candidates (Wu et al., 2025; docs/method.md ยง3-ย
 
 A strategy is a frozen, validated configuration. It holds no state: the per-layer state
 (decoding step ``t`` and the discontinuous skip counter) lives on
-:class:`scope_kv.cache.ScopeLayer`, which also does the top-k and the compaction
+:class:`scope_kv.layer.ScopeLayer`, which also does the top-k and the compaction
 (:mod:`scope_kv.selection`). A strategy answers three questions:
 
 * ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t``;

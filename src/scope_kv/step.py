@@ -1,7 +1,7 @@
 """`AttentionStep`: one forward's attention in one managed layer, as a small immutable record.
 
 The scope attention function (:mod:`scope_kv.attention`) builds it once the attention has run
-and hands it to the layer (:meth:`scope_kv.cache.ScopeLayer.after_attention`), which plans,
+and hands it to the layer (:meth:`scope_kv.layer.ScopeLayer.after_attention`), which plans,
 scores, selects and compacts from it. A decoding strategy's scorer
 (:meth:`scope_kv.DecodingStrategy.score`) receives it too, so a new scoring rule needs nothing
 but the record.

@@ -31,6 +31,7 @@ from .fidelity import summarize_fidelity
 from .gold import REFERENCE, method_family, summarize_gold
 from .methods import gold_grid
 from .runner import summarize_longgenbench
+from .tables import figure, is_full, line_style, markdown_table, method_colours
 from .testbed import load_records as load_testbed_records
 from .testbed import write_report as write_testbed_report
 
@@ -46,31 +47,10 @@ __all__ = [
     "method_colours",
 ]
 
-# Names the full cache goes by in result files: drawn in black, on top.
-FULL_NAMES = ("full", REFERENCE, "reference (full cache)", "DynamicCache")
-_LINE_STYLES = ("-", "--", "-.", ":")
-_MARKERS = "osD^v<>pPX*h"
-
 
 def load_results(directory: str | pathlib.Path, name: str) -> list[dict[str, Any]]:
     """All records of harness ``name`` in ``directory`` (merged file and part files, deduplicated)."""
     return read_results(directory, name, lambda r: (r["example"], r["method"]), lambda r: r["index"])
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``rows`` with ``(key, header)`` columns; ``None`` shows as a dash."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.4g}" if abs(value) < 1 else f"{value:,.2f}".rstrip("0").rstrip(".")
-        return str(value)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |")
-    return "\n".join(lines)
 
 
 FIDELITY_COLUMNS = [
@@ -118,59 +98,18 @@ GOLD_COLUMNS = [
 ]
 
 
-def _figure(ncols: int = 1):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "scope-kv report draws its plots with matplotlib: pip install matplotlib (or pip install 'scope-kv[eval]')."
-        ) from None
-
-    fig = Figure(figsize=(6.4 * ncols, 4.2), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, axes
-
-
-def _is_full(method: str) -> bool:
-    return method in FULL_NAMES
-
-
-def _style(method: str, methods: Sequence[str], colours: dict[str, Any]) -> dict[str, Any]:
-    """Colour (the family's), line style and marker (the method's rank in its family) of a method;
-    the full cache in black, thicker, on top."""
-    if _is_full(method):
-        # the reference solid and topmost; a `full` ScopeCache beside it dashed (they coincide)
-        reference = method != "full"
-        return {
-            "color": "black",
-            "linewidth": 2.0,
-            "zorder": 11 if reference else 10,
-            "linestyle": "-" if reference else "--",
-            "marker": "*" if reference else "P",
-        }
-    family = method_family(method)
-    rank = [m for m in dict.fromkeys(methods) if not _is_full(m) and method_family(m) == family].index(method)
-    return {
-        "color": colours[method],
-        "linewidth": 1.3,
-        "zorder": 2,
-        "linestyle": _LINE_STYLES[rank % len(_LINE_STYLES)],
-        "marker": _MARKERS[rank % len(_MARKERS)],
-    }
-
-
 def _scatter(
     summary: Sequence[dict[str, Any]], y: str, ylabel: str, title: str, path: pathlib.Path, colours: dict[str, Any]
 ) -> None:
-    fig, (ax,) = _figure()
+    fig, (ax,) = figure()
     methods = [row["method"] for row in summary]
     for row in summary:
         # A legend, not annotations: methods at equal memory sit on top of each other.
-        style = _style(row["method"], methods, colours)
+        style = line_style(row["method"], methods, colours)
         ax.scatter(
             row["kv_mib_peak"],
             row[y],
-            s=70 if _is_full(row["method"]) else 45,
+            s=70 if is_full(row["method"]) else 45,
             marker=style["marker"],
             color=style["color"],
             zorder=style["zorder"],
@@ -216,8 +155,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def _lines(curves: dict[str, list[float]], ax: Any, ylabel: str, colours: dict[str, Any], window: int = 1) -> None:
     methods = list(curves)
     # the full cache last, so that it is drawn (and listed) on top
-    for method, ys in sorted(curves.items(), key=lambda item: _is_full(item[0])):
-        style = _style(method, methods, colours)
+    for method, ys in sorted(curves.items(), key=lambda item: is_full(item[0])):
+        style = line_style(method, methods, colours)
         style.pop("marker")
         ax.plot(range(len(ys)), _smooth(ys, window), label=method, **style)
     ax.set_xlabel("decode step")
@@ -232,11 +171,11 @@ def _bytes_per_entry(row: dict[str, Any]) -> float:
     return row["kv_bytes_peak"] / max(row["kv_entries_peak"], 1)
 
 
-def _kv_figure(
+def _kvfigure(
     rows: Sequence[dict[str, Any]], field: str, title: str, path: pathlib.Path, colours: dict[str, Any]
 ) -> None:
     """KV entries held per layer and KV MiB held over decoding steps, side by side."""
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     _lines(_mean_curves(rows, field, lambda r, v: v / r["num_layers"]), axes[0], "KV entries held per layer", colours)
     _lines(
         _mean_curves(rows, field, lambda r, v: v * _bytes_per_entry(r) / 2**20),
@@ -302,7 +241,7 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
             out / "agreement_vs_memory.png",
             colours,
         )
-        fig, axes = _figure(2)
+        fig, axes = figure(2)
         window = max(1, min(len(r["kl"]) for r in fid if r["method"] != "reference") // 16)
         smoothed = f" (mean of {window} steps)" if window > 1 else ""
         kl_curves = _mean_curves(fid, "kl")
@@ -314,7 +253,7 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
             axes[0].set_yscale("symlog", linthresh=1e-3)  # KL spans orders of magnitude across methods
         axes[1].legend(fontsize=7)
         fig.savefig(out / "fidelity_over_steps.png", dpi=120)
-        _kv_figure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
+        _kvfigure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
     if lgb:
         summary = summarize_longgenbench(lgb)
         write_csv(summary, out / "longgenbench_summary.csv")
@@ -333,7 +272,7 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
             out / "accuracy_vs_memory.png",
             colours,
         )
-        _kv_figure(
+        _kvfigure(
             lgb,
             "kv_entries_trace",
             "KV cache over decoding (LongGenBench)",
@@ -347,37 +286,6 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
 
 
 # -- gold-output teacher forcing ------------------------------------------------------------------
-def method_colours(methods: Sequence[str]) -> dict[str, Any]:
-    """One colour per method, the same in every plot.
-
-    A method gets its family's colour (``slide:128/64`` and ``slide:64/32`` share ``slide:B/r``'s;
-    plots tell budgets apart by line style or marker). The default gold grid's families have
-    fixed colours, the same in every report; other families take the next colours in sorted
-    order, the same in every plot of one report (:func:`make_report` passes it every method of
-    the directory). The full cache (``full``, ``reference``) is black.
-
-    Parameters
-    ----------
-    methods : sequence of str
-        Method specs (as in result files).
-
-    Returns
-    -------
-    dict
-        ``{method: matplotlib colour}``.
-    """
-    from matplotlib import colormaps
-
-    palette = [colormaps["tab10"](i) for i in range(10)] + [colormaps["Dark2"](i) for i in range(8)]
-    known = list(dict.fromkeys(method_family(s) for s in gold_grid((128,))))
-    others = sorted({method_family(m) for m in methods if not _is_full(m)} - set(known))
-    order = known + others
-    return {
-        m: (0.0, 0.0, 0.0, 1.0) if _is_full(m) else palette[order.index(method_family(m)) % len(palette)]
-        for m in methods
-    }
-
-
 def _gold_order(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     known = list(dict.fromkeys(method_family(s) for s in gold_grid((128,))))
 
@@ -424,7 +332,7 @@ def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: di
     reference = [r for r in rows if r["method"] == REFERENCE]
     images = []
     for budget, methods in sorted(by_budget.items()):
-        fig, axes = _figure(2)
+        fig, axes = figure(2)
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
             colour = colours[method]

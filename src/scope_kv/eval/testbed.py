@@ -296,7 +296,7 @@ COLUMNS = [
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, position_bins: int = 16) -> pathlib.Path:
     """Summary CSV/JSON, ``testbed_report.md`` and the plots of a testbed run; returns the report path."""
-    from .report import _figure, _style, markdown_table, method_colours
+    from .tables import figure, line_style, markdown_table, method_colours
 
     out = pathlib.Path(out_dir)
     summary = summarize(rows)
@@ -316,10 +316,10 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, po
             "",
         ]
         # accuracy against entries: one line per family through its budgets
-        fig, (ax,) = _figure()
+        fig, (ax,) = figure()
         for family in dict.fromkeys(r["family"] for r in part):
             pts = sorted((r["kv_entries"], r["accuracy"], r["method"]) for r in part if r["family"] == family)
-            style = _style(pts[0][2], methods, colours)
+            style = line_style(pts[0][2], methods, colours)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             ax.plot(xs, ys, label=family, **style)
         ax.set_xlabel("KV entries held per layer and KV head")
@@ -331,14 +331,14 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, po
         name = f"testbed_accuracy_x{scale:g}.png"
         fig.savefig(out / name, dpi=120)
         # accuracy by output position
-        fig, (ax,) = _figure()
+        fig, (ax,) = figure()
         for method in dict.fromkeys(r["method"] for r in part):
             rs = [r for r in rows if r["scale"] == scale and r["method"] == method]
             correct = np.array([r["correct"] for r in rs], dtype=float)
             bins = np.array_split(np.arange(correct.shape[1]), min(position_bins, correct.shape[1]))
             xs = [(b[0] + b[-1]) / 2 + 1 for b in bins if len(b)]
             ys = [correct[:, b].mean() for b in bins if len(b)]
-            style = _style(method, methods, colours)
+            style = line_style(method, methods, colours)
             ax.plot(xs, ys, label=method, **style)
         ax.set_xlabel("item (output position)")
         ax.set_ylabel("item accuracy")

@@ -2,7 +2,7 @@
 
 A prefill compressor decides, once per prompt, which prompt entries each layer keeps in
 its prefill pool. It is a frozen configuration with no state: what it gathers while the
-prompt runs lives in a per-layer ``memo`` dict owned by :class:`scope_kv.cache.ScopeLayer`,
+prompt runs lives in a per-layer ``memo`` dict owned by :class:`scope_kv.layer.ScopeLayer`,
 which also does the eviction itself (:func:`scope_kv.selection.keep_top_`). A compressor
 answers three questions:
 
