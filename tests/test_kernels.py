@@ -300,6 +300,7 @@ sys.path.insert(0, sys.argv[1])
 from conftest import make_model
 from test_kernels import _as_set
 from scope_kv import Adaptive, ScopeCache, Slide, SnapKV, kernels
+from scope_kv.compat import cache_kwargs
 launches = []
 _launch = kernels.EvictionBatch._launch
 kernels.EvictionBatch._launch = staticmethod(lambda items, *a: (launches.append(len(items)), _launch(items, *a)))
