@@ -121,6 +121,17 @@ def routes_attention(arch: str) -> bool:
 ARCHS = tuple(arch for arch in _ALL_ARCHS if arch != "falcon" or routes_attention(arch))
 
 
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D token tensors into ``(ids, attention_mask)`` of shape ``(batch, longest)`` (pad id 0)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from conftest import make_model
+from conftest import left_pad, make_model
 from oracle import forced_decode
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide
 from scope_kv.compat import cache_kwargs
@@ -23,16 +23,6 @@ NEW = 30
 def _ids(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
-
-
-def _left_pad(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 def _generate(model, cache, ids, mask=None, **kwargs):
@@ -51,7 +41,7 @@ def _managed_lengths(cache):
 def test_padded_batch_rows_equal_prompts_alone(backend, strategy):
     model = make_model("llama", backend)
     prompts = _ids([20, 13, 17], seed=5)
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     batched = _generate(model, ScopeCache(model, decoding=strategy), ids, mask)[:, ids.shape[1] :]
     for row, prompt in enumerate(prompts):
         alone = _generate(model, ScopeCache(model, decoding=strategy), prompt[None])[:, len(prompt) :]
@@ -282,7 +272,7 @@ def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(spec):
 
     model = make_model("llama")
     prompts = _ids([26, 17, 9], seed=11)
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     one_shot = _generate(model, make_cache(model, spec), ids, mask)
     chunked = _generate(model, make_cache(model, spec), ids, mask, prefill_chunk_size=8)
     assert torch.equal(chunked, one_shot)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import make_model
+from conftest import left_pad, make_model
 from oracle import Rule, forced_decode, oracle_logits
 from scope_kv import Slide, make_cache
 from scope_kv.compat import cache_kwargs
@@ -95,22 +95,12 @@ def test_right_padding_gives_what_dynamic_cache_gives(spec):
     assert torch.equal(_generate(model, make_cache(model, spec), ids, mask), reference)
 
 
-def _left_pad(seqs):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = s
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
 def _conversation(model, spec, prompts, follow_ups):
     """Two turns of a batch, the second turn left-padded on its own: the second answers."""
     cache = _cache(model, spec)
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     first = _generate(model, cache, ids, mask)
-    turn_ids, turn_mask = _left_pad(follow_ups)
+    turn_ids, turn_mask = left_pad(follow_ups)
     ids = torch.cat([first, turn_ids], dim=1)
     mask = torch.cat([mask, torch.ones(len(prompts), NEW, dtype=torch.long), turn_mask], dim=1)
     return _generate(model, cache, ids, mask)[:, -NEW:]

@@ -494,12 +494,8 @@ class ScopeLayer(CacheLayerMixin):
         valid = valid_slots(attention_mask, batch, length, device)
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        if self._holes is not None:
-            held = self._holes[:, : length - q]
-        elif self.own_mask:
-            held = self.valid_slots()[:, : length - q]
-        else:
-            held = valid[:, : length - q]
+        # the held slots: the layer's own record once it has one (holes imply it), else the mask's
+        held = (self.valid_slots() if self.own_mask else valid)[:, : length - q]
         full = torch.cat([held, valid[:, length - q :]], dim=-1)
         self.start = leading_invalid(full, batch, device)
         if self._holes is None and bool((full == valid_from_start(self.start, length)).all()):

@@ -148,20 +148,13 @@ def _scope_eager_mask(
     kv_length: int,
     q_offset: Any = 0,
     kv_offset: int = 0,
-    mask_function: Callable[..., Any] = causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """transformers' eager mask, over the physical padding mask (:func:`_physical_padding`)."""
+    attention_mask = _physical_padding(attention_mask, q_length, kv_length, kv_offset)
     return eager_mask(
-        batch_size,
-        q_length,
-        kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=_physical_padding(attention_mask, q_length, kv_length, kv_offset),
-        **kwargs,
+        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs
     )
 
 
