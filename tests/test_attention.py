@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from conftest import ARCHS, make_model
 from scope_kv import ScopeCache, ScopeLayer, Slide
-from scope_kv.attention import _attention_modules, enable_scope_attention
+from scope_kv.attention import attention_modules, enable_scope_attention
 from scope_kv.compat import cache_argument, cache_kwargs
 
 
@@ -22,14 +22,14 @@ def test_enable_is_idempotent_and_keeps_the_backend():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_modules_receive_the_cache_by_keyword(arch):
+def testattention_modules_receive_the_cache_by_keyword(arch):
     """The one fact the layer routing rests on (scope_kv.attention): every decoder layer calls its
     attention module with the cache as a keyword argument, so a forward pre-hook can hand the
     module's ScopeLayer to the attention function. Fails if a transformers release changes it."""
     model = make_model(arch, "sdpa")
     cache = ScopeCache(model, decoding=Slide(8, 3))
     seen = []
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     assert len(modules) == model.config.num_hidden_layers
     handles = [m.register_forward_pre_hook(lambda m, a, kw: seen.append((m.layer_idx, cache_argument(kw) is cache)),
                                            with_kwargs=True) for m in modules]

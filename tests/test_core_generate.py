@@ -295,6 +295,36 @@ def test_multi_head_latent_attention_is_refused_at_construction_with_the_reason(
         ScopeCache(model, decoding=Slide(8, 3))
 
 
+def test_a_model_that_reuses_its_attention_modules_for_several_cache_layers_is_refused_at_construction():
+    """HRM-style looped depth: a few attention modules write several cache layers each (layer_idx + cycle offset).
+    scope_kv routes by the module's layer_idx, so it refuses when the cache is built."""
+    if not hasattr(transformers, "HrmTextConfig"):
+        pytest.skip("this transformers has no looped-depth model with a tiny config")  # 5.17 lacks it
+    config = transformers.HrmTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
+        num_hidden_layers=2, H_cycles=2, L_cycles=1,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"no attention module carries the layer_idx of layers \[.*DynamicCache"):
+        ScopeCache(model, decoding=Slide(8, 3))
+
+
+def test_a_model_that_adds_cache_layers_during_its_forward_is_refused_at_the_first_forward():
+    """Dory-style looped depth appends copies of cache layers in its forward; caught at the first
+    attention call, before any token, with the reason (not a position error)."""
+    if not hasattr(transformers, "DoryConfig"):
+        pytest.skip("this transformers has no looped-depth model with a tiny config")  # 5.17 lacks it
+    config = transformers.DoryConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=4, n_input_layers=1, n_recurrent_layers=2, n_output_layers=1,
+        layer_types=["full_attention"] * 4,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    with pytest.raises(RuntimeError, match="added 2 layers to this ScopeCache during its forward.*DynamicCache"):
+        model(input_ids=_ids([12])[0][None], **cache_kwargs(cache))
+
+
 def _loss_and_grad(model, cache, ids):
     """Prefill, then three decode forwards, with autograd recording; the loss's gradient."""
     model.zero_grad()

@@ -206,7 +206,7 @@ def _route_layer(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -
     return args, {**kwargs, LAYER_KWARG: layer}
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules, found without per-architecture code: the innermost modules that
     carry a ``layer_idx`` (decoder layers may carry one too, and contain the attention)."""
     indexed = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
@@ -234,7 +234,7 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
         If the model's backend is not supported, or the model does not dispatch attention
         through transformers' ``AttentionInterface`` (then SCOPE could never select).
     """
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(
             f"{type(model).__name__} has no attention module carrying a layer_idx, the index transformers' "

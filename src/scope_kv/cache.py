@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .accounting import kv_footprint
-from .attention import PREFIX, enable_scope_attention
+from .attention import PREFIX, attention_modules, enable_scope_attention
 from .compat import is_dummy_layer, layer_templates
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch
@@ -167,6 +167,16 @@ class ScopeCache(Cache):
                 "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), load it with full "
                 f"attention: AutoModelForCausalLM.from_pretrained(..., {fix})."
             )
+        routed = {module.layer_idx for module in attention_modules(model)}
+        unrouted = [layer.layer_idx for layer in scope_layers if layer.layer_idx not in routed]
+        if unrouted:
+            raise ValueError(
+                f"{type(model).__name__}'s cache has {len(templates)} layers, but no attention module carries the "
+                f"layer_idx of layers {unrouted[:8]}{' ...' if len(unrouted) > 8 else ''}: the model runs its attention "
+                "modules several times per forward (looped or recurrent depth), each pass writing its own cache "
+                "layer. scope_kv hands each attention module the layer of its own layer_idx, so it cannot manage "
+                "this model; use transformers' DynamicCache for it."
+            )
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
         scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them
         super().__init__(layers=layers)
@@ -175,10 +185,19 @@ class ScopeCache(Cache):
         self.static = static
         self.per_query_head = per_query_head
         self.attn_implementation = enable_scope_attention(model)
+        self._layer_count = len(layers)
 
     def managed_layer(self, layer_idx: int) -> ScopeLayer | None:
         """The :class:`ScopeLayer` of decoder layer ``layer_idx``, or ``None`` for a layer
         transformers manages itself (sliding window). The attention routing asks this."""
+        if len(self.layers) != self._layer_count:
+            raise RuntimeError(
+                f"the model added {len(self.layers) - self._layer_count} layers to this ScopeCache during its forward "
+                f"({self._layer_count} at construction): it runs some attention modules several times per forward "
+                "(looped or recurrent depth), each pass with a copy of the cache layer. scope_kv hands each attention "
+                "module the layer of its own layer_idx, so it cannot manage this model; use transformers' "
+                "DynamicCache for it."
+            )
         layer = self.layers[layer_idx]
         return layer if isinstance(layer, ScopeLayer) else None
 
