@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="when --ckpt holds no checkpoint: continue from a previous call's --out (weights + train_state.json)")
+    p.add_argument("--evaluate", default=None, metavar="DIR",
+                   help="no training: run the final greedy evaluation of the model saved in DIR and write "
+                        "final_eval.json to --out (e.g. on a CPU, when a GPU call ended before it)")
     p.add_argument("--weights-from", default=None,
                    help="when --ckpt holds no checkpoint: start a NEW schedule (this call's stages, lengths and "
                         "recipe) from the weights of a previous --out of the same geometry (fine-tuning)")
@@ -172,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.stages = SMOKE_STAGES
     if args.stages is None:
         args.stages = FULL_STAGES
-    if args.train_s <= 0 and args.max_steps <= 0:
+    if args.train_s <= 0 and args.max_steps <= 0 and not args.evaluate:
         p.error("give --train-s (seconds of training) or --max-steps")
     return args
 
@@ -413,6 +416,13 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.evaluate:
+        model, _ = testbed.load_testbed(args.evaluate, device=device)
+        results = final_evaluation(testbed, model, args, device)
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "final_eval.json").write_text(json.dumps({"device": device.type, **results}, indent=1))
+        return results
     ckpt_dir, out_dir = pathlib.Path(args.ckpt), pathlib.Path(args.out)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
