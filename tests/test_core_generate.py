@@ -255,6 +255,34 @@ def test_a_cache_handed_to_an_unrelated_prompt_is_refused():
         model.generate(input_ids=other, **cache_kwargs(cache), max_new_tokens=6)
 
 
+@pytest.mark.parametrize(
+    "spec", ["full", "slide:8/3", "adaptive:10/4,T=30", "slide:8/3,static", "snapkv:12+slide:8/3", "unified-h2o:24/4"]
+)
+def test_the_same_prompt_again_is_refused_when_generate_feeds_it_as_one_token(spec):
+    """With as many new tokens as the prompt has, a second generate call on the same prompt is fed
+    one token at the prompt's last position, which looks like a decoding step: the cache checks the
+    first forward of every generate call. A real continuation of one token still goes through and
+    equals DynamicCache's."""
+    from scope_kv import make_cache
+
+    model = make_model("llama")
+    ids = _ids([20], seed=5)[0][None]
+    cache = make_cache(model, spec)
+    out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=20, do_sample=False)
+    with pytest.raises(ValueError, match="position 19 comes again.*Build a new ScopeCache"):
+        model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=20, do_sample=False)
+    # the previous output as the next input: one token to feed, at the next position
+    cache = make_cache(model, spec)
+    out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=20, do_sample=False)
+    more = model.generate(input_ids=out, **cache_kwargs(cache), max_new_tokens=5, do_sample=False)
+    if spec == "full":
+        reference = DynamicCache(config=model.config)
+        first = model.generate(input_ids=ids, **cache_kwargs(reference), max_new_tokens=20, do_sample=False)
+        expected = model.generate(input_ids=first, **cache_kwargs(reference), max_new_tokens=5, do_sample=False)
+        assert torch.equal(more, expected)
+    assert more.shape[1] == out.shape[1] + 5
+
+
 def test_an_empty_prompt_gets_a_clear_error():
     model = make_model("llama")
     with pytest.raises(ValueError, match="prompt is empty"):

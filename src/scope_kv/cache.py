@@ -179,6 +179,7 @@ class ScopeCache(Cache):
             )
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
         scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them
+        self._position_checker = scope_layers[0]
         super().__init__(layers=layers)
         self.decoding = decoding
         self.prefill = prefill
@@ -233,6 +234,13 @@ class ScopeCache(Cache):
             # inside its buffer, so the query sits at its last slot)
             return layer.length - 1 if layer.head_valid() is not None else layer.length
         return super().get_query_offset(layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> Any:
+        """Tokens seen (transformers' meaning), and a cue: ``generate`` asks once per call, before
+        its first forward, so that forward's positions are checked even if it feeds one token
+        (:meth:`ScopeLayer.expect_new_call`)."""
+        self._position_checker.expect_new_call()
+        return super().get_seq_length(layer_idx)
 
     def kv_length(self, layer_idx: int) -> int:
         """Entries physically held by layer ``layer_idx`` (per batch row and KV head; pad slots included)."""

@@ -197,6 +197,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pools: StaticPools | None = None  # the static layout's state while decoding in it
         self._prefill_from = 0  # first slot of the prefill forward in flight
         self._last_position: torch.Tensor | None = None  # (batch,) position of the last prefill token
+        self._new_call = False  # the next forward may be the first of a new generate call (expect_new_call)
         self._splits: int | None = None
         self.ring.reset()
 
@@ -540,16 +541,34 @@ class ScopeLayer(CacheLayerMixin):
         """
         if hidden_states is None:
             return
+        new_call, self._new_call = self._new_call, False
+        checks = self.checks_positions and position_ids is not None and position_ids.dim() == 2
         if self.length > 0 and hidden_states.shape[1] == 1:
-            return  # a decoding step: nothing to check, nothing compressors need
-        if self.checks_positions and position_ids is not None and position_ids.dim() == 2:
+            # a decoding step: nothing compressors need, and nothing to check, unless it may be the
+            # first forward of a new generate call (one sync per call, never one per step)
+            if new_call and checks:
+                assert position_ids is not None
+                self._check_continues(position_ids.expand(hidden_states.shape[0], -1), record=False)
+            return
+        if checks:
+            assert position_ids is not None
             self._check_continues(position_ids.expand(hidden_states.shape[0], -1))
         if self.prefill is not None:
             self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
 
-    def _check_continues(self, position_ids: torch.Tensor) -> None:
-        """Refuse a prefill forward whose positions do not follow what the layer holds (the same
-        cache handed to an unrelated prompt: transformers would take it as a new turn)."""
+    def expect_new_call(self) -> None:
+        """Check the next forward's positions even if it feeds one token.
+
+        ``generate`` reads the cache's length once per call, before its first forward; the cache
+        calls this then. A used cache given the same prompt again, as long as the previous call's
+        new tokens, is fed one token, which would otherwise pass for the next decoding step.
+        """
+        self._new_call = True
+
+    def _check_continues(self, position_ids: torch.Tensor, record: bool = True) -> None:
+        """Refuse a forward whose positions do not follow what the layer holds (the same cache
+        handed to an unrelated prompt: transformers would take it as a new turn). ``record``: a
+        prefill forward, whose last position the next check counts from."""
         last = self._last_position
         if self.length > 0 and last is not None:
             steps = self._pools.t if self._pools is not None else self.step
@@ -561,6 +580,8 @@ class ScopeLayer(CacheLayerMixin):
                     "Build a new ScopeCache for every generate call and every pipeline prompt; to continue a "
                     "conversation, pass the previous output followed by the new turn."
                 )
+        if not record:
+            return
         # A chunk that is all left padding (chunked prefill of a padded batch) carries one repeated
         # filler position and no real token: that row has not started, its first real token
         # (position 0) comes in a later chunk. A real run of two or more tokens always rises.
