@@ -76,6 +76,26 @@ def test_cli_runs_resumes_and_reports(model_dir, tmp_path, capsys):
         _run(model_dir, out, "--seed-start", "5")
 
 
+def test_processes_sharing_a_directory_split_the_runs_and_the_last_writes_the_report(model_dir, tmp_path, capsys):
+    """--rank / --world-size: several processes (e.g. on one GPU) each run every world-size-th run;
+    the records equal one process's, and the report appears once all are done."""
+    whole, shared = tmp_path / "whole", tmp_path / "shared"
+    assert _run(model_dir, whole) == 0
+    assert _run(model_dir, shared, "--rank", "1", "--world-size", "2") == 0
+    assert "rank 1 of 2 done" in capsys.readouterr().out
+    assert not (shared / "testbed_report.md").exists() and not (shared / "testbed.jsonl").exists()
+    part = [json.loads(line) for line in (shared / "testbed.part-1-of-2.jsonl").read_text().splitlines()]
+    assert 0 < len(part) < 24
+    assert _run(model_dir, shared, "--rank", "0", "--world-size", "2") == 0
+    assert (shared / "testbed_report.md").exists() and not list(shared.glob("testbed.part-*"))
+
+    def records(directory):
+        rows = [json.loads(line) for line in (directory / "testbed.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert records(shared) == records(whole)
+
+
 def test_bad_settings_and_missing_model(tmp_path, capsys):
     assert main(["eval", "testbed", "--model-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                  "-m", "full"]) == 2

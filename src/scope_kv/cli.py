@@ -267,6 +267,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
     tb.add_argument("--out", required=True, type=pathlib.Path, help="results directory (resumable)")
     tb.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tb.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this process's share of the runs, with --world-size (several processes on one directory, e.g. "
+        "on one GPU: every run whose index modulo world-size is rank; default: from accelerate / RANK)",
+    )
+    tb.add_argument("--world-size", type=int, default=None, help="number of processes sharing the runs (default: 1)")
     tb.set_defaults(func=_run_testbed)
 
     build = harness.add_parser(
@@ -523,6 +531,7 @@ def _run_gold(args: argparse.Namespace) -> int:
 def _run_testbed(args: argparse.Namespace) -> int:
     import torch
 
+    from .eval.common import current_shard
     from .eval.methods import parse_methods
     from .eval.testbed import COLUMNS, TestbedSettings, run_testbed, testbed_grid
     from .testbed import TRAINED, TestbedModelMissingError, load_testbed, output_length, prompt_length
@@ -553,7 +562,10 @@ def _run_testbed(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     info = {"model_dir": str(args.model_dir) if args.model_dir else "shipped", "dtype": args.dtype}
-    run_testbed(model, tok, methods, args.out, settings, not args.no_progress, info)
+    shard = current_shard(args.rank, args.world_size)
+    if run_testbed(model, tok, methods, args.out, settings, not args.no_progress, info, shard) is None:
+        print(f"rank {shard.rank} of {shard.world_size} done; the last process to finish writes the report")
+        return 1 if errors else 0
     _print_summary(args.out / "testbed_summary.csv", COLUMNS, f"\nreport and plots: {args.out / 'testbed_report.md'}")
     return 1 if errors else 0
 

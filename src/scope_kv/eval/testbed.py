@@ -106,7 +106,9 @@ def testbed_grid(budgets: Sequence[int] = (128, 256, 512)) -> list[str]:
     return ["full", *gold_grid(budgets)]
 
 
-def _record(method: str, scale: float, n_items: int, prompt: int, seed: Any, layers: int) -> dict[str, Any]:
+def _record(
+    method: str, scale: float, n_items: int, prompt: int, seed: Any, layers: int, device: str
+) -> dict[str, Any]:
     entries = list(seed.entries)
     return {
         "method": method,
@@ -126,6 +128,7 @@ def _record(method: str, scale: float, n_items: int, prompt: int, seed: Any, lay
         "kv_held_bytes": seed.held_bytes,
         "kv_allocated_peak_bytes": seed.peak_allocated_bytes,
         "seconds": seed.seconds,
+        "device": device,
     }
 
 
@@ -137,7 +140,8 @@ def run_testbed(
     settings: TestbedSettings,
     progress: bool = True,
     info: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+    shard: Shard | None = None,
+) -> list[dict[str, Any]] | None:
     """Run every method (and the ``DynamicCache`` reference) at every scale; resumable.
 
     Parameters
@@ -153,26 +157,31 @@ def run_testbed(
         tqdm bars: runs done, and tokens of the current ``generate`` call.
     info : dict, optional
         More settings stored with the results (e.g. the model directory).
+    shard : Shard, optional
+        This process's share when several run on one directory (run ``i`` of the whole list,
+        finished ones included, belongs to rank ``i % world_size``); all of it by default.
 
     Returns
     -------
-    list[dict]
-        Every record of the directory (this run's and earlier ones).
+    list[dict] or None
+        Every record of the directory (this run's and earlier ones), once every rank is done and
+        this process merged the parts and wrote the report; ``None`` in the other ranks.
     """
+    shard = shard or Shard()
     config = {"harness": RESULTS, **dataclasses.asdict(settings), **(info or {})}
-    store = ResultStore(out_dir, RESULTS, Shard(), config)
+    store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
     layers = model.config.num_hidden_layers
+    device = next(model.parameters()).device.type  # kept with each record (runs may span devices)
     names = [REFERENCE, *(m.spec for m in methods)]
     by_name: dict[str, Method | None] = {REFERENCE: None, **{m.spec: m for m in methods}}
     seeds = list(range(settings.seed_start, settings.seed_start + settings.seeds))
     batches = [seeds[i : i + settings.batch_size] for i in range(0, len(seeds), settings.batch_size)]
+    runs = [(scale, name, batch) for scale in settings.scales for name in names for batch in batches]
     todo = [
         (scale, name, batch)
-        for scale in settings.scales
-        for name in names
-        for batch in batches
-        if any((name, scale, s) not in done for s in batch)
+        for i, (scale, name, batch) in enumerate(runs)
+        if shard.owns(i) and any((name, scale, s) not in done for s in batch)
     ]
     bars = Progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed")
     try:
@@ -194,11 +203,12 @@ def run_testbed(
                 generate_kwargs={"streamer": _Ticks(bars)},
             )
             for seed in result.seeds:
-                store.append(_record(name, scale, n_items, prompt, seed, layers))
+                store.append(_record(name, scale, n_items, prompt, seed, layers, device))
             bars.done(accuracy=f"{result.accuracy:.3f}")
     finally:
         bars.close()
-    store.finish(_key, _order)
+    if not store.finish(_key, _order):
+        return None
     rows = load_records(out_dir)
     write_report(rows, out_dir, settings.position_bins)
     return rows
