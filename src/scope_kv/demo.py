@@ -1,6 +1,7 @@
-"""``scope-kv demo``: SmolLM2-135M on a LongGenBench GSM8K+ prompt, full cache vs SCOPE slide.
+"""``scope-kv demo``: the testbed by default (:mod:`scope_kv.testbed.demo`); ``--smollm2``: SmolLM2-135M
+on a LongGenBench GSM8K+ prompt, full cache vs SCOPE slide.
 
-Two modes. The default is quick: a ~1K-token prompt and 128 new tokens with transformers'
+The SmolLM2 demo has two modes. The default is quick: a ~1K-token prompt and 128 new tokens with transformers'
 ``DynamicCache`` and with ``ScopeCache(decoding=Slide(64, 32))``, then what the numbers mean
 and the memory a longer answer would need with each cache (computed from the pool sizes).
 ``--long`` generates 1,024 tokens after a ~512-token prompt with both caches and measures the KV
@@ -56,7 +57,7 @@ __all__ = [
     "timed_generate",
 ]
 
-# What the two modes took, measured with `time scope-kv demo [--long]` on 2 CPU cores shared with
+# What the SmolLM2 demo's two modes took, measured with `time scope-kv demo --smollm2 [--long]` on 2 CPU cores shared with
 # another job (load average 4-8), SmolLM2 loading included; --threads auto chose 1 thread.
 QUICK_TIME = "about 2 minutes"
 LONG_TIME = "about 6.5 minutes"
@@ -460,7 +461,7 @@ def _explain(model: Any, prompt_tokens: int, strategy: Slide, n_new: int, out: I
     _paragraph(
         "Per sequence; a batch multiplies every figure. Speed: on a CPU a decode step is bound by reading the "
         "weights, not the cache, so a smaller cache is not faster here (benchmarks/NOTES.md has GPU numbers). "
-        f"`scope-kv demo --long` measures the memory of a {LONG[1]:,}-token answer token by token.",
+        f"`scope-kv demo --smollm2 --long` measures the memory of a {LONG[1]:,}-token answer token by token.",
         out,
     )
 

@@ -34,7 +34,7 @@ from .tokenizer import EOS, PAD
 
 __all__ = ["DemoRun", "run_testbed_demo"]
 
-# What the demo took on 2 CPU cores (`time scope-kv demo`, loading included), B = 128.
+# What the demo took on 2 idle CPU cores (`time scope-kv demo`: 48 s, start-up included), B = 128.
 TESTBED_TIME = "about 50 seconds"
 
 KIND_TEXT = {"prompt": "a prompt fact", "hot": "a recent value", "back": "a value far back"}
