@@ -36,7 +36,8 @@ DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "model"
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
 _MISSING_HINT = (
-    "Train it (about 25 minutes on one H100 or H200, over calls that resume; see benchmarks/testbed/NOTES.md):\n"
+    "The package ships its model in scope_kv/testbed/model/; to train another (about 35 minutes on one H100, over "
+    "calls that resume; see benchmarks/testbed/NOTES.md):\n"
     "    python benchmarks/testbed/train.py --out OUT_DIR --ckpt /tmp/testbed_ckpt --time-budget-s 540 --train-s 1350\n"
     "and copy OUT_DIR's files into src/scope_kv/testbed/model/, or pass the directory to "
     "load_testbed(path) (scope-kv eval testbed --model-dir OUT_DIR)."
