@@ -33,9 +33,23 @@ def full_cache(shipped):
 
 
 def test_the_weights_ship_inside_the_package():
+    """In the source tree and in the package data a wheel (a non-editable install) takes."""
+    import ast
+    import fnmatch
+    import pathlib
+    import re
+
     names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
-    assert DEFAULT_MODEL_DIR.parent.name == "testbed"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    package = DEFAULT_MODEL_DIR.parents[1]  # src/scope_kv
+    pyproject = (package.parents[1] / "pyproject.toml").read_text()  # (tomllib is 3.11+)
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
+    patterns = ast.literal_eval(re.search(r"^scope_kv = (\[.*?\])$", section, re.M).group(1))
+    for name in names:
+        relative = (DEFAULT_MODEL_DIR / name).relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+    assert all((DEFAULT_MODEL_DIR / n).stat().st_size <= 16 * 2**20 for n in names)
+    assert pathlib.Path(DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size > 1_000_000
 
 
 def test_full_cache_greedy_accuracy_at_the_trained_length(full_cache):
