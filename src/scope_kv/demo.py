@@ -548,20 +548,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--long",
         action="store_true",
-        help=f"generate {LONG[1]} tokens after a {LONG[0]}-token prompt and show the KV bytes over the answer "
+        help=f"--smollm2: generate {LONG[1]} tokens after a {LONG[0]}-token prompt and show the KV bytes over the answer "
         f"(flat for Slide, growing for the full cache); {LONG_TIME}",
     )
     parser.add_argument(
         "--prompt-tokens",
         type=int,
         default=None,
-        help=f"prompt length to aim for (default {QUICK[0]}; {LONG[0]} with --long)",
+        help=f"--smollm2: prompt length to aim for (default {QUICK[0]}; {LONG[0]} with --long)",
     )
     parser.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
-        help=f"tokens to generate (default {QUICK[1]}; {LONG[1]} with --long, forced: the answer may not end earlier)",
+        help=f"--smollm2: tokens to generate (default {QUICK[1]}; {LONG[1]} with --long, forced: the answer may not end earlier)",
     )
     parser.add_argument(
         "--budget",
@@ -577,15 +577,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         default="auto",
-        help="torch CPU threads: a number, or auto (default): time a short warm-up with torch's default and with "
-        "1 thread and keep the faster (on 2 cores shared with another job, 1 thread decoded 9x faster than 2)",
+        help="torch CPU threads: a number, or auto (default; the testbed demo keeps torch's default, the SmolLM2 "
+        "demo times a short warm-up with torch's default and with 1 thread and keeps the faster (on 2 cores shared with another job, 1 thread decoded 9x faster than 2)",
     )
     parser.add_argument(
         "--plot",
         type=pathlib.Path,
         default=None,
         metavar="PNG",
-        help="with --long: also draw the KV bytes over generated tokens to this PNG (needs matplotlib)",
+        help="--smollm2 --long: also draw the KV bytes over generated tokens to this PNG (needs matplotlib)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress line (stderr)")
     parser.set_defaults(func=run)
