@@ -44,13 +44,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .compat import cache_argument, set_attention_implementation, warn_if_untested
 from .kernels import grouped_decode_attention
-from .masks import transformers_mask_function
+from .masks import BACKEND_PREFIX, is_flash_backend, transformers_mask_function
 
 __all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
 
-PREFIX = "scope_"
+PREFIX = BACKEND_PREFIX
 SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-_FLASH_BACKENDS = frozenset(b for b in SUPPORTED_BACKENDS if b.startswith("flash_attention"))
 # The attention kwarg that carries a managed layer from _route_layer to the attention function.
 LAYER_KWARG = "scope_layer"
 _ROUTE_HANDLE = "_scope_kv_route"
@@ -128,7 +127,7 @@ def _flash_attention(
 
 
 def _base_function(backend: str, module: torch.nn.Module) -> Callable[..., Any]:
-    if backend in _FLASH_BACKENDS:
+    if is_flash_backend(backend):
         return functools.partial(_flash_attention, backend)
     if backend != "eager":
         return ALL_ATTENTION_FUNCTIONS[backend]

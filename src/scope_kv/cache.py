@@ -15,11 +15,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .accounting import kv_footprint
-from .attention import PREFIX, attention_modules, enable_scope_attention
+from .attention import attention_modules, enable_scope_attention
 from .compat import is_dummy_layer, layer_templates
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch
 from .layer import ScopeLayer
+from .masks import is_flash_backend
 from .prefill.base import PrefillCompressor
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class ScopeCache(Cache):
                 "static=True needs a bounded decoding pool (decoding=Slide(...), Adaptive(...), Discontinuous(...) "
                 "or a unified baseline); for an uncompressed cache with static shapes use transformers' StaticCache."
             )
-        if static and model.config._attn_implementation.removeprefix(PREFIX).startswith("flash"):
+        if static and is_flash_backend(model.config._attn_implementation):
             raise ValueError(
                 "static=True masks slots per KV head, which flash-attention kernels cannot take: load the model "
                 "with attn_implementation='sdpa' (or 'eager') to use the static layout."

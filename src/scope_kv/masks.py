@@ -249,6 +249,17 @@ _FORMATS: dict[str, MaskFormat] = {
 }
 
 
+# The prefix of the attention implementations scope_kv registers (``scope_sdpa`` ...); defined here,
+# where the backends' mask formats are, and re-exported by scope_kv.attention as PREFIX.
+BACKEND_PREFIX = "scope_"
+
+
+def is_flash_backend(backend: str) -> bool:
+    """Whether ``backend`` (an attention implementation's name, with or without scope_kv's prefix)
+    is a flash-attention kernel: no per-head masks, padding passed as a 2-D mask."""
+    return backend.removeprefix(BACKEND_PREFIX).startswith("flash_attention")
+
+
 def mask_format(backend: str) -> MaskFormat:
     """The :class:`MaskFormat` of ``backend`` (``sdpa``, ``eager``, ``flash_attention_2/3/4``)."""
     try:
@@ -328,7 +339,7 @@ def head_mask(backend: str, valid: torch.Tensor, q_heads: int, dtype: torch.dtyp
     dtype : torch.dtype
         The query dtype (eager's additive mask).
     """
-    if backend.startswith("flash"):
+    if is_flash_backend(backend):
         raise ValueError(
             "a static-layout ScopeCache needs per-head masks, which flash kernels do not take; "
             "load the model with attn_implementation='sdpa' (or 'eager')."
