@@ -301,9 +301,6 @@ from conftest import make_model
 from test_kernels import _as_set
 from scope_kv import Adaptive, ScopeCache, Slide, SnapKV, kernels
 from scope_kv.compat import cache_kwargs
-launches = []
-_launch = kernels.EvictionBatch._launch
-kernels.EvictionBatch._launch = staticmethod(lambda items, *a: (launches.append(len(items)), _launch(items, *a)))
 def run(strategy, padded, snapkv, beams):
     model = make_model("llama")
     gen = torch.Generator().manual_seed(11)
@@ -314,16 +311,16 @@ def run(strategy, padded, snapkv, beams):
         mask[0, :5] = 0
     results = []
     for batched in (False, True):
-        launches.clear()
         cache = ScopeCache(model, decoding=strategy(), prefill=SnapKV(12, window=4) if snapkv else None)
         for layer in cache.layers:
             layer.fast_decode = True
             layer.batch_evictions = batched
         out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=30,
                              do_sample=False, num_beams=beams, pad_token_id=0)
-        assert len(cache.layers[0].ring.batch) == 0  # nothing left queued after generate
+        batch = cache.layers[0].ring.batch
+        assert len(batch) == 0  # nothing left queued after generate
         # Batched: one launch per evicting step covering both layers; per layer: none of these.
-        assert (launches and set(launches) == {2}) if batched else not launches, launches
+        assert (batch.launches and set(batch.launches) == {2}) if batched else not batch.launches, batch.launches
         results.append((out, cache))
     (out_a, a), (out_b, b) = results
     assert torch.equal(out_a, out_b)

@@ -26,6 +26,7 @@ Why these three:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from typing import Any
@@ -569,6 +570,8 @@ class EvictionBatch:
     def __init__(self) -> None:
         self._work: list[tuple] = []
         self.flushes = 0  # flushes so far: a layer that queued at count n is done once it moved on
+        # batched launches so far, by how many layers each covered ({layers: launches}; bounded)
+        self.launches: collections.Counter[int] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._work)
@@ -612,6 +615,7 @@ class EvictionBatch:
                 evict_one_(query, keys, values, lse, ring, start, end, recent, scaling, use_triton=True, out=out)
                 continue
             self._launch(items, device, dtype, q_shape, dim, scaling)
+            self.launches[len(items)] += 1
 
     @staticmethod
     def _launch(
