@@ -26,19 +26,27 @@ def spec_options(config: Any, names: tuple[str, ...]) -> str:
     return "".join(parts)
 
 
-def check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
     """Raise ``TypeError`` / ``ValueError`` unless ``value`` is an int ``>= minimum``.
+
+    Every configuration and settings class validates its integers with this, so each says the
+    same thing the same way.
 
     Parameters
     ----------
     name : str
-        How the message names the setting, e.g. ``"Slide.budget"``.
+        How the message names the setting, e.g. ``"Slide.budget"`` or ``"--seeds"``.
     value : object
         The value given.
     minimum : int
         The smallest allowed value.
+    optional : bool
+        ``None`` is allowed too (no limit).
     """
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+        none = " (or None)" if optional else ""
+        raise TypeError(f"{name} must be an int{none}, got {type(value).__name__} ({value!r}).")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")

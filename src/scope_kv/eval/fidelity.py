@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .._checks import check_int
 from ..compat import cache_kwargs
 from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
 from .longgenbench import Example, PromptSettings
@@ -64,8 +65,7 @@ class FidelitySettings(PromptSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}.")
+        check_int("steps", self.steps, 1)
 
 
 @dataclass

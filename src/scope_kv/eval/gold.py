@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .._checks import check_int
 from ..accounting import bytes_per_entry, kv_footprint
 from ..compat import cache_kwargs
 from .common import Progress, ResultStore, Shard, input_device, write_csv
@@ -117,12 +118,9 @@ class GoldSettings(PromptSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("max_gold_tokens", "plan_tokens", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a whole number >= 1 (or None), got {value!r}.")
+            check_int(name, getattr(self, name), 1, optional=True)
         for name in ("reference_rows", "chunk_tokens", "bin_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}.")
+            check_int(name, getattr(self, name), 1)
         if self.prompt_budget not in _PROMPT_BUDGETS:
             raise ValueError(f"prompt_budget must be one of {_PROMPT_BUDGETS}, got {self.prompt_budget!r}.")
 

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -602,9 +604,7 @@ class PromptSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_questions", "max_prompt_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a whole number >= 1 (or None for no limit), got {value!r}.")
+            check_int(name, getattr(self, name), 1, optional=True)
 
     def prepare(self, example: Example, tokenizer: Any) -> Example:
         """The example cut as these settings say (first questions, then the token budget)."""
@@ -851,8 +851,7 @@ def build_examples(
     Records are packed in order; remainders shorter than ``k`` are dropped.
     """
     spec = _spec(task)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
+    check_int("k", k, 1)
     if demos is None:
         demos, shipped_label = _demo_prefix(task)
         first_label = first_label or shipped_label

@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .._checks import check_int
 from ..compat import cache_kwargs
 from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
 from .longgenbench import Example, PromptSettings, score_output
@@ -95,8 +96,7 @@ class LongGenBenchSettings(PromptSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:

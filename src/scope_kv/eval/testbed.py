@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_int
 from ..testbed import DEFAULT_MIX, TRAINED, evaluate_caches, output_length, prompt_length
 from .common import Progress, ResultStore, Shard, read_results, write_csv
 from .gold import method_family
@@ -83,18 +84,14 @@ class TestbedSettings:
     position_bins: int = 16
 
     def __post_init__(self) -> None:
-        if self.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {self.seeds}.")
-        if self.seed_start < 0:
-            raise ValueError(f"--seed-start must be >= 0, got {self.seed_start}.")
+        check_int("--seeds", self.seeds, 1)
+        check_int("--seed-start", self.seed_start, 0)
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"--scale takes positive multiples of the trained length, got {list(self.scales)}.")
-        if self.n_bindings < 1 or self.n_items < 1:
-            raise ValueError(f"--bindings and --items must be >= 1, got {self.n_bindings} and {self.n_items}.")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.position_bins < 1:
-            raise ValueError(f"position_bins must be >= 1, got {self.position_bins}.")
+        check_int("--bindings", self.n_bindings, 1)
+        check_int("--items", self.n_items, 1)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("position_bins", self.position_bins, 1)
 
     def items_at(self, scale: float) -> int:
         """Items of an example at ``scale`` (at least one)."""
