@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -240,7 +241,8 @@ class ScopeCache(Cache):
         """Tokens seen (transformers' meaning), and a cue: ``generate`` asks once per call, before
         its first forward, so that forward's positions are checked even if it feeds one token
         (:meth:`ScopeLayer.expect_new_call`)."""
-        self._position_checker.expect_new_call()
+        if not torch.compiler.is_compiling():  # a compiled step reads it in-graph: no cue there
+            self._position_checker.expect_new_call()
         return super().get_seq_length(layer_idx)
 
     def kv_length(self, layer_idx: int) -> int:
