@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 import scope_kv
 from scope_kv import ScopeCache, Slide
-from scope_kv.demo import gsm8k_prompt, kv_held, timed_generate
+from scope_kv.measure import gsm8k_prompt, kv_held, timed_generate
 from scope_kv.models import ModelUnavailableError, load_smollm2
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "cpu_smollm2.json"

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from scope_kv import ScopeCache, Slide
 from scope_kv.accounting import kv_footprint
 from scope_kv.compat import cache_kwargs
-from scope_kv.demo import LiveProgress, memory_projection
+from scope_kv.measure import LiveProgress, memory_projection
 from scope_kv.models import load_smollm2
 
 # One thread: on 2 cores shared with other work, SmolLM2 decoded 4-9x faster with one thread than

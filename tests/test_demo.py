@@ -17,7 +17,7 @@ from scope_kv import ScopeCache, Slide
 from scope_kv import demo as scope_demo
 from scope_kv.accounting import bytes_per_entry, kv_footprint
 from scope_kv.cli import main
-from scope_kv.demo import LiveProgress, LongGenPrompt, memory_projection, plot_kv_over_tokens, timed_generate
+from scope_kv.measure import KVSample, LiveProgress, LongGenPrompt, memory_projection, plot_kv_over_tokens, timed_generate
 
 PROMPT = 30
 
@@ -194,8 +194,8 @@ def test_testbed_demo_measures_accuracy_and_memory_side_by_side(capsys):
 
 def test_plot_draws_the_reference_on_top(tmp_path):
     samples = {
-        "DynamicCache": [scope_demo.KVSample(k, k * 10, k * 10) for k in range(1, 5)],
-        "ScopeCache slide:8/4": [scope_demo.KVSample(k, 25, 30) for k in range(1, 5)],
+        "DynamicCache": [KVSample(k, k * 10, k * 10) for k in range(1, 5)],
+        "ScopeCache slide:8/4": [KVSample(k, 25, 30) for k in range(1, 5)],
     }
     path = plot_kv_over_tokens(samples, tmp_path / "sub" / "kv.png", "t", reference="DynamicCache")
     assert path.read_bytes()[:4] == b"\x89PNG"

@@ -17,7 +17,7 @@ from scope_kv import demo as scope_demo
 from scope_kv import models as scope_models
 from scope_kv.accounting import kv_footprint
 from scope_kv.cli import main
-from scope_kv.demo import gsm8k_prompt, timed_generate
+from scope_kv.measure import gsm8k_prompt, timed_generate
 from scope_kv.models import GGUF_ENV, ModelNotFoundError, ModelUnavailableError, find_smollm2, load_smollm2
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]  # conftest.py
