@@ -96,6 +96,23 @@ def test_processes_sharing_a_directory_split_the_runs_and_the_last_writes_the_re
     assert records(shared) == records(whole)
 
 
+def test_adaptive_is_planned_for_each_scales_output(model_dir, tmp_path):
+    """At scale 1 (37-token outputs) adaptive:8/4 plans for 37 tokens and ends at its full budget,
+    not for scale 2's 73 (where it would end near r + (B - r) / 2)."""
+    out = tmp_path / "run"
+    assert main(["eval", "testbed", "--model-dir", str(model_dir), "--bindings", "3", "--items", "6", "--seeds", "2",
+                 "--batch-size", "2", "--scale", "1", "2", "--out", str(out), "--no-progress",
+                 "-m", "adaptive:8/4", "-m", "adaptive:8/4,T=73"]) == 0
+    rows = [json.loads(line) for line in (out / "testbed.jsonl").read_text().splitlines()]
+    full_length = [r for r in rows if r["new_tokens"] == r["gold_tokens"] and r["method"] != REFERENCE]  # to the end
+    assert {(r["method"], r["scale"]) for r in full_length} == {(m, s) for m in ("adaptive:8/4", "adaptive:8/4,T=73")
+                                                                for s in (1.0, 2.0)}
+    ends = {(r["method"], r["scale"]): r["kv_entries"] - r["prompt_tokens"] for r in full_length}
+    assert ends[("adaptive:8/4", 1.0)] == 8  # planned for 37: B(36) = min(8, 4 + 36 // 8)
+    assert ends[("adaptive:8/4,T=73", 1.0)] < 8  # the spec's own plan wins
+    assert ends[("adaptive:8/4", 2.0)] == ends[("adaptive:8/4,T=73", 2.0)]
+
+
 def test_bad_settings_and_missing_model(tmp_path, capsys):
     assert main(["eval", "testbed", "--model-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                  "-m", "full"]) == 2

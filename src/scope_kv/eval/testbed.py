@@ -32,7 +32,7 @@ from .._checks import check_int
 from ..testbed import DEFAULT_MIX, TRAINED, evaluate_caches, output_length, prompt_length
 from .common import Progress, ResultStore, Shard, read_results, write_csv
 from .gold import method_family
-from .methods import Method, gold_grid
+from .methods import Method, gold_grid, parse_method
 
 __all__ = [
     "REFERENCE",
@@ -146,7 +146,8 @@ def run_testbed(
     model, tokenizer
         From :func:`scope_kv.testbed.load_testbed`.
     methods : sequence of Method
-        Parsed specs (:func:`~.methods.parse_methods`).
+        Parsed specs (:func:`~.methods.parse_methods`). Adaptive and discontinuous are planned
+        again for each scale's output length unless their spec gives ``T=`` or ``delta=``.
     out_dir : path
         Results directory (``testbed.jsonl``, ``testbed.config.json``, summary, plots).
     settings : TestbedSettings
@@ -186,6 +187,9 @@ def run_testbed(
             n_items = settings.items_at(scale)
             prompt = prompt_length(settings.n_bindings, n_items)
             method = by_name[name]
+            if method is not None:
+                # plan adaptive / discontinuous for this scale's output (a spec's own T= still wins)
+                method = parse_method(method.spec, output_length(n_items))
             make = None if method is None else _factory(method)
             bars.start(f"{name} x{scale:g}", output_length(n_items))
             result = evaluate_caches(
