@@ -237,6 +237,24 @@ def _pick_threads(model: Any, prompt: LongGenPrompt, requested: int | None) -> s
     )
 
 
+def _strategy_and_threads(args: argparse.Namespace, default_budget: int) -> tuple[Slide, int | None] | None:
+    """``--budget`` / ``--recent`` / ``--threads``, read the same way for either demo; ``None`` after
+    printing what is wrong."""
+    budget = default_budget if args.budget is None else args.budget
+    recent = budget // 2 if args.recent is None else args.recent
+    try:
+        strategy = Slide(budget, recent)
+    except (TypeError, ValueError) as error:
+        print(f"--budget/--recent: {error}", file=sys.stderr)
+        return None
+    try:
+        threads = _threads(args.threads)
+    except ValueError as error:
+        print(f"--threads: {error} (a number, or auto)", file=sys.stderr)
+        return None
+    return strategy, threads
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status (1 when the model cannot be had, 2 for bad options)."""
     if not args.smollm2:
@@ -244,10 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.items is not None:
         print("--items sets the testbed's program; the SmolLM2 demo takes --max-new-tokens.", file=sys.stderr)
         return 2
-    args.budget = 64 if args.budget is None else args.budget
     args.row = 0 if args.row is None else args.row
     args.lines = 4 if args.lines is None else args.lines
-    args.recent = args.budget // 2 if args.recent is None else args.recent
     prompt_tokens, new_tokens = LONG if args.long else QUICK
     args.prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else prompt_tokens
     args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else new_tokens
@@ -258,16 +274,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None and not args.long:
         print("--plot draws the --long run's KV bytes; add --long.", file=sys.stderr)
         return 2
-    try:
-        threads = _threads(args.threads)
-    except ValueError as error:
-        print(f"--threads: {error} (a number, or auto)", file=sys.stderr)
+    options = _strategy_and_threads(args, default_budget=64)
+    if options is None:
         return 2
-    try:
-        strategy = Slide(args.budget, args.recent)
-    except (TypeError, ValueError) as error:
-        print(f"--budget/--recent: {error}", file=sys.stderr)
-        return 2
+    strategy, threads = options
     try:
         # The demo installs nothing: a missing model or loader is reported with the command to run.
         find_smollm2()
@@ -307,27 +317,19 @@ def _run_testbed(args: argparse.Namespace) -> int:
     if given:
         print(f"{', '.join(given)} belong(s) to the SmolLM2 demo: add --smollm2.", file=sys.stderr)
         return 2
-    budget = 128 if args.budget is None else args.budget
-    recent = budget // 2 if args.recent is None else args.recent
     items = TRAINED.n_items if args.items is None else args.items
-    try:
-        Slide(budget, recent)
-    except (TypeError, ValueError) as error:
-        print(f"--budget/--recent: {error}", file=sys.stderr)
+    options = _strategy_and_threads(args, default_budget=128)
+    if options is None:
         return 2
+    strategy, threads = options
     if not 1 <= items <= MAX_ITEMS:
         print(f"--items must be between 1 and {MAX_ITEMS}, got {items}", file=sys.stderr)
-        return 2
-    try:
-        threads = _threads(args.threads)
-    except ValueError as error:
-        print(f"--threads: {error} (a number, or auto)", file=sys.stderr)
         return 2
     original_threads = torch.get_num_threads()
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        return run_testbed_demo(budget, recent, args.seed, items, progress=not args.no_progress)
+        return run_testbed_demo(strategy.budget, strategy.recent, args.seed, items, progress=not args.no_progress)
     finally:
         torch.set_num_threads(original_threads)
 
@@ -373,10 +375,10 @@ def _run(
         )
     print("(tokens/s: the whole generate call, prefill included; decode tok/s: after the first new token)")
     n_new = runs[1][1].n_new
-    if n_new - 1 <= args.budget:
+    if n_new - 1 <= strategy.budget:
         print(
             f"\nnote: only {n_new - 1} generated entries reached the cache, not more than the budget "
-            f"({args.budget}), so nothing was evicted; use a longer --max-new-tokens or a smaller --budget."
+            f"({strategy.budget}), so nothing was evicted; use a longer --max-new-tokens or a smaller --budget."
         )
     if args.long:
         _long_report(args, model, prompt, strategy, runs)
