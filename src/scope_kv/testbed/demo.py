@@ -26,11 +26,10 @@ import torch
 from transformers import DynamicCache
 
 from ..accounting import kv_footprint
-from ..compat import cache_kwargs
 from ..spec import make_cache
+from .evaluate import generate_outputs
 from .model import TestbedModelMissingError, load_testbed
 from .task import KINDS, TRAINED, Example, make_example, output_length, score
-from .tokenizer import EOS, PAD
 
 __all__ = ["DemoRun", "run_testbed_demo"]
 
@@ -105,28 +104,16 @@ class _Progress:
 
 
 def _generate(model: Any, tokenizer: Any, example: Example, label: str, spec: str, progress: bool) -> DemoRun:
-    enc = tokenizer([example.prompt], return_tensors="pt")
-    prompt_tokens = int(enc["input_ids"].shape[1])
-    total = output_length(example.n_items)
-    cache = (
-        DynamicCache(config=model.config) if spec == "full" else make_cache(model, spec, prompt_tokens=prompt_tokens)
+    def build(model: Any, prompt_ids: torch.Tensor) -> Any:
+        if spec == "full":
+            return DynamicCache(config=model.config)
+        return make_cache(model, spec, prompt_tokens=int(prompt_ids.shape[-1]))
+
+    streamer = _Progress(label, output_length(example.n_items), sys.stderr, progress)
+    texts, _, cache, _, seconds = generate_outputs(
+        model, tokenizer, [example], build, generate_kwargs={"streamer": streamer}
     )
-    streamer = _Progress(label, total, sys.stderr, progress)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            **cache_kwargs(cache),
-            max_new_tokens=total,
-            do_sample=False,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-            streamer=streamer,
-        )
-    seconds = time.perf_counter() - start
-    new = out[0, prompt_tokens:].tolist()
-    new = new[: new.index(EOS) + 1] if EOS in new else new
-    text = tokenizer.decode(new, skip_special_tokens=True)
+    text = texts[0]
     footprint = kv_footprint(cache)
     return DemoRun(
         label=label,
