@@ -541,17 +541,17 @@ class ScopeLayer(CacheLayerMixin):
         """
         if hidden_states is None:
             return
-        new_call, self._new_call = self._new_call, False
-        checks = self.checks_positions and position_ids is not None and position_ids.dim() == 2
         if self.length > 0 and hidden_states.shape[1] == 1:
             # a decoding step: nothing compressors need, and nothing to check, unless it may be the
-            # first forward of a new generate call (one sync per call, never one per step)
-            if new_call and checks:
-                assert position_ids is not None
-                self._check_continues(position_ids.expand(hidden_states.shape[0], -1), record=False)
+            # first forward of a new generate call (one sync per call, never one per step; only the
+            # checking layer is ever told so)
+            if self._new_call:
+                self._new_call = False
+                if position_ids is not None and position_ids.dim() == 2:
+                    self._check_continues(position_ids.expand(hidden_states.shape[0], -1), record=False)
             return
-        if checks:
-            assert position_ids is not None
+        self._new_call = False
+        if self.checks_positions and position_ids is not None and position_ids.dim() == 2:
             self._check_continues(position_ids.expand(hidden_states.shape[0], -1))
         if self.prefill is not None:
             self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
