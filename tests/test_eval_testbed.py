@@ -12,7 +12,7 @@ import torch
 from scope_kv.cli import main
 from scope_kv.eval.testbed import REFERENCE, TestbedSettings, summarize
 from scope_kv.eval.testbed import testbed_grid as default_grid
-from scope_kv.testbed import output_length, prompt_length, save_testbed
+from scope_kv.testbed import make_example, output_length, prompt_length, save_testbed
 from scope_kv.testbed import testbed_config as make_config
 
 
@@ -46,6 +46,8 @@ def test_cli_runs_resumes_and_reports(model_dir, tmp_path, capsys):
         assert r["n_items"] == n_items and len(r["correct"]) == n_items
         assert r["prompt_tokens"] == prompt_length(3, n_items) and r["gold_tokens"] == output_length(n_items)
         assert r["accuracy"] == sum(r["correct"]) / n_items
+        example = make_example(r["seed"], 3, n_items)  # each item's source kind, from the example itself
+        assert r["kinds"] == "".join(item.kind[0] for item in example.items)
     by = {(r["method"], r["scale"], r["seed"]): r for r in rows}
     for (method, scale, seed), r in by.items():
         ref = by[(REFERENCE, scale, seed)]
@@ -55,7 +57,8 @@ def test_cli_runs_resumes_and_reports(model_dir, tmp_path, capsys):
             assert r["kv_entries"] <= r["prompt_tokens"] + 8  # the budget holds
     summary = list(csv.DictReader((out / "testbed_summary.csv").open()))
     assert len(summary) == len(methods) * 2
-    assert {"accuracy", "accuracy_q1", "accuracy_q4", "kv_vs_full", "kv_entries"} <= set(summary[0])
+    assert {"accuracy", "accuracy_q1", "accuracy_q4", "accuracy_prompt", "accuracy_hot", "accuracy_back",
+            "kv_vs_full", "kv_entries"} <= set(summary[0])
     for scale in (1, 2):
         assert (out / f"testbed_accuracy_x{scale}.png").stat().st_size > 0
         assert (out / f"testbed_by_position_x{scale}.png").stat().st_size > 0
@@ -128,11 +131,16 @@ def test_default_grid_and_summary_arithmetic():
     assert grid[0] == "full" and "slide:128/64" in grid and "unified-h2o:prompt/4+128/64" in grid
     rows = [
         {"scale": 1.0, "method": m, "family": m, "prompt_tokens": 10, "gold_tokens": 25, "correct": c,
-         "accuracy": sum(c) / 4, "kv_entries": e, "kv_held_bytes": 2**20, "seconds": 2.0}
-        for m, c, e in [(REFERENCE, [1, 1, 1, 1], 40), ("slide:8/4", [1, 1, 0, 0], 18), ("slide:8/4", [1, 0, 1, 0], 18)]
+         "accuracy": sum(c) / 4, "kv_entries": e, "kv_held_bytes": 2**20, "seconds": 2.0, "kinds": k}
+        for m, c, e, k in [(REFERENCE, [1, 1, 1, 1], 40, "phbb"), ("slide:8/4", [1, 1, 0, 0], 18, "phbb"),
+                           ("slide:8/4", [1, 0, 1, 0], 18, "pppb")]
     ]
     s = {r["method"]: r for r in summarize(rows)}
     assert s["slide:8/4"]["accuracy"] == 0.5 and s["slide:8/4"]["accuracy_q1"] == 1.0
     assert s["slide:8/4"]["accuracy_q2"] == 0.5 and s["slide:8/4"]["accuracy_q4"] == 0.0
     assert s["slide:8/4"]["kv_vs_full"] == 0.45 and s["slide:8/4"]["exact_outputs"] == 0.0
     assert s[REFERENCE]["exact_outputs"] == 1.0
+    # per source kind, pooled over the seeds: prompt items 1 + (1, 0, 1) of 4, the hot one right, back 0 of 3
+    assert s["slide:8/4"]["accuracy_prompt"] == 3 / 4 and s["slide:8/4"]["accuracy_hot"] == 1.0
+    assert s["slide:8/4"]["accuracy_back"] == 0.0
+    assert s[REFERENCE]["accuracy_hot"] == 1.0

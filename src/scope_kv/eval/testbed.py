@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .._checks import check_int
-from ..testbed import DEFAULT_MIX, TRAINED, evaluate_caches, output_length, prompt_length
+from ..testbed import DEFAULT_MIX, KINDS, TRAINED, evaluate_caches, output_length, prompt_length
 from .common import Progress, ResultStore, Shard, read_results, write_csv
 from .gold import method_family
 from .methods import Method, gold_grid, parse_method
@@ -118,6 +118,8 @@ def _record(
         "new_tokens": seed.new_tokens,
         "accuracy": seed.accuracy,
         "correct": [int(c) for c in seed.correct],
+        # per item, the initial of its source's kind (testbed.KINDS: prompt / hot / back)
+        "kinds": "".join(kind[0] for kind in seed.kinds),
         "output": seed.generated,
         # per layer, per row and KV head, after the last step; the bound is the largest layer's
         "kv_entries": max(entries),
@@ -254,7 +256,9 @@ class _Ticks:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (scale, method): accuracy overall and per output quarter, KV held, time.
+    """One row per (scale, method): accuracy overall, per output quarter and per source kind
+    (``accuracy_prompt``, ``accuracy_hot``, ``accuracy_back``: items whose source is a prompt fact,
+    a value written a few items back, one written far back), KV held, time.
 
     ``kv_vs_full`` divides a method's held entries by the reference's at the same scale.
     """
@@ -267,6 +271,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         correct = np.array([r["correct"] for r in rs], dtype=float)  # (seeds, items)
         quarters = np.array_split(np.arange(correct.shape[1]), 4)
         entries = float(np.mean([r["kv_entries"] for r in rs]))
+        kinds = np.array([list(r["kinds"]) for r in rs])  # (seeds, items) initials
         row = {
             "scale": scale,
             "method": method,
@@ -279,6 +284,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             **{
                 f"accuracy_q{i + 1}": float(correct[:, q].mean()) if len(q) else float("nan")
                 for i, q in enumerate(quarters)
+            },
+            **{
+                f"accuracy_{kind}": float(correct[kinds == kind[0]].mean()) if (kinds == kind[0]).any() else float("nan")
+                for kind in KINDS
             },
             "kv_entries": round(entries, 1),
             "kv_vs_full": round(entries / full[scale], 4) if scale in full else float("nan"),
@@ -300,6 +309,9 @@ COLUMNS = [
     ("accuracy_q2", "Q2"),
     ("accuracy_q3", "Q3"),
     ("accuracy_q4", "Q4"),
+    ("accuracy_prompt", "prompt items"),
+    ("accuracy_hot", "hot items"),
+    ("accuracy_back", "back items"),
     ("exact_outputs", "outputs all right"),
     ("seeds", "seeds"),
 ]

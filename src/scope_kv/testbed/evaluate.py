@@ -55,6 +55,9 @@ class SeedResult:
         Largest allocated K/V storage over the steps, for this row.
     seconds : float
         Wall time of the batch's ``generate`` call (shared by its rows).
+    kinds : tuple[str, ...]
+        Per item, how its source was drawn (one of :data:`~.task.KINDS`: a prompt fact, a value
+        written a few items back, or one written far back).
     """
 
     seed: int
@@ -66,6 +69,7 @@ class SeedResult:
     held_bytes: int
     peak_allocated_bytes: int
     seconds: float
+    kinds: tuple[str, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -288,6 +292,7 @@ def evaluate_caches(
                     held_bytes=fp.held_bytes // rows,
                     peak_allocated_bytes=peak.allocated // rows,
                     seconds=seconds,
+                    kinds=tuple(item.kind for item in ex.items),
                 )
             )
         batch_acc = np.mean([np.mean(r.correct) for r in results[-rows:]])
