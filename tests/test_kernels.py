@@ -185,6 +185,44 @@ def test_split_kv_decode_attention_matches_reference():
     assert done.returncode == 0 and done.stdout.count("OK") == len(SPLIT_KV_CASES), done.stderr[-3000:]
 
 
+_SPLIT_KV_OPERATOR_CHECK = """
+import torch
+from scope_kv import kernels
+from scope_kv.masks import head_mask
+gen = torch.Generator().manual_seed(0)
+batch, q_heads, kv_heads, length, dim = 2, 8, 2, 150, 32
+q = torch.randn(batch, q_heads, 1, dim, generator=gen)
+k = torch.randn(batch, kv_heads, length, dim, generator=gen)
+v = torch.randn(batch, kv_heads, length, dim, generator=gen)
+valid = torch.rand(batch, kv_heads, length, generator=gen) > 0.3
+valid[..., -1] = True
+mask = head_mask("sdpa", valid, q_heads, torch.float32)
+op = torch.ops.scope_kv.split_kv_decode_attention
+# the operator's registration: schema, its shapes under tracing (fake tensors) and autograd's view
+torch.library.opcheck(op, (q, k, v, mask, dim**-0.5, 3), test_utils=("test_schema", "test_faketensor"))
+torch.library.opcheck(op, (q, k, v, None, dim**-0.5, 2), test_utils=("test_schema", "test_faketensor"))
+o_ref, l_ref = kernels.grouped_decode_attention_reference(q, k, v, mask, dim**-0.5)
+step = torch.compile(lambda q, k, v, m: op(q, k, v, m, dim**-0.5, 3), fullgraph=True, backend="aot_eager")
+o, l = step(q, k, v, mask)
+torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+torch.testing.assert_close(l, l_ref, rtol=1e-5, atol=1e-5)
+print("OK")
+"""
+
+
+@pytest.mark.triton
+def test_split_kv_operator_traces_and_matches_reference():
+    """The split-KV kernels as the ``scope_kv::split_kv_decode_attention`` operator (what a compiled
+    static-layout step calls): its fake shapes agree with the kernels' outputs, and inside
+    ``torch.compile(fullgraph=True)`` it gives the reference's output and log-sum-exp
+    (TRITON_INTERPRET=1, CPU)."""
+    assert kernels.triton_available(), "install the triton extra: pip install -e '.[triton]'"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _SPLIT_KV_OPERATOR_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.count("OK") == 1, done.stderr[-3000:]
+
+
 TRITON_CASES = [  # (batch, q_heads, kv_heads, dim, start, end, recent, rotation)
     (1, 4, 4, 16, 0, 9, 3, 0),  # tiny
     (2, 8, 2, 16, 0, 9, 8, 5),  # ring only: no older entries

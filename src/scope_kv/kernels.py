@@ -170,11 +170,16 @@ def grouped_decode_attention(
     use_split = kernel == "split_kv" or (
         kernel == "auto" and (splits is not None or batch * kv_heads >= _SPLIT_KV_ROWS)
     )
-    # Not inside torch.compile: its CUDA-graph backend (torch 2.11) cannot yet take a user-defined
-    # Triton kernel (it fails reading the kernel node's outputs, seen on an H200); raw CUDA-graph
-    # capture can.
-    compiling = torch.compiler.is_compiling()
-    if use_split and not compiling and triton_available() and _split_kv_supported(query, keys, values):
+    if use_split and triton_available() and _split_kv_supported(query, keys, values):
+        if torch.compiler.is_compiling():
+            # Traced: through the custom operator, which torch.compile keeps opaque (its CUDA-graph
+            # backend in torch 2.11 cannot take a user-defined Triton kernel traced inline).
+            if splits is None:
+                splits = default_splits(batch, kv_heads, length, keys.device)
+            out, lse = torch.ops.scope_kv.split_kv_decode_attention(
+                query, keys, values, attention_mask, scaling, splits
+            )
+            return out, lse
         return split_kv_decode_attention(query, keys, values, attention_mask, scaling, splits)
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
@@ -286,6 +291,36 @@ def split_kv_decode_attention(
         with _on_device(keys):
             launch()
     return out.reshape(batch, 1, q_heads, dim), lse
+
+
+# The split-KV kernels as one PyTorch operator, so that a compiled decode step can call them: the
+# compiler sees an opaque call with the output shapes below and captures its launches as they are.
+# Defined here, in this package's own operator namespace (nothing of torch's or transformers' is
+# changed).
+@torch.library.custom_op("scope_kv::split_kv_decode_attention", mutates_args=())
+def _split_kv_operator(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = split_kv_decode_attention(query, keys, values, attention_mask, scaling, splits)
+    return out.contiguous(), lse
+
+
+@_split_kv_operator.register_fake
+def _split_kv_operator_shapes(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, q_heads, _, dim = query.shape
+    return query.new_empty((batch, 1, q_heads, dim)), query.new_empty((batch, q_heads), dtype=torch.float32)
 
 
 def _split_kv_supported(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ from .kernels import EvictionBatch, EvictRing, default_splits
 from .masks import head_mask, layer_mask, leading_invalid, valid_from_start, valid_slots
 from .prefill.base import PrefillCompressor
 from .selection import compact_, gather_, keep_top_, select_heavy
-from .static import StaticPools
+from .static import StaticPools, mark_static_addresses
 from .step import AttentionStep
 
 __all__ = ["ScopeLayer"]
@@ -722,6 +722,7 @@ class ScopeLayer(CacheLayerMixin):
         if int(pools.valid.sum(-1).max()) >= slots:  # (one host sync, until the first selection ran)
             return
         self._pools, self.keys, self.values = pools.repack(self.keys, self.values, slots)
+        mark_static_addresses(self.keys, self.values)
         self.length, self.prefill_length = slots, 0
         self._splits = default_splits(self.keys.shape[0], self.keys.shape[1], slots, self.keys.device)
 
@@ -744,6 +745,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pools = StaticPools.build(
             batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
         )
+        mark_static_addresses(self.keys, self.values)
         self.length = total
         self._splits = default_splits(batch, kv_heads, total, self.keys.device)
 

@@ -35,11 +35,15 @@ import torch
 from .decoding import Adaptive, DecodingStrategy, Discontinuous
 from .step import AttentionStep
 
-__all__ = ["StaticPools"]
+__all__ = ["StaticPools", "mark_static_addresses"]
 
 
-def _mark_static(*tensors: torch.Tensor) -> None:
-    """Tell torch.compile the tensors keep their addresses (CUDA graphs then need no copies)."""
+def mark_static_addresses(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile the tensors keep their addresses across steps.
+
+    A captured step's inputs that are not marked are copied into the graph's own buffers before
+    every replay, and a buffer the step writes in place (the layer's keys and values, the pools'
+    state) is then also copied back: per step that is the whole KV storage moved twice."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
@@ -102,7 +106,7 @@ class StaticPools:
             skipped=torch.zeros((), dtype=torch.long, device=device),
             seen=torch.tensor(seen, dtype=torch.long, device=device),
         )
-        _mark_static(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
         return state
 
     # -- one decode step ------------------------------------------------------------------
@@ -172,7 +176,7 @@ class StaticPools:
             skipped=self.skipped.clone(),
             seen=self.seen.clone(),
         )
-        _mark_static(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
         return state, new_keys, new_values
 
     def held(self, decoding_only: bool) -> torch.Tensor:

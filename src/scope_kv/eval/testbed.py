@@ -286,7 +286,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 for i, q in enumerate(quarters)
             },
             **{
-                f"accuracy_{kind}": float(correct[kinds == kind[0]].mean()) if (kinds == kind[0]).any() else float("nan")
+                f"accuracy_{kind}": float(correct[kinds == kind[0]].mean())
+                if (kinds == kind[0]).any()
+                else float("nan")
                 for kind in KINDS
             },
             "kv_entries": round(entries, 1),
