@@ -7,6 +7,8 @@ step is traced once -- no graph break, no recompilation -- and still gives the s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -152,6 +154,34 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
     expected = 2 if decoding.evicts_prompt and PROMPT + 1 > decoding.max_held else 1
     assert counter.graphs == expected
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("strategy,prefill", CASES)
+def test_compiled_step_takes_the_cache_storage_at_fixed_addresses(strategy, prefill):
+    """Every tensor the compiled decode step reads from the cache is marked as a static address.
+    A CUDA-graph replay copies each unmarked input into the graph's own buffer (and copies back
+    the ones the step writes): for keys and values that is the whole KV storage twice a step.
+    What may stay unmarked are the step's own small inputs (token ids, positions)."""
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    unmarked: list[tuple[int, ...]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        for t in example_inputs:
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                if getattr(t, "_dynamo_static_input_type", None) is None:
+                    unmarked.append(tuple(t.shape))
+        return gm.forward
+
+    cache = ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None, static=True)
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=12,
+                       do_sample=False, pad_token_id=0, compile_config=_compile_config(record))
+    finally:
+        torch._dynamo.reset()
+    assert unmarked, "the recording backend saw no compiled step"
+    batch = ids.shape[0]
+    assert all(math.prod(shape) <= batch for shape in unmarked), unmarked
 
 
 @pytest.mark.parametrize(
