@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--recent", type=int, default=256)
     ap.add_argument("--snap-budget", type=int, default=2048)
-    ap.add_argument("--compile-backend", default="cudagraphs", choices=["cudagraphs", "inductor"])
+    ap.add_argument("--compile-backend", default="inductor", choices=["cudagraphs", "inductor"])
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short run (any device)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"), help="output path stem")
     ap.add_argument("--render", type=Path, help="only rewrite this JSON (and its .md) with the current summary")
