@@ -8,6 +8,7 @@ step is traced once -- no graph break, no recompilation -- and still gives the s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,7 +20,22 @@ from scope_kv.compat import cache_kwargs
 
 PROMPT, NEW = 24, 40
 
+
+@dataclass(frozen=True)
+class HalvingSlide(Slide):
+    """A strategy with a schedule of its own: ``B`` for the first 10 steps, then ``B // 2`` (the
+    budget drops, so one step evicts several entries). Overriding the schedule, on the host and on
+    the device, is all it takes (docs/architecture.md)."""
+
+    def budget_at(self, t: int) -> int:
+        return self.budget if t < 10 else self.budget // 2
+
+    def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t < 10, self.budget, self.budget // 2)
+
+
 CASES = [
+    pytest.param(lambda: HalvingSlide(8, 3), None, id="custom-schedule"),
     pytest.param(lambda: Slide(8, 3), None, id="slide"),
     pytest.param(lambda: Adaptive(12, 5, max_new_tokens=NEW), None, id="adaptive"),
     pytest.param(lambda: Discontinuous(12, 5, max_new_tokens=NEW), None, id="discontinuous"),
@@ -396,3 +412,36 @@ def test_memory_is_bounded_at_every_step_in_both_layouts(spec, static):
                     assert capacity <= decoding.max_held, (t, capacity)
             else:
                 assert capacity <= prompt_slots + decoding.max_held, (t, capacity, prefill)
+
+
+def test_custom_schedule_is_held_to_its_own_budget_in_both_layouts():
+    """After step 10 the halving schedule holds B // 2 generated entries per (row, KV head) in
+    either layout (the static layout once held B: it evicted one entry a step whatever the budget)."""
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    for static in (False, True):
+        cache = ScopeCache(model, decoding=HalvingSlide(8, 3), static=static)
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW,
+                       min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        for layer in cache.layers:
+            assert layer.summary()["decoding"] == 4, (static, layer.summary())
+
+
+def test_static_layout_refuses_a_schedule_or_plan_it_cannot_run_on_the_device():
+    @dataclass(frozen=True)
+    class HostOnlySchedule(Slide):
+        def budget_at(self, t: int) -> int:
+            return self.budget if t < 10 else self.budget // 2
+
+    @dataclass(frozen=True)
+    class OwnPlan(Slide):
+        def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
+            return n_decoding >= self.budget and t % 2 == 0, skipped
+
+    model = make_model("llama", "sdpa")
+    with pytest.raises(ValueError, match="overrides budget_at .* but not budget_tensor: define HostOnlySchedule.budget_tensor"):
+        ScopeCache(model, decoding=HostOnlySchedule(8, 3), static=True)
+    with pytest.raises(ValueError, match="OwnPlan overrides plan: use static=False"):
+        ScopeCache(model, decoding=OwnPlan(8, 3), static=True)
+    for strategy in (HostOnlySchedule(8, 3), OwnPlan(8, 3)):  # the default layout runs them as written
+        ScopeCache(model, decoding=strategy)

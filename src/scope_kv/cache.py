@@ -23,6 +23,7 @@ from .kernels import EvictionBatch
 from .layer import ScopeLayer
 from .masks import is_flash_backend
 from .prefill.base import PrefillCompressor
+from .static import check_static_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class ScopeCache(Cache):
                 f"static=True needs a bounded pool, and {decoding.describe()} grows without bound (an uncapped "
                 "schedule reproduces the research code); use cap_budget=True, or static=False."
             )
+        if static and decoding is not None:
+            check_static_strategy(decoding)
         if static and decoding is None:
             raise ValueError(
                 "static=True needs a bounded decoding pool (decoding=Slide(...), Adaptive(...), Discontinuous(...) "

@@ -6,7 +6,8 @@ A strategy is a frozen, validated configuration. It holds no state: the per-laye
 :class:`scope_kv.layer.ScopeLayer`, which also does the top-k and the compaction
 (:mod:`scope_kv.selection`). A strategy answers three questions:
 
-* ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t``;
+* ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t`` (and ``budget_tensor(t)``,
+  the same on the device, for the static layout);
 * ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter;
 * ``score(step, first, last)`` -- the score of each candidate slot (higher is kept). The
   default is SCOPE's: the current query's softmax probability over the whole held context,
@@ -65,6 +66,13 @@ class DecodingStrategy:
     def budget_at(self, t: int) -> int:
         """``B(t)``: decoding budget at decode step ``t`` (``t = 0`` is the first decode forward)."""
         return self.budget
+
+    def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``B(t)`` computed on the device from a 0-d int64 tensor ``t``: what the static layout
+        (``ScopeCache(static=True)``, :mod:`scope_kv.static`) uses, since a captured step cannot
+        ask the host. Must agree with :meth:`budget_at`; a strategy that overrides ``budget_at``
+        overrides this too to be usable with ``static=True`` (else the cache refuses it)."""
+        return torch.full_like(t, self.budget)
 
     @property
     def slack(self) -> int:
@@ -205,6 +213,10 @@ class Adaptive(DecodingStrategy):
     def budget_at(self, t: int) -> int:
         grown = self.recent + t // self.schedule_delta
         return min(self.budget, grown) if self.cap_budget else grown
+
+    def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        grown = self.recent + torch.div(t, self.schedule_delta, rounding_mode="floor")
+        return torch.clamp(grown, max=self.budget) if self.cap_budget else grown
 
     @property
     def max_held(self) -> int:

@@ -35,7 +35,7 @@ import torch
 from .decoding import Adaptive, DecodingStrategy, Discontinuous
 from .step import AttentionStep
 
-__all__ = ["StaticPools", "mark_static_addresses"]
+__all__ = ["StaticPools", "check_static_strategy", "mark_static_addresses"]
 
 
 def mark_static_addresses(*tensors: torch.Tensor) -> None:
@@ -130,7 +130,7 @@ class StaticPools:
         valid = self.valid[..., first:length]
         arrival = self.arrival[..., first:length]
         held = valid.sum(-1)  # (batch, kv_heads): entries of the region, this step's included
-        budget = _budget(decoding, t)
+        budget = decoding.budget_tensor(t)
         if isinstance(decoding, Discontinuous):
             eligible = held[0, 0] >= budget
             go = eligible & (self.skipped >= decoding.schedule_delta)
@@ -140,7 +140,8 @@ class StaticPools:
             evict = (held - budget).clamp(min=0)  # (batch, kv_heads)
         candidates = valid & (arrival <= t - decoding.recent)  # the newest `recent` always stay
         scores = decoding.score(step, first, length).float()
-        if decoding.slack == 0 and not unified:
+        if decoding.slack == 0 and not unified and _budget_never_shrinks(decoding):
+            # at most one entry over the budget: the pool grows by one a step, the budget never drops
             gone = _lowest_one(scores, candidates, arrival) & (evict > 0)[..., None]
         else:
             gone = _lowest(scores, candidates, arrival, evict)
@@ -185,11 +186,38 @@ class StaticPools:
         return region[:, 0].sum(-1)
 
 
-def _budget(decoding: DecodingStrategy, t: torch.Tensor) -> torch.Tensor:
-    """``B(t)`` on the device (docs/method.md §4, capped at ``B``)."""
-    if isinstance(decoding, Adaptive):
-        return torch.clamp(decoding.recent + t // decoding.schedule_delta, max=decoding.budget)
-    return torch.full_like(t, decoding.budget)
+def _owner(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO that defines ``name``."""
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def _budget_never_shrinks(decoding: DecodingStrategy) -> bool:
+    """The built-in schedules (constant, or adaptive's growing one) never lower ``B(t)``."""
+    return _owner(type(decoding), "budget_at") in (DecodingStrategy, Adaptive)
+
+
+def check_static_strategy(decoding: DecodingStrategy) -> None:
+    """Refuse a strategy the static layout cannot run as the default layout does.
+
+    The static layout evaluates the schedule on the device (:meth:`DecodingStrategy.budget_tensor`)
+    and implements two selection plans, SCOPE's (select whenever the pool holds ``B(t)``) and
+    discontinuous's; a strategy that changes ``budget_at`` without ``budget_tensor``, or ``plan``,
+    would be run by a rule other than its own.
+    """
+    cls = type(decoding)
+    schedule, device_schedule = _owner(cls, "budget_at"), _owner(cls, "budget_tensor")
+    name = cls.__name__
+    if not issubclass(device_schedule, schedule):
+        raise ValueError(
+            f"static=True evaluates the budget schedule on the device, and {name} overrides budget_at "
+            f"(in {schedule.__name__}) but not budget_tensor: define {name}.budget_tensor(t), B(t) from a "
+            "0-d int64 tensor with the same values as budget_at, or use static=False."
+        )
+    if _owner(cls, "plan") not in (DecodingStrategy, Discontinuous):
+        raise ValueError(
+            f"static=True runs SCOPE's selection plan (select whenever the pool holds B(t)) or "
+            f"Discontinuous's, and {name} overrides plan: use static=False for a plan of its own."
+        )
 
 
 def _lowest_one(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tensor) -> torch.Tensor:
