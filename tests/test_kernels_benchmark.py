@@ -56,3 +56,31 @@ def test_generate_benchmark_smoke(tmp_path):
     per_entry = result["kv_bytes_per_token"]
     assert rows["scope-slide"]["warm"]["kv_held_bytes"] == 2 * per_entry * (settings["prompt"] + settings["budget"])
     assert rows["dynamic"]["warm"]["kv_held_bytes"] == 2 * per_entry * (settings["prompt"] + settings["new"] - 1)
+
+
+def test_profile_benchmark_smoke(tmp_path):
+    """benchmarks/profile_decode.py profiles real generate calls and writes its tables; --render
+    rewrites a file's summary without counting the profiler's step markers as kernels."""
+    out = tmp_path / "profile"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--smoke", "--out", str(out),
+           "--methods", "dynamic,scope-slide"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["dynamic", "scope-slide"]
+    for row in result["rows"]:
+        assert row["step_ms"] > 0 and row["cpu_ops"], row  # host operators were recorded
+        assert not any(k["name"].startswith("ProfilerStep") for k in row["kernels"])
+    # an earlier file counted the step marker's device time as a kernel: --render takes it out
+    earlier = dict(result, rows=[dict(method="m", batch=1, step_ms=10.0, kernel_ms_per_step=18.0,
+                                      kernels_per_step=101.0, kernels=[
+                                          dict(name="ProfilerStep*", us_per_step=10000.0, calls_per_step=1.0),
+                                          dict(name="gemm", us_per_step=8000.0, calls_per_step=100.0)], cpu_ops=[])])
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--render", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(path.read_text())["rows"][0]
+    assert row["kernel_ms_per_step"] == 8.0 and row["kernels_per_step"] == 100.0 and row["idle_share"] == 0.2
+    assert [k["name"] for k in row["kernels"]] == ["gemm"]
