@@ -26,6 +26,7 @@ from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_ma
 
 __all__ = [
     "MaskFormat",
+    "additive_key_bias",
     "decode_key_mask",
     "head_mask",
     "layer_mask",
@@ -322,6 +323,20 @@ def decode_key_mask(attention_mask: torch.Tensor | None, length: int, kv_heads: 
     if rows.shape[1] > 1:
         rows = rows[:, :: rows.shape[1] // kv_heads]
     return rows
+
+
+def additive_key_bias(mask: torch.Tensor, batch: int, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """A :func:`decode_key_mask` as the additive bias PyTorch's memory-efficient kernel takes:
+    ``(batch, kv_heads, group, length)``, 0 where a slot may be attended and -inf elsewhere.
+
+    The kernel wants bias rows that start 16-element aligned, so the storage is padded to a
+    multiple of 16 slots and sliced (as torch's own sdpa front end does).
+    """
+    rows, heads, length = mask.shape
+    padded = -(-length // 16) * 16
+    bias = torch.zeros((rows, heads, padded), dtype=dtype, device=mask.device)
+    bias = bias[..., :length].masked_fill_(~mask, float("-inf"))
+    return bias[:, :, None, :].expand(batch, kv_heads, group, length)
 
 
 def head_mask(backend: str, valid: torch.Tensor, q_heads: int, dtype: torch.dtype) -> torch.Tensor:
