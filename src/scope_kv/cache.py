@@ -23,7 +23,7 @@ from .kernels import EvictionBatch
 from .layer import ScopeLayer
 from .masks import is_flash_backend
 from .prefill.base import PrefillCompressor
-from .static import check_static_strategy
+from .static import StaticScopeLayer, check_static_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,11 @@ class ScopeCache(Cache):
         module_ids = frozenset(id(m) for m in model.modules())
         evictions = EvictionBatch()
         layers: list[Any] = []
+        layer_type = StaticScopeLayer if static else ScopeLayer  # one storage policy per cache
         for idx, layer in enumerate(templates):
             if type(layer) is DynamicLayer:
                 layers.append(
-                    ScopeLayer(idx, decoding, module_ids, prefill, len(templates), evictions, static, kv_repeat)
+                    layer_type(idx, decoding, module_ids, prefill, len(templates), evictions, kv_repeat=kv_repeat)
                 )
             else:
                 layers.append(layer)  # bounded by its window already, or no KV of its own
@@ -226,10 +227,9 @@ class ScopeCache(Cache):
             # transformers sizes the mask before anything else touches the empty input: the one
             # place to say what is wrong before an IndexError inside generate
             raise ValueError("the prompt is empty: give generate at least one input token.")
-        if self.static:
-            for layer in self.layers:
-                if isinstance(layer, ScopeLayer):
-                    layer.prepare(query_length)
+        for layer in self.layers:
+            if isinstance(layer, StaticScopeLayer):
+                layer.prepare(query_length)
         return super().get_mask_sizes(query_length, layer_idx)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:

@@ -30,11 +30,10 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
-from .kernels import EvictionBatch, EvictRing, default_splits
-from .masks import head_mask, layer_mask, leading_invalid, valid_from_start, valid_slots
+from .kernels import EvictionBatch, EvictRing
+from .masks import layer_mask, leading_invalid, valid_from_start, valid_slots
 from .prefill.base import PrefillCompressor
-from .selection import compact_, gather_, keep_top_, select_heavy
-from .static import StaticPools, mark_static_addresses
+from .selection import compact_, keep_top_, select_heavy
 from .step import AttentionStep
 
 __all__ = ["ScopeLayer"]
@@ -140,7 +139,6 @@ class ScopeLayer(CacheLayerMixin):
         prefill: PrefillCompressor | None = None,
         num_layers: int = 1,
         evictions: EvictionBatch | None = None,
-        static: bool = False,
         kv_repeat: int = 1,
     ):
         super().__init__()
@@ -151,11 +149,7 @@ class ScopeLayer(CacheLayerMixin):
         self._module_ids = module_ids
         # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
         # own mask) before the first decoding step appends.
-        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt) or static
-        # The static layout (scope_kv.static): one physical shape for the whole generation, so the
-        # decode step can be compiled or captured (transformers reads `is_compileable`).
-        self.static = static
-        self.is_compileable = static
+        self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
         # Per-query-head selection (docs/method.md §11): every KV head is stored once per query head
         # of its group, so each query head keeps its own entries (costs `kv_repeat` times the memory).
         self.kv_repeat = kv_repeat
@@ -194,11 +188,9 @@ class ScopeLayer(CacheLayerMixin):
         # the forward in flight: "prefill" / "decode" from update() until after_attention()
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
-        self._pools: StaticPools | None = None  # the static layout's state while decoding in it
         self._prefill_from = 0  # first slot of the prefill forward in flight
         self._last_position: torch.Tensor | None = None  # (batch,) position of the last prefill token
         self._new_call = False  # the next forward may be the first of a new generate call (expect_new_call)
-        self._splits: int | None = None
         self.ring.reset()
 
     # -- CacheLayerMixin ------------------------------------------------------------------
@@ -242,15 +234,12 @@ class ScopeLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
+        return self._store(key_states, value_states)
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold a forward's new entries and hand out the keys and values its attention reads."""
         q = key_states.shape[-2]
         decode = self.length > 0 and q == 1
-        if self.static:
-            self.prepare(q)  # (normally done already, when transformers sized this forward's mask)
-            if decode:
-                assert self._pools is not None
-                self._pools.write(self.keys, self.values, key_states, value_states)
-                self._pending = "decode"
-                return self._hand_out(key_states.requires_grad or value_states.requires_grad)
         if not decode:
             self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
         if decode and self._prefill_open:
@@ -297,15 +286,11 @@ class ScopeLayer(CacheLayerMixin):
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Physical coordinates: mask column j is slot j (pads stay at the front). The static layout
-        # writes the step's entry inside its fixed buffer.
-        if self._pools is not None and query_length == 1:
-            return self.length, 0
+        # Physical coordinates: mask column j is slot j (pads stay at the front).
         return self.length + query_length, 0
 
     def get_seq_length(self) -> Any:
-        # The static layout counts on the device (an int would change between captured steps).
-        return self._pools.seen if self._pools is not None else self.seen
+        return self.seen
 
     def get_max_length(self) -> int:
         return -1
@@ -339,9 +324,6 @@ class ScopeLayer(CacheLayerMixin):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch re-indexing to every per-row tensor: K/V, ``start``, the ring, the memo."""
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self._pools is not None:
-            pools = self._pools
-            pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
         if self.start is not None:
             self.start = fn(self.start)
         if self._holes is not None:
@@ -364,7 +346,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def check_attended(self, keys: torch.Tensor) -> None:
         """Refuse an attention call whose keys are not the ones this layer's update returned."""
-        if self._pools is None and keys is not self._attended:
+        if keys is not self._attended:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the attention function received other keys than the ones this layer's "
                 "update() returned: the model transforms the cached keys before attending (repeats or splits "
@@ -382,11 +364,9 @@ class ScopeLayer(CacheLayerMixin):
         """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
 
         Query ``i`` of the forward (slot ``length - q_len + i``) may see slot ``j`` when
-        ``start[b] <= j <= length - q_len + i``. A static-layout decode step gives a per-head mask
-        (``q_heads`` rows; each KV head's valid slots, :func:`scope_kv.masks.head_mask`).
+        ``start[b] <= j <= length - q_len + i``. (A static-layout decode step gives a per-head mask:
+        :class:`scope_kv.static.StaticScopeLayer`.)
         """
-        if self._pools is not None and q_len == 1:
-            return head_mask(backend, self._pools.valid, q_heads, dtype)
         if q_len == 1 and self._all_valid:
             return None  # one query that may see every slot: no mask (and the faster kernel)
         return layer_mask(backend, self.valid_slots(), q_len, dtype)
@@ -395,16 +375,16 @@ class ScopeLayer(CacheLayerMixin):
     def decode_splits(self) -> int | None:
         """Split-KV chunks for a static-layout decode step (its shape is fixed, so it is decided once,
         outside any compiled region); ``None`` otherwise."""
-        return self._splits if self._pools is not None else None
+        return None
 
     def head_valid(self) -> torch.Tensor | None:
         """``(batch, kv_heads, length)`` valid slots per KV head in the static layout (else ``None``)."""
-        return self._pools.valid if self._pools is not None else None
+        return None
 
     def arrival(self) -> torch.Tensor | None:
         """``(batch, kv_heads, length)`` arrival order of the slots in the static layout (else ``None``:
         slot order is arrival order)."""
-        return self._pools.arrival if self._pools is not None else None
+        return None
 
     def valid_slots(self) -> torch.Tensor:
         """``(batch, length)`` boolean: which held slots are real entries."""
@@ -571,7 +551,7 @@ class ScopeLayer(CacheLayerMixin):
         prefill forward, whose last position the next check counts from."""
         last = self._last_position
         if self.length > 0 and last is not None:
-            steps = self._pools.t if self._pools is not None else self.step
+            steps = self.decode_steps()
             behind = position_ids[:, 0].to(last.device) <= last + steps
             if bool(behind.any()):
                 raise ValueError(
@@ -610,11 +590,15 @@ class ScopeLayer(CacheLayerMixin):
         if pending != "decode":
             self._after_prefill_attention(step)
             return
+        self._after_decode_attention(step)
+
+    def decode_steps(self) -> Any:
+        """Decode steps completed since the last prefill (SCOPE's ``t``)."""
+        return self.step
+
+    def _after_decode_attention(self, step: AttentionStep) -> None:
+        """Plan, score, select and compact a decode step (docs/method.md §3)."""
         decoding = self.decoding
-        if self._pools is not None:
-            assert decoding is not None
-            self._pools.select(decoding, step, self.length)
-            return
         t = self.step
         self.step += 1
         if decoding is None:
@@ -691,79 +675,6 @@ class ScopeLayer(CacheLayerMixin):
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
-
-    # -- the static layout (scope_kv.static) ----------------------------------------------
-    def prepare(self, query_length: int) -> None:
-        """Put a static layer into the layout the coming forward needs (a no-op otherwise).
-
-        Called when transformers sizes the forward's mask (:meth:`ScopeCache.get_mask_sizes`), that
-        is before any layer runs and, under ``generate``'s compiled decoding, outside the compiled
-        step: a decode step (one query token after a prefill) finishes the prefill -- compression
-        included -- and enters the static layout; a prefill forward (a new turn) leaves it, the
-        held entries joining the prefill pool in arrival order.
-        """
-        if not self.static or self.length == 0:
-            return
-        if query_length == 1 and self._pools is None:
-            self._enter_static()
-        elif query_length == 1 and self._pools is not None:
-            self._fit_static()
-        elif query_length > 1 and self._pools is not None:
-            self._leave_static()
-
-    def _fit_static(self) -> None:
-        """A unified baseline entered the layout holding a prompt longer than its budget; once its
-        first selection has cut the pool, move into ``budget + 1`` slots (one copy, once)."""
-        decoding, pools = self.decoding, self._pools
-        assert decoding is not None and pools is not None
-        slots = decoding.max_held
-        if not decoding.evicts_prompt or self.length <= slots or torch.compiler.is_compiling():
-            return  # (a traced region sees the layout it was called with; generate sizes the mask outside it first)
-        if int(pools.valid.sum(-1).max()) >= slots:  # (one host sync, until the first selection ran)
-            return
-        self._pools, self.keys, self.values = pools.repack(self.keys, self.values, slots)
-        mark_static_addresses(self.keys, self.values)
-        self.length, self.prefill_length = slots, 0
-        self._splits = default_splits(self.keys.shape[0], self.keys.shape[1], slots, self.keys.device)
-
-    def _enter_static(self) -> None:
-        self.finish_prefill()
-        decoding = self.decoding
-        assert decoding is not None and self.start is not None
-        prompt = self.length
-        if decoding.evicts_prompt:
-            total = max(prompt + 1, decoding.max_held)  # one pool: always a free slot after a step
-        else:
-            total = prompt + decoding.max_held
-        if self.capacity != total:
-            self._resize(total)
-        # Free slots are attended (masked) from now on: they must hold finite numbers, since a
-        # masked slot still multiplies its value by a zero probability.
-        self.keys[:, :, prompt:].zero_()
-        self.values[:, :, prompt:].zero_()
-        batch, kv_heads = self.keys.shape[:2]
-        self._pools = StaticPools.build(
-            batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
-        )
-        mark_static_addresses(self.keys, self.values)
-        self.length = total
-        self._splits = default_splits(batch, kv_heads, total, self.keys.device)
-
-    def _leave_static(self) -> None:
-        """Back to the dynamic layout: live entries in arrival order, rows' filler in front."""
-        pools = self._pools
-        assert pools is not None
-        counts = pools.valid[:, 0].sum(-1)  # (batch,) live entries (the same for every KV head)
-        n = int(counts.max())
-        order = torch.where(pools.valid, pools.arrival.float(), float("-inf"))
-        index = torch.argsort(order, dim=-1, stable=True)[..., self.length - n :]  # filler, then by arrival
-        gather_(self.keys, self.values, 0, self.length, index)
-        self.seen = int(pools.seen)
-        self.step, self.skipped = int(pools.t), int(pools.skipped)
-        self._pools = None
-        self.length = self.prefill_length = n
-        self.start = n - counts
-        self._all_valid = not bool(self.start.any())
 
     # -- prefill ----------------------------------------------------------------------------
     def _after_prefill_attention(self, step: AttentionStep) -> None:
@@ -937,17 +848,4 @@ class ScopeLayer(CacheLayerMixin):
             "compressed": self.own_mask,
             "bytes": self.nbytes(),
         }
-        if self._pools is not None:  # the static layout counts on the device (one sync here)
-            pools = self._pools
-            live = pools.valid[:, 0]  # (batch, slots): the first KV head's (every head holds as many)
-            prefill, decoding = live[:, : pools.prefill].sum(-1), live[:, pools.prefill :].sum(-1)
-            row.update(
-                seen=int(pools.seen),
-                step=int(pools.t),
-                held=int((prefill + decoding).max()),
-                prefill=int(prefill.max()),
-                decoding=int(decoding.max()),
-                static_slots=self.length,
-                selections=None,
-            )
         return row

@@ -1,6 +1,7 @@
 """The static layout: one physical shape for a whole generation, so a decode step can be captured.
 
-`ScopeCache(..., static=True)` puts each layer, when prefill ends, into this layout::
+`ScopeCache(..., static=True)` builds its layers as :class:`StaticScopeLayer` (the layer type is
+chosen once, with the cache), and each layer moves, when prefill ends, into this layout::
 
     slot:  0 .............. P ................................ P + D
            [ prefill pool   | decoding slots: D = B + slack + 1 ]
@@ -29,13 +30,18 @@ every slot with a sort.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .decoding import Adaptive, DecodingStrategy, Discontinuous
+from .kernels import default_splits
+from .layer import ScopeLayer
+from .masks import head_mask
+from .selection import gather_
 from .step import AttentionStep
 
-__all__ = ["StaticPools", "check_static_strategy", "mark_static_addresses"]
+__all__ = ["StaticPools", "StaticScopeLayer", "check_static_strategy", "mark_static_addresses"]
 
 
 def mark_static_addresses(*tensors: torch.Tensor) -> None:
@@ -238,3 +244,174 @@ def _lowest(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tenso
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
     return (rank < count[..., None]) & candidates
+
+
+class StaticScopeLayer(ScopeLayer):
+    """A :class:`~scope_kv.layer.ScopeLayer` that decodes in the static layout (``ScopeCache(static=True)``).
+
+    Prefill forwards run as in the default layout. When the first decode step is sized
+    (:meth:`prepare`), the prefill ends -- compression included -- and the layer moves into one fixed
+    buffer whose state is a :class:`StaticPools`; every decode step then writes, attends and selects
+    inside it without a host decision, so the step can be compiled and captured. A new turn's
+    prefill moves the held entries back, in arrival order, and the layer continues as a default
+    layer until the next decode step.
+    """
+
+    is_compileable = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._evicts_prompt = True  # the prefill must be finished before the layout is entered
+
+    def _clear(self) -> None:
+        super()._clear()
+        self._pools: StaticPools | None = None  # the layout's state while decoding in it
+        self._splits: int | None = None  # split-KV chunks for the fixed shape (decided once)
+
+    # -- layout changes, outside any compiled step ------------------------------------------
+    def prepare(self, query_length: int) -> None:
+        """Put the layer into the layout the coming forward needs.
+
+        Called when transformers sizes the forward's mask (:meth:`ScopeCache.get_mask_sizes`), that
+        is before any layer runs and, under ``generate``'s compiled decoding, outside the compiled
+        step: a decode step (one query token after a prefill) finishes the prefill -- compression
+        included -- and enters the static layout; a prefill forward (a new turn) leaves it, the
+        held entries joining the prefill pool in arrival order.
+        """
+        if self.length == 0:
+            return
+        if query_length == 1 and self._pools is None:
+            self._enter()
+        elif query_length == 1 and self._pools is not None:
+            self._fit()
+        elif query_length > 1 and self._pools is not None:
+            self._leave()
+
+    def _enter(self) -> None:
+        self.finish_prefill()
+        decoding = self.decoding
+        assert decoding is not None and self.start is not None
+        prompt = self.length
+        if decoding.evicts_prompt:
+            total = max(prompt + 1, decoding.max_held)  # one pool: always a free slot after a step
+        else:
+            total = prompt + decoding.max_held
+        if self.capacity != total:
+            self._resize(total)
+        # Free slots are attended (masked) from now on: they must hold finite numbers, since a
+        # masked slot still multiplies its value by a zero probability.
+        self.keys[:, :, prompt:].zero_()
+        self.values[:, :, prompt:].zero_()
+        batch, kv_heads = self.keys.shape[:2]
+        self._pools = StaticPools.build(
+            batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
+        )
+        mark_static_addresses(self.keys, self.values)
+        self.length = total
+        self._splits = default_splits(batch, kv_heads, total, self.keys.device)
+
+    def _fit(self) -> None:
+        """A unified baseline entered the layout holding a prompt longer than its budget; once its
+        first selection has cut the pool, move into ``budget + 1`` slots (one copy, once)."""
+        decoding, pools = self.decoding, self._pools
+        assert decoding is not None and pools is not None
+        slots = decoding.max_held
+        if not decoding.evicts_prompt or self.length <= slots or torch.compiler.is_compiling():
+            return  # (a traced region sees the layout it was called with; generate sizes the mask outside it first)
+        if int(pools.valid.sum(-1).max()) >= slots:  # (one host sync, until the first selection ran)
+            return
+        self._pools, self.keys, self.values = pools.repack(self.keys, self.values, slots)
+        mark_static_addresses(self.keys, self.values)
+        self.length, self.prefill_length = slots, 0
+        self._splits = default_splits(self.keys.shape[0], self.keys.shape[1], slots, self.keys.device)
+
+    def _leave(self) -> None:
+        """Back to the default layout: live entries in arrival order, rows' filler in front."""
+        pools = self._pools
+        assert pools is not None
+        counts = pools.valid[:, 0].sum(-1)  # (batch,) live entries (the same for every KV head)
+        n = int(counts.max())
+        order = torch.where(pools.valid, pools.arrival.float(), float("-inf"))
+        index = torch.argsort(order, dim=-1, stable=True)[..., self.length - n :]  # filler, then by arrival
+        gather_(self.keys, self.values, 0, self.length, index)
+        self.seen = int(pools.seen)
+        self.step, self.skipped = int(pools.t), int(pools.skipped)
+        self._pools = None
+        self.length = self.prefill_length = n
+        self.start = n - counts
+        self._all_valid = not bool(self.start.any())
+
+    # -- the decode step inside the layout ----------------------------------------------------
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decode = self.length > 0 and key_states.shape[-2] == 1
+        self.prepare(key_states.shape[-2])  # (normally done already, when transformers sized the mask)
+        if not decode:
+            return super()._store(key_states, value_states)
+        assert self._pools is not None
+        self._pools.write(self.keys, self.values, key_states, value_states)
+        self._pending = "decode"
+        return self._hand_out(key_states.requires_grad or value_states.requires_grad)
+
+    def _after_decode_attention(self, step: AttentionStep) -> None:
+        if self._pools is None:  # (prepare always enters the layout before a decode step)
+            super()._after_decode_attention(step)
+            return
+        assert self.decoding is not None
+        self._pools.select(self.decoding, step, self.length)
+
+    def check_attended(self, keys: torch.Tensor) -> None:
+        if self._pools is None:
+            super().check_attended(keys)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the step's entry is written inside the fixed buffer
+        if self._pools is not None and query_length == 1:
+            return self.length, 0
+        return super().get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> Any:
+        # counted on the device (an int would change between captured steps)
+        return self._pools.seen if self._pools is not None else super().get_seq_length()
+
+    def decode_steps(self) -> Any:
+        return self._pools.t if self._pools is not None else super().decode_steps()
+
+    def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype, q_heads: int = 1) -> torch.Tensor | None:
+        """A decode step's mask is per head: ``q_heads`` rows, each its KV head's valid slots
+        (:func:`scope_kv.masks.head_mask`); other forwards as in the default layout."""
+        if self._pools is not None and q_len == 1:
+            return head_mask(backend, self._pools.valid, q_heads, dtype)
+        return super().attention_mask(backend, q_len, dtype, q_heads)
+
+    @property
+    def decode_splits(self) -> int | None:
+        return self._splits if self._pools is not None else None
+
+    def head_valid(self) -> torch.Tensor | None:
+        return self._pools.valid if self._pools is not None else None
+
+    def arrival(self) -> torch.Tensor | None:
+        return self._pools.arrival if self._pools is not None else None
+
+    def _map_batch(self, fn: Any) -> None:
+        super()._map_batch(fn)
+        if self._pools is not None:
+            pools = self._pools
+            pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
+
+    def summary(self) -> dict[str, Any]:
+        row = super().summary()
+        if self._pools is not None:  # counted on the device (one sync here)
+            pools = self._pools
+            live = pools.valid[:, 0]  # (batch, slots): the first KV head's (every head holds as many)
+            prefill, decoding = live[:, : pools.prefill].sum(-1), live[:, pools.prefill :].sum(-1)
+            row.update(
+                seen=int(pools.seen),
+                step=int(pools.t),
+                held=int((prefill + decoding).max()),
+                prefill=int(prefill.max()),
+                decoding=int(decoding.max()),
+                static_slots=self.length,
+                selections=None,
+            )
+        return row
