@@ -15,6 +15,7 @@ import torch
 from transformers import CompileConfig
 
 from conftest import make_model
+from test_extension import KeyNormSlide
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
 from scope_kv.compat import cache_kwargs
 
@@ -34,8 +35,26 @@ class HalvingSlide(Slide):
         return torch.where(t < 10, self.budget, self.budget // 2)
 
 
+@dataclass(frozen=True)
+class EvenSteps(Slide):
+    """A plan of its own: select only on even steps (the pool grows by one in between, so
+    ``max_held`` allows one more entry)."""
+
+    @property
+    def slack(self) -> int:
+        return 1
+
+    def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
+        return n_decoding >= self.budget_at(t) and t % 2 == 0, skipped
+
+    def plan_tensor(self, n_decoding: torch.Tensor, t: torch.Tensor, skipped: torch.Tensor) -> tuple:
+        return (n_decoding >= self.budget_tensor(t)) & (t % 2 == 0), skipped
+
+
 CASES = [
     pytest.param(lambda: HalvingSlide(8, 3), None, id="custom-schedule"),
+    pytest.param(lambda: EvenSteps(8, 3), None, id="custom-plan"),
+    pytest.param(lambda: KeyNormSlide(8, 3), None, id="custom-score"),
     pytest.param(lambda: Slide(8, 3), None, id="slide"),
     pytest.param(lambda: Adaptive(12, 5, max_new_tokens=NEW), None, id="adaptive"),
     pytest.param(lambda: Discontinuous(12, 5, max_new_tokens=NEW), None, id="discontinuous"),
@@ -433,15 +452,14 @@ def test_static_layout_refuses_a_schedule_or_plan_it_cannot_run_on_the_device():
         def budget_at(self, t: int) -> int:
             return self.budget if t < 10 else self.budget // 2
 
-    @dataclass(frozen=True)
-    class OwnPlan(Slide):
+    class OwnPlan(EvenSteps):  # the host plan changed again, the device plan not
         def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
-            return n_decoding >= self.budget and t % 2 == 0, skipped
+            return n_decoding >= self.budget_at(t), skipped
 
     model = make_model("llama", "sdpa")
     with pytest.raises(ValueError, match="overrides budget_at .* but not budget_tensor: define HostOnlySchedule.budget_tensor"):
         ScopeCache(model, decoding=HostOnlySchedule(8, 3), static=True)
-    with pytest.raises(ValueError, match="OwnPlan overrides plan: use static=False"):
+    with pytest.raises(ValueError, match="overrides plan .* but not plan_tensor: define OwnPlan.plan_tensor"):
         ScopeCache(model, decoding=OwnPlan(8, 3), static=True)
     for strategy in (HostOnlySchedule(8, 3), OwnPlan(8, 3)):  # the default layout runs them as written
         ScopeCache(model, decoding=strategy)

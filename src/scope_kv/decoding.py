@@ -8,7 +8,8 @@ A strategy is a frozen, validated configuration. It holds no state: the per-laye
 
 * ``budget_at(t)`` -- the decoding budget ``B(t)`` at decode step ``t`` (and ``budget_tensor(t)``,
   the same on the device, for the static layout);
-* ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter;
+* ``plan(n_decoding, t, skipped)`` -- whether the step selects, and the new skip counter (and
+  ``plan_tensor``, the same on the device);
 * ``score(step, first, last)`` -- the score of each candidate slot (higher is kept). The
   default is SCOPE's: the current query's softmax probability over the whole held context,
   summed over each KV head's query group. Strategies that keep it get the fast paths (scores
@@ -108,6 +109,18 @@ class DecodingStrategy:
             Whether to cut the pool back to ``budget_at(t)`` now, and the new skip counter.
         """
         return n_decoding >= self.budget_at(t), skipped
+
+    def plan_tensor(
+        self, n_decoding: torch.Tensor, t: torch.Tensor, skipped: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`plan` on the device, for the static layout.
+
+        ``n_decoding`` is ``(batch, kv_heads)``: each pool's entries, the step's included (a unified
+        baseline's pool holds the prompt too, so padded rows differ); ``t`` and ``skipped`` are 0-d
+        int64. Returns ``select`` (broadcastable to ``n_decoding``: which pools are cut back to
+        ``B(t)``) and the new skip counter. A strategy that overrides ``plan`` overrides this too to
+        be usable with ``static=True`` (else the cache refuses it)."""
+        return n_decoding >= self.budget_tensor(t), skipped
 
     # -- scoring ------------------------------------------------------------------------
     def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
@@ -255,6 +268,13 @@ class Discontinuous(Adaptive):
         if skipped < self.schedule_delta:
             return False, skipped + 1
         return True, 0
+
+    def plan_tensor(
+        self, n_decoding: torch.Tensor, t: torch.Tensor, skipped: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        eligible = n_decoding[0, 0] >= self.budget_tensor(t)  # every pool of the layer holds as many
+        select = eligible & (skipped >= self.schedule_delta)
+        return select, torch.where(select, 0, torch.where(eligible, skipped + 1, skipped))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .decoding import Adaptive, DecodingStrategy, Discontinuous
+from .decoding import Adaptive, DecodingStrategy
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
@@ -137,13 +137,9 @@ class StaticPools:
         arrival = self.arrival[..., first:length]
         held = valid.sum(-1)  # (batch, kv_heads): entries of the region, this step's included
         budget = decoding.budget_tensor(t)
-        if isinstance(decoding, Discontinuous):
-            eligible = held[0, 0] >= budget
-            go = eligible & (self.skipped >= decoding.schedule_delta)
-            self.skipped.copy_(torch.where(eligible & ~go, self.skipped + 1, torch.where(go, 0, self.skipped)))
-            evict = torch.where(go, (held - budget).clamp(min=0), 0)
-        else:
-            evict = (held - budget).clamp(min=0)  # (batch, kv_heads)
+        select, skipped = decoding.plan_tensor(held, t, self.skipped)
+        self.skipped.copy_(skipped)
+        evict = torch.where(select, (held - budget).clamp(min=0), 0)  # (batch, kv_heads)
         candidates = valid & (arrival <= t - decoding.recent)  # the newest `recent` always stay
         scores = decoding.score(step, first, length).float()
         if decoding.slack == 0 and not unified and _budget_never_shrinks(decoding):
@@ -205,10 +201,9 @@ def _budget_never_shrinks(decoding: DecodingStrategy) -> bool:
 def check_static_strategy(decoding: DecodingStrategy) -> None:
     """Refuse a strategy the static layout cannot run as the default layout does.
 
-    The static layout evaluates the schedule on the device (:meth:`DecodingStrategy.budget_tensor`)
-    and implements two selection plans, SCOPE's (select whenever the pool holds ``B(t)``) and
-    discontinuous's; a strategy that changes ``budget_at`` without ``budget_tensor``, or ``plan``,
-    would be run by a rule other than its own.
+    The static layout evaluates the schedule and the plan on the device
+    (:meth:`DecodingStrategy.budget_tensor`, :meth:`DecodingStrategy.plan_tensor`); a strategy that
+    changes ``budget_at`` or ``plan`` without its device form would be run by a rule other than its own.
     """
     cls = type(decoding)
     schedule, device_schedule = _owner(cls, "budget_at"), _owner(cls, "budget_tensor")
@@ -219,10 +214,12 @@ def check_static_strategy(decoding: DecodingStrategy) -> None:
             f"(in {schedule.__name__}) but not budget_tensor: define {name}.budget_tensor(t), B(t) from a "
             "0-d int64 tensor with the same values as budget_at, or use static=False."
         )
-    if _owner(cls, "plan") not in (DecodingStrategy, Discontinuous):
+    plan, device_plan = _owner(cls, "plan"), _owner(cls, "plan_tensor")
+    if not issubclass(device_plan, plan):
         raise ValueError(
-            f"static=True runs SCOPE's selection plan (select whenever the pool holds B(t)) or "
-            f"Discontinuous's, and {name} overrides plan: use static=False for a plan of its own."
+            f"static=True plans each step on the device, and {name} overrides plan (in {plan.__name__}) "
+            f"but not plan_tensor: define {name}.plan_tensor(n_decoding, t, skipped) with the same "
+            "decisions as plan, or use static=False."
         )
 
 
