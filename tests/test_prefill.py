@@ -284,3 +284,28 @@ def test_second_turn_after_compression_continues():
     assert out2.shape[1] == more.shape[1] + 8
     assert cache.get_seq_length() == more.shape[1] + 7
     assert all(cache.kv_length(i) <= 12 + 6 for i in range(2))
+
+
+def test_a_compressor_declares_its_memo_and_beam_search_reorders_it():
+    """Each compressor keeps its own memo type (fresh per layer and prompt); re-indexing the batch
+    (beam search) maps every tensor field, inside lists and tuples too, and leaves the rest."""
+    from dataclasses import dataclass, field
+
+    from scope_kv.prefill import PrefillMemo
+    from scope_kv.prefill.h2o import H2OMemo
+    from scope_kv.prefill.snapkv import SnapKVMemo
+
+    assert type(SnapKV(64).new_memo()) is SnapKVMemo and type(H2O(64).new_memo()) is H2OMemo
+    assert SnapKV(64).new_memo() is not SnapKV(64).new_memo()
+    assert type(StreamingLLM(64).new_memo()) is PrefillMemo  # keeps nothing
+
+    @dataclass
+    class Memo(PrefillMemo):
+        rows: torch.Tensor | None = None
+        pieces: list = field(default_factory=list)
+        scale: float = 0.5
+
+    memo = Memo(rows=torch.arange(3), pieces=[torch.arange(3) * 10, (torch.arange(3), "tag")])
+    memo.map_batch(lambda t: t[torch.tensor([2, 0])])
+    assert memo.rows.tolist() == [2, 0] and memo.pieces[0].tolist() == [20, 0]
+    assert memo.pieces[1][0].tolist() == [2, 0] and memo.pieces[1][1] == "tag" and memo.scale == 0.5

@@ -32,7 +32,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch, EvictRing
 from .masks import layer_mask, leading_invalid, valid_from_start, valid_slots
-from .prefill.base import PrefillCompressor
+from .prefill.base import PrefillCompressor, PrefillMemo
 from .selection import compact_, keep_top_, select_heavy
 from .step import AttentionStep
 
@@ -184,7 +184,10 @@ class ScopeLayer(CacheLayerMixin):
         self._all_valid = False  # own mask only: no slot is invalid (then a decode step needs no mask)
         # prefill compression
         self._prefill_open = False  # a prefill ran and its compression is still to do
-        self._memo: dict[str, Any] = {}  # what the prefill compressor gathers while the prompt runs
+        # what the prefill compressor gathers while the prompt runs (its own memo type), and the
+        # attention module it ran in (per-layer budgets of external methods ask for it)
+        self._memo: PrefillMemo | None = None if self.prefill is None else self.prefill.new_memo()
+        self._prefill_module: torch.nn.Module | None = None
         # the forward in flight: "prefill" / "decode" from update() until after_attention()
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
@@ -331,11 +334,8 @@ class ScopeLayer(CacheLayerMixin):
         if self._last_position is not None:
             self._last_position = fn(self._last_position)
         self.ring.map_batch(fn)
-        for name, item in list(self._memo.items()):
-            if isinstance(item, torch.Tensor):
-                self._memo[name] = fn(item)
-            elif isinstance(item, list):
-                self._memo[name] = [fn(t) if isinstance(t, torch.Tensor) else t for t in item]
+        if self._memo is not None:
+            self._memo.map_batch(fn)
 
     # -- what the attention function asks -------------------------------------------------
     @property
@@ -685,7 +685,7 @@ class ScopeLayer(CacheLayerMixin):
         never keeps them; otherwise they are compacted away now."""
         if self.prefill is not None:
             assert self.start is not None
-            self._memo["module"] = step.module
+            self._prefill_module = step.module
             self.prefill.observe(self._memo, step.module, step.query, step.keys, self.start, step.scaling, step.softcap)
         elif self._holes is not None:
             self._compact_holes()
@@ -699,14 +699,14 @@ class ScopeLayer(CacheLayerMixin):
         if not self._prefill_open:
             return  # (an open prefill means no decode step, so no queued eviction, since it ran)
         self._prefill_open = False
-        memo, self._memo = self._memo, {}
+        memo, self._memo = self._memo, None if self.prefill is None else self.prefill.new_memo()
         prompt = self.prefill_length
         if self.start is None:
             self.start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
         if self.prefill is not None and self.length == prompt:
             holes = self._holes
             real = holes.sum(-1) if holes is not None else prompt - self.start
-            counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, memo.get("module")).clamp(min=0)
+            counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, self._prefill_module).clamp(min=0)
             counts = torch.minimum(counts, real)
             if bool((counts < real).any()):
                 keys, values = self.keys[:, :, :prompt], self.values[:, :, :prompt]

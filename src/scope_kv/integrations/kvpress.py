@@ -35,16 +35,26 @@ after which pads are never kept.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..prefill.base import PrefillCompressor, check_int
+from ..prefill.base import PrefillCompressor, PrefillMemo, check_int
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KVPressPrefill"]
+
+
+@dataclass
+class KVPressMemo(PrefillMemo):
+    """What a press needs at compression: the attention module's input over the whole prompt (one
+    piece per prefill forward) and the module itself."""
+
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    position_embeddings: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    module: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True, init=False)
@@ -88,12 +98,26 @@ class KVPressPrefill(PrefillCompressor):
                     f"(got {ratio!r}); pass budget=<entries kept per layer> instead."
                 )
 
-    def observe_input(self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any) -> None:
+    memo_type = KVPressMemo
+
+    def observe_input(self, memo: KVPressMemo, hidden_states: torch.Tensor, position_embeddings: Any) -> None:
         # Presses score from the module's input (they recompute queries themselves); chunked
         # prefill appends one piece per chunk.
-        memo.setdefault("hidden_states", []).append(hidden_states.detach())
+        memo.hidden_states.append(hidden_states.detach())
         if position_embeddings is not None:
-            memo.setdefault("position_embeddings", []).append(tuple(p.detach() for p in position_embeddings))
+            memo.position_embeddings.append(tuple(p.detach() for p in position_embeddings))
+
+    def observe(
+        self,
+        memo: KVPressMemo,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        start: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+    ) -> None:
+        memo.module = module  # the press scores with the attention module's own projections
 
     def keep_counts(
         self, real: torch.Tensor, layer_idx: int, num_layers: int, module: torch.nn.Module | None = None
@@ -109,19 +133,17 @@ class KVPressPrefill(PrefillCompressor):
                 out.append(max(1, int(n * (1 - self.press.compression_ratio))))
         return torch.tensor(out, dtype=torch.long, device=real.device)
 
-    def scores(
-        self, memo: dict[str, Any], keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
-        module = memo["module"]
-        hidden = memo.get("hidden_states")
-        if not hidden:
+    def scores(self, memo: KVPressMemo, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        module = memo.module
+        hidden = memo.hidden_states
+        if not hidden or module is None:
             raise RuntimeError(
                 "KVPressPrefill saw no attention input during prefill: the model's attention modules must "
                 "receive the cache as a keyword (`cache=` from transformers 5.24, `past_key_values=` before; "
                 "transformers' decoder layers do)."
             )
         hidden_states = torch.cat(hidden, dim=1)
-        embeddings = memo.get("position_embeddings")
+        embeddings = memo.position_embeddings
         position_embeddings = None
         if embeddings:
             position_embeddings = tuple(torch.cat(parts, dim=1) for parts in zip(*embeddings, strict=True))

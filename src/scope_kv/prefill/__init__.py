@@ -4,9 +4,9 @@ Each is usable alone (``ScopeCache(model, prefill=..., decoding=None)``) or unde
 decoding strategy. See :mod:`scope_kv.prefill.base` for the contract and the GQA rule.
 """
 
-from .base import PrefillCompressor
+from .base import PrefillCompressor, PrefillMemo
 from .h2o import H2O
 from .snapkv import PyramidKV, SnapKV
 from .streaming import StreamingLLM
 
-__all__ = ["H2O", "PrefillCompressor", "PyramidKV", "SnapKV", "StreamingLLM"]
+__all__ = ["H2O", "PrefillCompressor", "PrefillMemo", "PyramidKV", "SnapKV", "StreamingLLM"]

@@ -2,12 +2,14 @@
 
 A prefill compressor decides, once per prompt, which prompt entries each layer keeps in
 its prefill pool. It is a frozen configuration with no state: what it gathers while the
-prompt runs lives in a per-layer ``memo`` dict owned by :class:`scope_kv.layer.ScopeLayer`,
-which also does the eviction itself (:func:`scope_kv.selection.keep_top_`). A compressor
-answers three questions:
+prompt runs lives in a memo, a :class:`PrefillMemo` of the type the compressor declares
+(``memo_type``), which each layer creates per prompt and hands only to the compressor; the layer
+does the eviction itself (:func:`scope_kv.selection.keep_top_`). A compressor answers three
+questions:
 
 * ``observe(memo, ...)`` -- called after every prefill forward's attention, with that
-  forward's queries: keep what scoring will need (a window of queries, running scores...);
+  forward's queries: keep what scoring will need in the memo's fields (a window of queries,
+  running scores...);
 * ``keep_counts(real, layer_idx, num_layers)`` -- how many entries each batch row keeps;
 * ``scores(memo, ...)`` -- one score per prompt slot and KV head; the best ``count`` are kept.
 
@@ -22,14 +24,39 @@ total (for a group of one this is exactly the published per-head rule).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 
 from .._checks import check_int
 
-__all__ = ["PrefillCompressor", "check_int"]
+__all__ = ["PrefillCompressor", "PrefillMemo", "check_int"]
+
+
+@dataclass
+class PrefillMemo:
+    """What a compressor gathers while one prompt runs, in one layer (base: nothing).
+
+    A compressor that keeps something declares a subclass with one field per item and names it in
+    ``memo_type``; the layer creates one per prompt and hands it only to that compressor's methods.
+    Fields that hold per-row tensors (or lists or tuples of them) follow the batch when
+    ``generate`` re-indexes it (beam search): :meth:`map_batch`.
+    """
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch re-indexing to every tensor field (and to tensors inside list / tuple fields)."""
+        for f in fields(self):
+            setattr(self, f.name, _map_tensors(getattr(self, f.name), fn))
+
+
+def _map_tensors(item: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(item, torch.Tensor):
+        return fn(item)
+    if isinstance(item, (list, tuple)):
+        return type(item)(_map_tensors(x, fn) for x in item)
+    return item
 
 
 @dataclass(frozen=True)
@@ -45,8 +72,15 @@ class PrefillCompressor:
 
     budget: int
 
+    # the memo this compressor keeps per layer and prompt (a subclass declares its own)
+    memo_type: ClassVar[type[PrefillMemo]] = PrefillMemo
+
     def __post_init__(self) -> None:
         check_int(f"{type(self).__name__}.budget", self.budget, 1)
+
+    def new_memo(self) -> PrefillMemo:
+        """An empty memo for one layer's prompt."""
+        return self.memo_type()
 
     def keep_counts(
         self, real: torch.Tensor, layer_idx: int, num_layers: int, module: torch.nn.Module | None = None
@@ -69,7 +103,7 @@ class PrefillCompressor:
         """
         return real.clamp(max=self.budget)
 
-    def observe_input(self, memo: dict[str, Any], hidden_states: torch.Tensor, position_embeddings: Any) -> None:
+    def observe_input(self, memo: Any, hidden_states: torch.Tensor, position_embeddings: Any) -> None:
         """Record a prefill forward's attention *input*, before the attention runs (default: nothing).
 
         Our own compressors score from the queries :meth:`observe` receives; adapters of external
@@ -77,8 +111,8 @@ class PrefillCompressor:
 
         Parameters
         ----------
-        memo : dict
-            The layer's per-prompt scratch space.
+        memo : PrefillMemo
+            This compressor's memo for the layer and prompt (of its ``memo_type``).
         hidden_states : Tensor
             ``(batch, q, hidden)`` the attention module's input.
         position_embeddings : tuple of Tensor or None
@@ -87,7 +121,7 @@ class PrefillCompressor:
 
     def observe(
         self,
-        memo: dict[str, Any],
+        memo: Any,
         module: torch.nn.Module,
         query: torch.Tensor,
         keys: torch.Tensor,
@@ -99,8 +133,8 @@ class PrefillCompressor:
 
         Parameters
         ----------
-        memo : dict
-            The layer's per-prompt scratch space (emptied after compression).
+        memo : PrefillMemo
+            This compressor's memo for the layer and prompt (a fresh one after compression).
         module : nn.Module
             The attention module.
         query : Tensor
@@ -118,7 +152,7 @@ class PrefillCompressor:
 
     def scores(
         self,
-        memo: dict[str, Any],
+        memo: Any,
         keys: torch.Tensor,
         values: torch.Tensor,
         start: torch.Tensor,
@@ -127,7 +161,7 @@ class PrefillCompressor:
 
         Parameters
         ----------
-        memo : dict
+        memo : PrefillMemo
             What :meth:`observe` recorded.
         keys, values : Tensor
             ``(batch, kv_heads, prompt, dim)`` the prefill pool.

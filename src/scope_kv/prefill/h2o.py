@@ -13,13 +13,12 @@ layer, never the ``prompt x prompt`` matrix; the running scores are ``kv_heads x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .._checks import check_int, spec_options
 from ..selection import causal_probs
-from .base import PrefillCompressor
+from .base import PrefillCompressor, PrefillMemo
 
 __all__ = ["H2O", "accumulated_attention"]
 
@@ -65,6 +64,13 @@ def accumulated_attention(
     return total.reshape(batch, kv_heads, q_heads // kv_heads, length).sum(dim=2)
 
 
+@dataclass
+class H2OMemo(PrefillMemo):
+    """H2O's memo: attention accumulated per prompt slot over the prompt's queries so far."""
+
+    scores: torch.Tensor | None = None  # (batch, kv_heads, prompt slots seen)
+
+
 @dataclass(frozen=True)
 class H2O(PrefillCompressor):
     """H2O heavy hitters of the prompt plus a recent window.
@@ -92,9 +98,11 @@ class H2O(PrefillCompressor):
                 "the budget holds the heavy hitters. Lower recent or raise budget."
             )
 
+    memo_type = H2OMemo
+
     def observe(
         self,
-        memo: dict[str, Any],
+        memo: H2OMemo,
         module: torch.nn.Module,
         query: torch.Tensor,
         keys: torch.Tensor,
@@ -103,15 +111,14 @@ class H2O(PrefillCompressor):
         softcap: float | None,
     ) -> None:
         scores = accumulated_attention(query, keys, start, scaling, softcap, self.block)
-        previous = memo.get("scores")
+        previous = memo.scores
         if previous is not None:
             scores[..., : previous.shape[-1]] += previous
-        memo["scores"] = scores
+        memo.scores = scores
 
-    def scores(
-        self, memo: dict[str, Any], keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
-        scores = memo["scores"][..., : keys.shape[2]].clone()
+    def scores(self, memo: H2OMemo, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        assert memo.scores is not None  # observed: compression follows a prefill forward
+        scores = memo.scores[..., : keys.shape[2]].clone()
         if self.recent:
             scores[..., -self.recent :] = float("inf")
         return scores

@@ -15,18 +15,26 @@ prefill costs ``window x dim`` per head, not the prompt); scoring happens once, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, spec_options
 from ..selection import causal_probs
-from .base import PrefillCompressor
+from .base import PrefillCompressor, PrefillMemo
 
 __all__ = ["SnapKV", "PyramidKV"]
 
 _POOLINGS = ("max", "avg")
+
+
+@dataclass
+class SnapKVMemo(PrefillMemo):
+    """SnapKV's memo: the last ``window`` prompt queries and the model's softmax settings."""
+
+    queries: torch.Tensor | None = None  # (batch, q_heads, <= window, dim), post-RoPE
+    scaling: float = 1.0
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,11 @@ class SnapKV(PrefillCompressor):
         if self.pooling not in _POOLINGS:
             raise ValueError(f"{cls}: pooling must be one of {_POOLINGS}, got {self.pooling!r}.")
 
+    memo_type = SnapKVMemo
+
     def observe(
         self,
-        memo: dict[str, Any],
+        memo: SnapKVMemo,
         module: torch.nn.Module,
         query: torch.Tensor,
         keys: torch.Tensor,
@@ -88,18 +98,17 @@ class SnapKV(PrefillCompressor):
         scaling: float,
         softcap: float | None,
     ) -> None:
-        previous = memo.get("queries")
+        previous = memo.queries
         queries = query if previous is None else torch.cat([previous, query], dim=2)
-        memo["queries"] = queries[:, :, -self.window :].detach().clone()
-        memo["scaling"], memo["softcap"] = scaling, softcap
+        memo.queries = queries[:, :, -self.window :].detach().clone()
+        memo.scaling, memo.softcap = scaling, softcap
 
-    def scores(
-        self, memo: dict[str, Any], keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
+    def scores(self, memo: SnapKVMemo, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         batch, kv_heads, length, _ = keys.shape
-        queries = memo["queries"]  # (batch, q_heads, w, dim), at the last w slots
+        queries = memo.queries  # (batch, q_heads, w, dim), at the last w slots
+        assert queries is not None  # observed: compression follows a prefill forward
         w = queries.shape[2]
-        probs = causal_probs(queries, keys, length - w, start, memo["scaling"], memo["softcap"])
+        probs = causal_probs(queries, keys, length - w, start, memo.scaling, memo.softcap)
         window_sum = probs[..., : length - w].sum(dim=2)  # (batch, q_heads, length - w)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(window_sum, kernel_size=self.kernel, stride=1, padding=self.kernel // 2)

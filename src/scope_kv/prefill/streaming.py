@@ -5,12 +5,11 @@ and the most recent ``budget - sinks`` prompt tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .._checks import check_int, spec_options
-from .base import PrefillCompressor
+from .base import PrefillCompressor, PrefillMemo
 
 __all__ = ["StreamingLLM"]
 
@@ -38,9 +37,7 @@ class StreamingLLM(PrefillCompressor):
                 "the rest of the budget is the recent window. Lower sinks or raise budget."
             )
 
-    def scores(
-        self, memo: dict[str, Any], keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor
-    ) -> torch.Tensor:
+    def scores(self, memo: PrefillMemo, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         batch, heads, length, _ = keys.shape
         slots = torch.arange(length, device=keys.device, dtype=torch.float32)
         # Newer slots score higher (the recent window); the first `sinks` real slots score +inf.
