@@ -85,64 +85,9 @@ class ScopeCache(Cache):
         static: bool = False,
         per_query_head: bool = False,
     ):
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}.")
-        given: tuple[object, ...] = (prefill, decoding)  # users pass spec strings here by mistake
-        strings = [s for s in given if isinstance(s, str)]
-        if strings:
-            spec = "+".join(strings)  # prefill first, as the spec grammar writes it
-            raise TypeError(
-                f"ScopeCache takes strategy objects (decoding=Slide(512, 256), prefill=SnapKV(2048)), not spec "
-                f"strings; to build a cache from {spec!r}, use scope_kv.make_cache(model, {spec!r})."
-            )
-        if decoding is not None and not isinstance(decoding, DecodingStrategy):
-            raise TypeError(
-                f"decoding must be Slide(...), Adaptive(...), Discontinuous(...), UnifiedH2O(...), "
-                f"UnifiedStreamingLLM(...) or None, got {decoding!r}; scope_kv.make_cache(model, 'slide:512/256') "
-                "builds a cache from a spec string."
-            )
-        if prefill is not None and not isinstance(prefill, PrefillCompressor):
-            raise TypeError(
-                f"prefill must be SnapKV(...), PyramidKV(...), H2O(...), StreamingLLM(...), a "
-                f"KVPressPrefill(press) adapter or None, got {prefill!r}."
-            )
-        if not isinstance(static, bool) or not isinstance(per_query_head, bool):
-            raise TypeError(f"static and per_query_head must be True or False, got {static!r}, {per_query_head!r}.")
-        if static and decoding is not None and not decoding.bounded:
-            raise ValueError(
-                f"static=True needs a bounded pool, and {decoding.describe()} grows without bound (an uncapped "
-                "schedule reproduces the research code); use cap_budget=True, or static=False."
-            )
-        if static and decoding is not None:
-            check_static_strategy(decoding)
-        if static and decoding is None:
-            raise ValueError(
-                "static=True needs a bounded decoding pool (decoding=Slide(...), Adaptive(...), Discontinuous(...) "
-                "or a unified baseline); for an uncompressed cache with static shapes use transformers' StaticCache."
-            )
-        if static and is_flash_backend(model.config._attn_implementation):
-            raise ValueError(
-                "static=True masks slots per KV head, which flash-attention kernels cannot take: load the model "
-                "with attn_implementation='sdpa' (or 'eager') to use the static layout."
-            )
+        _check_arguments(model, decoding, prefill, static, per_query_head)
         config = model.config.get_text_config(decoder=True)
-        if _config_value(config, "kv_lora_rank"):
-            raise ValueError(
-                f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): it "
-                "caches a compressed latent per token and expands each head's keys and values from it inside the "
-                "attention module, so the keys the attention sees are not the cached entries scope_kv selects "
-                "among. ScopeCache cannot manage this cache; use transformers' DynamicCache for this model."
-            )
-        templates = layer_templates(config)
-        for idx, layer in enumerate(templates):
-            if not (
-                isinstance(layer, DynamicSlidingWindowLayer) or is_dummy_layer(layer) or type(layer) is DynamicLayer
-            ):
-                kind = type(layer).__name__ if isinstance(layer, CacheLayerMixin) else repr(layer)
-                raise ValueError(
-                    f"layer {idx} of {type(model).__name__} needs a {kind}; scope_kv manages "
-                    "plain attention KV caches only (full or sliding-window attention)."
-                )
+        templates = _layer_templates(model, config)
         kv_repeat = 1
         if per_query_head:
             q_heads = config.num_attention_heads
@@ -159,30 +104,7 @@ class ScopeCache(Cache):
             else:
                 layers.append(layer)  # bounded by its window already, or no KV of its own
         scope_layers = [layer for layer in layers if isinstance(layer, ScopeLayer)]
-        if not scope_layers:
-            window = getattr(config, "sliding_window", None)
-            # the override that turns every layer into full attention, given when the model is loaded
-            # (the attention modules and rotary embeddings read the layer types when they are built)
-            if getattr(config, "layer_types", None) is not None:
-                fix = f'layer_types=["full_attention"] * {len(config.layer_types)}'
-            else:
-                fix = "sliding_window=None"
-            raise ValueError(
-                f"every attention layer of {type(model).__name__} is a sliding-window layer (sliding_window={window}), "
-                "so there is nothing for ScopeCache to compress. If your prompts plus outputs stay within the "
-                "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), load it with full "
-                f"attention: AutoModelForCausalLM.from_pretrained(..., {fix})."
-            )
-        routed = {module.layer_idx for module in attention_modules(model)}
-        unrouted = [layer.layer_idx for layer in scope_layers if layer.layer_idx not in routed]
-        if unrouted:
-            raise ValueError(
-                f"{type(model).__name__}'s cache has {len(templates)} layers, but no attention module carries the "
-                f"layer_idx of layers {unrouted[:8]}{' ...' if len(unrouted) > 8 else ''}: the model runs its attention "
-                "modules several times per forward (looped or recurrent depth), each pass writing its own cache "
-                "layer. scope_kv hands each attention module the layer of its own layer_idx, so it cannot manage "
-                "this model; use transformers' DynamicCache for it."
-            )
+        _check_managed_layers(model, config, len(templates), scope_layers)
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
         scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them
         self._position_checker = scope_layers[0]
@@ -280,4 +202,96 @@ class ScopeCache(Cache):
         return (
             f"ScopeCache(decoding={self.decoding!r}, prefill={self.prefill!r}, layers={len(self.layers)}, "
             f"managed={managed})"
+        )
+
+
+def _check_arguments(model: Any, decoding: Any, prefill: Any, static: Any, per_query_head: Any) -> None:
+    """Refuse arguments ScopeCache cannot take, saying what to pass instead."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"ScopeCache(model, ...) takes the transformers model itself, got {type(model).__name__}.")
+    given: tuple[object, ...] = (prefill, decoding)  # users pass spec strings here by mistake
+    strings = [s for s in given if isinstance(s, str)]
+    if strings:
+        spec = "+".join(strings)  # prefill first, as the spec grammar writes it
+        raise TypeError(
+            f"ScopeCache takes strategy objects (decoding=Slide(512, 256), prefill=SnapKV(2048)), not spec "
+            f"strings; to build a cache from {spec!r}, use scope_kv.make_cache(model, {spec!r})."
+        )
+    if decoding is not None and not isinstance(decoding, DecodingStrategy):
+        raise TypeError(
+            f"decoding must be Slide(...), Adaptive(...), Discontinuous(...), UnifiedH2O(...), "
+            f"UnifiedStreamingLLM(...) or None, got {decoding!r}; scope_kv.make_cache(model, 'slide:512/256') "
+            "builds a cache from a spec string."
+        )
+    if prefill is not None and not isinstance(prefill, PrefillCompressor):
+        raise TypeError(
+            f"prefill must be SnapKV(...), PyramidKV(...), H2O(...), StreamingLLM(...), a "
+            f"KVPressPrefill(press) adapter or None, got {prefill!r}."
+        )
+    if not isinstance(static, bool) or not isinstance(per_query_head, bool):
+        raise TypeError(f"static and per_query_head must be True or False, got {static!r}, {per_query_head!r}.")
+    if static and decoding is not None and not decoding.bounded:
+        raise ValueError(
+            f"static=True needs a bounded pool, and {decoding.describe()} grows without bound (an uncapped "
+            "schedule reproduces the research code); use cap_budget=True, or static=False."
+        )
+    if static and decoding is not None:
+        check_static_strategy(decoding)
+    if static and decoding is None:
+        raise ValueError(
+            "static=True needs a bounded decoding pool (decoding=Slide(...), Adaptive(...), Discontinuous(...) "
+            "or a unified baseline); for an uncompressed cache with static shapes use transformers' StaticCache."
+        )
+    if static and is_flash_backend(model.config._attn_implementation):
+        raise ValueError(
+            "static=True masks slots per KV head, which flash-attention kernels cannot take: load the model "
+            "with attn_implementation='sdpa' (or 'eager') to use the static layout."
+        )
+
+
+def _layer_templates(model: PreTrainedModel, config: Any) -> list[Any]:
+    """The model's cache layers as transformers would build them; refuses caches scope_kv cannot manage."""
+    if _config_value(config, "kv_lora_rank"):
+        raise ValueError(
+            f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): it "
+            "caches a compressed latent per token and expands each head's keys and values from it inside the "
+            "attention module, so the keys the attention sees are not the cached entries scope_kv selects "
+            "among. ScopeCache cannot manage this cache; use transformers' DynamicCache for this model."
+        )
+    templates = layer_templates(config)
+    for idx, layer in enumerate(templates):
+        if not (isinstance(layer, DynamicSlidingWindowLayer) or is_dummy_layer(layer) or type(layer) is DynamicLayer):
+            kind = type(layer).__name__ if isinstance(layer, CacheLayerMixin) else repr(layer)
+            raise ValueError(
+                f"layer {idx} of {type(model).__name__} needs a {kind}; scope_kv manages "
+                "plain attention KV caches only (full or sliding-window attention)."
+            )
+    return templates
+
+
+def _check_managed_layers(model: PreTrainedModel, config: Any, n_layers: int, scope_layers: list[Any]) -> None:
+    """Refuse a model with nothing to manage, or whose attention modules do not cover its cache layers."""
+    if not scope_layers:
+        window = getattr(config, "sliding_window", None)
+        # the override that turns every layer into full attention, given when the model is loaded
+        # (the attention modules and rotary embeddings read the layer types when they are built)
+        if getattr(config, "layer_types", None) is not None:
+            fix = f'layer_types=["full_attention"] * {len(config.layer_types)}'
+        else:
+            fix = "sliding_window=None"
+        raise ValueError(
+            f"every attention layer of {type(model).__name__} is a sliding-window layer (sliding_window={window}), "
+            "so there is nothing for ScopeCache to compress. If your prompts plus outputs stay within the "
+            "window, or the checkpoint was trained without one (e.g. Mistral-7B v0.2+), load it with full "
+            f"attention: AutoModelForCausalLM.from_pretrained(..., {fix})."
+        )
+    routed = {module.layer_idx for module in attention_modules(model)}
+    unrouted = [layer.layer_idx for layer in scope_layers if layer.layer_idx not in routed]
+    if unrouted:
+        raise ValueError(
+            f"{type(model).__name__}'s cache has {n_layers} layers, but no attention module carries the "
+            f"layer_idx of layers {unrouted[:8]}{' ...' if len(unrouted) > 8 else ''}: the model runs its attention "
+            "modules several times per forward (looped or recurrent depth), each pass writing its own cache "
+            "layer. scope_kv hands each attention module the layer of its own layer_idx, so it cannot manage "
+            "this model; use transformers' DynamicCache for it."
         )

@@ -126,7 +126,11 @@ def _add_budgets(p: argparse.ArgumentParser) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p_eval = sub.add_parser("eval", help="run an evaluation harness", description="Evaluate cache methods.")
     harness = p_eval.add_subparsers(dest="harness", required=True)
+    for add in (_add_longgenbench, _add_fidelity, _add_gold, _add_testbed, _add_build):
+        add(harness)
 
+
+def _add_longgenbench(harness: argparse._SubParsersAction) -> None:
     lgb = harness.add_parser(
         "longgenbench",
         help="LongGenBench accuracy (docs/method.md §10)",
@@ -139,6 +143,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     lgb.add_argument("--max-new-tokens", type=int, default=None, help="overrides --length")
     lgb.set_defaults(func=_run_longgenbench)
 
+
+def _add_fidelity(harness: argparse._SubParsersAction) -> None:
     fid = harness.add_parser(
         "fidelity",
         help="teacher-forced KL / top-1 agreement against the full cache",
@@ -151,6 +157,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     fid.add_argument("--allow-eos", action="store_true", help="let the reference stop at the end-of-turn token")
     fid.set_defaults(func=_run_fidelity)
 
+
+def _add_gold(harness: argparse._SubParsersAction) -> None:
     gold = harness.add_parser(
         "gold",
         help="teacher-force the reference answers: NLL, KL and top-1 per token against the full cache",
@@ -223,6 +231,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     gold.add_argument("--per-token", action="store_true", help="also store per-token lists in gold.jsonl (large)")
     gold.set_defaults(func=_run_gold)
 
+
+def _add_testbed(harness: argparse._SubParsersAction) -> None:
     tb = harness.add_parser(
         "testbed",
         help="item accuracy of each method on the trained long-output testbed (exact match)",
@@ -277,6 +287,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--world-size", type=int, default=None, help="number of processes sharing the runs (default: 1)")
     tb.set_defaults(func=_run_testbed)
 
+
+def _add_build(harness: argparse._SubParsersAction) -> None:
     build = harness.add_parser(
         "build",
         help="build LongGenBench-style examples with any K from an original dataset",

@@ -32,6 +32,7 @@ __all__ = [
     "layer_mask",
     "leading_invalid",
     "mask_format",
+    "slot_validity_bytes",
     "transformers_mask_function",
     "valid_slots",
 ]
@@ -323,6 +324,15 @@ def decode_key_mask(attention_mask: torch.Tensor | None, length: int, kv_heads: 
     if rows.shape[1] > 1:
         rows = rows[:, :: rows.shape[1] // kv_heads]
     return rows
+
+
+def slot_validity_bytes(
+    attention_mask: torch.Tensor | None, batch: int, length: int, kv_heads: int
+) -> torch.Tensor | None:
+    """A :func:`decode_key_mask` as the split-KV kernel reads it: ``(batch, kv_heads, length)`` int8,
+    1 where a slot may be attended (``None``: every slot)."""
+    mask = decode_key_mask(attention_mask, length, kv_heads)
+    return None if mask is None else mask.expand(batch, kv_heads, length).to(torch.int8)
 
 
 def additive_key_bias(mask: torch.Tensor, batch: int, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:

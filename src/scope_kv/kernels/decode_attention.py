@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..masks import additive_key_bias, decode_key_mask
+from ..masks import additive_key_bias, decode_key_mask, slot_validity_bytes
 from ._device import on_device, triton_available
 
 
@@ -183,9 +183,7 @@ def split_kv_decode_attention(
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     q = query.reshape(batch, q_heads, dim)
-    mask = decode_key_mask(attention_mask, length, kv_heads)
-    if mask is not None:
-        mask = mask.expand(batch, kv_heads, length).to(torch.int8)
+    mask = slot_validity_bytes(attention_mask, batch, length, kv_heads)
     block = 64
     if splits is None:
         splits = default_splits(batch, kv_heads, length, keys.device)
