@@ -234,10 +234,10 @@ def test_a_new_task_is_one_entry(tmp_path, monkeypatch):
     )
     from types import MappingProxyType
 
-    import scope_kv.eval.longgenbench as longgenbench
+    from scope_kv.eval.longgenbench import tasks
 
-    # The task table is read-only; a new task is one more entry in it.
-    monkeypatch.setattr(longgenbench, "TASKS", MappingProxyType({**TASKS, "toy": toy}))
+    # The task table is read-only; a new task is one more entry in it (scope_kv/eval/longgenbench/tasks.py).
+    monkeypatch.setattr(tasks, "TASKS", MappingProxyType({**TASKS, "toy": toy}))
     src = tmp_path / "toy.jsonl"
     src.write_text("".join(json.dumps({"q": f"Colour {i}?", "a": c}) + "\n" for i, c in enumerate(["Red", "Blue"])))
     (example,) = build_examples("toy", load_source_records("toy", src), k=2, demos="Question_1:\nSky?\n\nAnswer_1:\nThe answer is blue.\n\n")
