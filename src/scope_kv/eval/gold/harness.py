@@ -1,0 +1,195 @@
+"""``scope-kv eval gold``: every method of the grid teacher-forced over every example, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ...accounting import bytes_per_entry
+from ..common import Progress, ResultStore, Shard, input_device, write_csv
+from ..methods import Method
+from .data import REFERENCE, RESULTS, GoldBatch, GoldItem, GoldSettings
+from .forcing import full_reference, teacher_force
+from .records import budget_of, entries_bound, gold_record, mean_or_none, method_family, summarize_gold
+
+logger = logging.getLogger(__name__)
+
+
+# -- the harness ----------------------------------------------------------------------------------
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["example"], row["method"]
+
+
+def _groups(method: Method, prompt_tokens: Sequence[int], settings: GoldSettings) -> list[tuple[list[int], int]]:
+    """Rows sharing one cache, and the prompt length their ``prompt+N`` budgets are set from."""
+    rows = list(range(len(prompt_tokens)))
+    if not method.depends_on_prompt or settings.prompt_budget == "longest":
+        return [(rows, max(prompt_tokens))]
+    by_length: dict[int, list[int]] = {}
+    for r in rows:
+        by_length.setdefault(prompt_tokens[r], []).append(r)
+    return [(members, length) for length, members in sorted(by_length.items())]
+
+
+def run_gold(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[GoldItem],
+    methods: Sequence[Method],
+    out_dir: str | pathlib.Path,
+    settings: GoldSettings = GoldSettings(),
+    shard: Shard | None = None,
+    progress: bool = False,
+    run_info: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Teacher-force every example's reference output through every method this shard owns.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and its tokenizer (pad id: the tokenizer's, else the model's eos).
+    items : sequence of GoldItem
+        From :func:`prepare_gold`, with the same ``settings``.
+    methods : sequence of Method
+        Parsed specs (adaptive / discontinuous planned for :func:`plan_tokens`). Methods, not
+        examples, are split round robin over shards: each process runs the whole batch.
+    out_dir : path
+        Results directory (resumable).
+    settings : GoldSettings
+        Batching, reference cut, per-prompt budgets, bins.
+    shard : Shard
+        This process's rank / world size.
+    progress : bool
+        Show tqdm bars (methods x groups, and tokens).
+    run_info : dict or None
+        Extra settings recorded with the run (model, data, questions per example...); they must
+        match to resume.
+
+    Returns
+    -------
+    list[dict]
+        Every record when this process merged the results, else this shard's new ones. The
+        full cache's records carry the method name ``"reference"`` (written by rank 0).
+    """
+    shard = shard or Shard()
+    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
+    store = ResultStore(out_dir, RESULTS, shard, config)
+    done = store.done(_key)
+    device = input_device(model)
+    pad_id = (
+        tokenizer.pad_token_id
+        if getattr(tokenizer, "pad_token_id", None) is not None
+        else model.generation_config.pad_token_id
+    )
+    if pad_id is None:
+        raise ValueError("the gold harness pads batches: give the tokenizer a pad token (or the model a pad_token_id).")
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    longest = max(int(it.prompt_ids.numel() + it.gold_ids.numel()) for it in items)
+    if positions is not None and longest > positions:
+        logger.warning(
+            "prompt + reference reach %d tokens, beyond the model's %d positions: the full cache itself "
+            "works outside its trained range there (every method sees the same tokens).",
+            longest,
+            positions,
+        )
+    owned = [m for i, m in enumerate(methods) if shard.owns(i)]
+    names = [REFERENCE, *(m.spec for m in methods)]
+    size = settings.batch_size or len(items)
+    batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+    entry_bytes = bytes_per_entry(model)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    passes = sum(
+        1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
+    )
+    bars = Progress(progress, passes, max(int(it.gold_ids.numel()) for it in items), f"[rank {shard.rank}] passes")
+    new: list[dict[str, Any]] = []
+
+    def base(item: GoldItem, spec: str, method: Method | None, resolved: int) -> dict[str, Any]:
+        p, g = int(item.prompt_ids.numel()), int(item.gold_ids.numel())
+        bound = entries_bound(method, p, g, resolved, layers)
+        return {
+            "example": item.example.id,
+            "index": item.index,
+            "task": item.example.task,
+            "method": spec,
+            "family": method_family(spec) if method is not None else REFERENCE,
+            "budget": budget_of(method),
+            "questions": item.example.k,
+            "prompt_tokens": p,
+            # the prompt length a prompt+N budget was set from (the row's own, unless prompt_budget="longest")
+            "budget_prompt_tokens": resolved if method is not None and method.depends_on_prompt else p,
+            "num_layers": layers,
+            "bytes_per_entry": entry_bytes,
+            "kv_entries_bound": bound,
+            "kv_vs_full": round(bound / (p + g - 1), 4),
+            # reference tokens at positions past the model's trained context (the full cache's too)
+            "tokens_beyond_positions": max(0, p + g - 1 - positions) if positions is not None else 0,
+        }
+
+    try:
+        for group_items in batches:
+            todo = [m for m in owned if any((it.example.id, m.spec) not in done for it in group_items)]
+            want_ref = shard.is_main and any((it.example.id, REFERENCE) not in done for it in group_items)
+            if not todo and not want_ref:
+                continue
+            batch = GoldBatch.of(group_items, pad_id, device)
+            bars.start(f"reference ({batch.rows} rows)", 1)
+            start = time.perf_counter()
+            reference = full_reference(model, batch, settings.reference_rows, settings.chunk_tokens)
+            ref_seconds = time.perf_counter() - start
+            bars.done()
+            if want_ref:
+                for row, item in enumerate(group_items):
+                    if (item.example.id, REFERENCE) in done:
+                        continue
+                    record = gold_record(
+                        base(item, REFERENCE, None, batch.prompt_tokens[row]), row, item, None, reference, row, settings
+                    )
+                    record["seconds"] = round(ref_seconds / batch.rows, 4)
+                    store.append(record)
+                    new.append(record)
+            for method in todo:
+                for rows, resolved in _groups(method, batch.prompt_tokens, settings):
+                    if all((group_items[r].example.id, method.spec) in done for r in rows):
+                        continue
+                    sub = batch.select(rows)
+                    bars.start(f"{method.spec} ({len(rows)} rows)", sub.gold_ids.shape[1])
+                    lengths = [resolved] * len(rows) if method.depends_on_prompt else list(sub.prompt_tokens)
+                    cache = method.make_cache(model, lengths)
+                    stats = teacher_force(
+                        model,
+                        cache,
+                        sub,
+                        reference.select(rows, sub.gold_ids.shape[1]),
+                        bars.step,
+                        settings.chunk_tokens,
+                    )
+                    for i, r in enumerate(rows):
+                        item = group_items[r]
+                        if (item.example.id, method.spec) in done:
+                            continue
+                        record = gold_record(
+                            base(item, method.spec, method, resolved), i, item, stats, reference, r, settings
+                        )
+                        record.update(
+                            batch_rows=len(rows),
+                            kv_slots_peak=round(stats.kv_slots_peak, 1),
+                            kv_allocated_peak=stats.kv_allocated_peak // len(rows),
+                            seconds=round(stats.seconds / len(rows), 4),
+                            group_steps_per_second=round(sub.gold_ids.shape[1] / stats.seconds, 2),
+                        )
+                        store.append(record)
+                        new.append(record)
+                    bars.done(method=method.spec, nll=f"{mean_or_none(stats.nll[sub.gold_valid.cpu()]):.3f}")
+    finally:
+        bars.close()
+    rank = {n: i for i, n in enumerate(names)}
+    if store.finish(_key, lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"])):
+        rows_all = store.records()
+        write_csv(summarize_gold(rows_all), store.dir / f"{RESULTS}_summary.csv")
+        return rows_all
+    return new
