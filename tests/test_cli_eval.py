@@ -296,10 +296,10 @@ def test_an_explicit_gguf_file_is_found(tmp_path, monkeypatch):
 
 def test_each_harness_warning_names_only_its_own_length_options():
     """The idle-method advice names flags the harness accepts (gold's is --max-gold-tokens)."""
-    from scope_kv import cli
+    from scope_kv.cli_eval import LENGTH_OPTION
 
     parsers = {p.prog.split()[-1]: p for p in _parsers(build_parser())}
-    for harness, option in cli._LENGTH_OPTION.items():
+    for harness, option in LENGTH_OPTION.items():
         accepted = {flag for action in parsers[harness]._actions for flag in action.option_strings}
         named = re.findall(r"--[a-z-]+", option)
         assert named and set(named) <= accepted, (harness, named)
