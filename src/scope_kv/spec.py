@@ -66,6 +66,7 @@ import torch
 from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
+from .prompt_share import SHARED_PREFILL, PromptShare, SharedBudget, share_text
 
 __all__ = [
     "CACHE_OPTIONS",
@@ -120,88 +121,8 @@ class SpecError(ValueError):
     """A cache spec that cannot be parsed or built; the message says what to write instead."""
 
 
-@dataclass(frozen=True)
-class PromptShare:
-    """A budget set per batch row from its prompt length: ``prompt // divisor + extra``.
-
-    Attributes
-    ----------
-    divisor : int
-        The prompt's length is divided by this (``1``: the whole prompt).
-    extra : int
-        Tokens added on top.
-    """
-
-    divisor: int = 1
-    extra: int = 0
-
-    def __post_init__(self) -> None:
-        if self.divisor < 1 or self.extra < 0:
-            raise ValueError(f"a prompt share needs divisor >= 1 and extra >= 0, got {self.divisor} and {self.extra}.")
-
-    def of(self, prompt_tokens: int) -> int:
-        """The budget for a prompt of ``prompt_tokens`` real tokens."""
-        return prompt_tokens // self.divisor + self.extra
-
-    def describe(self) -> str:
-        """The spec text: ``prompt``, ``prompt+N``, ``prompt/D`` or ``prompt/D+N``."""
-        return _share_text(self)
-
-
-class _SharedBudget:
-    """Mixin for a prefill compressor whose budget is a share of each row's prompt.
-
-    ``keep_counts`` (the per-row hook of :class:`scope_kv.PrefillCompressor`) keeps
-    ``max(budget, share.of(real))`` entries of a row with ``real`` prompt tokens (never more than
-    ``real``); ``budget`` is only the floor that keeps the compressor's own window valid.
-    """
-
-    share: PromptShare
-    budget: int
-
-    def keep_counts(
-        self, real: torch.Tensor, layer_idx: int, num_layers: int, module: torch.nn.Module | None = None
-    ) -> torch.Tensor:
-        wanted = (real // self.share.divisor + self.share.extra).clamp(min=self.budget)
-        return torch.minimum(wanted, real)
-
-    def describe(self) -> str:
-        return f"{type(self).__name__.removeprefix('Shared').lower()}:{_share_text(self.share)}"
-
-
-@dataclass(frozen=True)
-class SharedSnapKV(_SharedBudget, SnapKV):
-    """:class:`scope_kv.SnapKV` keeping ``share.of(prompt)`` entries of each row (e.g. a quarter)."""
-
-    share: PromptShare = field(default_factory=PromptShare)
-
-
-@dataclass(frozen=True)
-class SharedH2O(_SharedBudget, H2O):
-    """:class:`scope_kv.H2O` keeping ``share.of(prompt)`` entries of each row."""
-
-    share: PromptShare = field(default_factory=PromptShare)
-
-
-@dataclass(frozen=True)
-class SharedStreamingLLM(_SharedBudget, StreamingLLM):
-    """:class:`scope_kv.StreamingLLM` keeping ``share.of(prompt)`` entries of each row."""
-
-    share: PromptShare = field(default_factory=PromptShare)
-
-
-_SHARED_PREFILL: dict[str, type[PrefillCompressor]] = {
-    "snapkv": SharedSnapKV,
-    "h2o": SharedH2O,
-    "streamingllm": SharedStreamingLLM,
-}
 # The setting that must stay below a prefill budget (the floor of a shared budget is one more).
 _PREFILL_FLOOR_FIELD = {"snapkv": "window", "h2o": "recent", "streamingllm": "sinks"}
-
-
-def _share_text(share: PromptShare) -> str:
-    text = "prompt" if share.divisor == 1 else f"prompt/{share.divisor}"
-    return text + (f"+{share.extra}" if share.extra else "")
 
 
 @dataclass(frozen=True)
@@ -336,12 +257,12 @@ class CacheSpec:
             decoding = self.decoding_for(lengths[0])
         else:
             decoding = self.decoding
-        if isinstance(self.prefill, _SharedBudget):
+        if isinstance(self.prefill, SharedBudget):
             floor = self.prefill.budget
             for n in lengths:
                 if self.prefill.share.of(n) < floor and n > floor:
                     raise SpecError(
-                        f"{self.spec}: {_share_text(self.prefill.share)} of a {n}-token prompt is "
+                        f"{self.spec}: {share_text(self.prefill.share)} of a {n}-token prompt is "
                         f"{self.prefill.share.of(n)} entries, fewer than the {floor} the compressor's window needs; "
                         "use a larger share."
                     )
@@ -473,14 +394,14 @@ def _build_prefill(name: str, budgets: str, kwargs: dict, spec: str) -> PrefillC
     (budget,) = numbers
     try:
         if isinstance(budget, PromptShare):
-            if name not in _SHARED_PREFILL:
+            if name not in SHARED_PREFILL:
                 raise SpecError(
                     f"{spec!r}: {name} shapes its budgets per layer; a share of the prompt works with "
-                    f"{', '.join(_SHARED_PREFILL)}. Give {name} a number of tokens."
+                    f"{', '.join(SHARED_PREFILL)}. Give {name} a number of tokens."
                 )
-            cls: Any = _SHARED_PREFILL[name]
+            cls: Any = SHARED_PREFILL[name]
             if "budget" in kwargs:
-                raise SpecError(f"{spec!r}: the budget is {_share_text(budget)}; drop budget=.")
+                raise SpecError(f"{spec!r}: the budget is {share_text(budget)}; drop budget=.")
             guard = _PREFILL_FLOOR_FIELD[name]
             floor = kwargs.get(guard, next(f.default for f in fields(cls) if f.name == guard)) + 1
             return cls(budget=floor, share=budget, **kwargs)
