@@ -7,13 +7,14 @@ import logging
 import pathlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ...accounting import bytes_per_entry
 from ..common import Progress, ResultStore, Shard, input_device, write_csv
 from ..methods import Method
 from .data import REFERENCE, RESULTS, GoldBatch, GoldItem, GoldSettings
-from .forcing import full_reference, teacher_force
+from .forcing import GoldReference, full_reference, teacher_force
 from .records import budget_of, entries_bound, gold_record, mean_or_none, method_family, summarize_gold
 
 logger = logging.getLogger(__name__)
@@ -80,55 +81,20 @@ def run_gold(
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
     device = input_device(model)
-    pad_id = (
-        tokenizer.pad_token_id
-        if getattr(tokenizer, "pad_token_id", None) is not None
-        else model.generation_config.pad_token_id
-    )
-    if pad_id is None:
-        raise ValueError("the gold harness pads batches: give the tokenizer a pad token (or the model a pad_token_id).")
-    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    longest = max(int(it.prompt_ids.numel() + it.gold_ids.numel()) for it in items)
-    if positions is not None and longest > positions:
-        logger.warning(
-            "prompt + reference reach %d tokens, beyond the model's %d positions: the full cache itself "
-            "works outside its trained range there (every method sees the same tokens).",
-            longest,
-            positions,
-        )
+    pad_id = _pad_id(model, tokenizer)
+    positions = _positions(model, items)
     owned = [m for i, m in enumerate(methods) if shard.owns(i)]
     names = [REFERENCE, *(m.spec for m in methods)]
     size = settings.batch_size or len(items)
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
-    entry_bytes = bytes_per_entry(model)
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    describe = _Describe(
+        bytes_per_entry(model), model.config.get_text_config(decoder=True).num_hidden_layers, positions
+    )
     passes = sum(
         1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
     )
     bars = Progress(progress, passes, max(int(it.gold_ids.numel()) for it in items), f"[rank {shard.rank}] passes")
     new: list[dict[str, Any]] = []
-
-    def base(item: GoldItem, spec: str, method: Method | None, resolved: int) -> dict[str, Any]:
-        p, g = int(item.prompt_ids.numel()), int(item.gold_ids.numel())
-        bound = entries_bound(method, p, g, resolved, layers)
-        return {
-            "example": item.example.id,
-            "index": item.index,
-            "task": item.example.task,
-            "method": spec,
-            "family": method_family(spec) if method is not None else REFERENCE,
-            "budget": budget_of(method),
-            "questions": item.example.k,
-            "prompt_tokens": p,
-            # the prompt length a prompt+N budget was set from (the row's own, unless prompt_budget="longest")
-            "budget_prompt_tokens": resolved if method is not None and method.depends_on_prompt else p,
-            "num_layers": layers,
-            "bytes_per_entry": entry_bytes,
-            "kv_entries_bound": bound,
-            "kv_vs_full": round(bound / (p + g - 1), 4),
-            # reference tokens at positions past the model's trained context (the full cache's too)
-            "tokens_beyond_positions": max(0, p + g - 1 - positions) if positions is not None else 0,
-        }
 
     try:
         for group_items in batches:
@@ -147,7 +113,13 @@ def run_gold(
                     if (item.example.id, REFERENCE) in done:
                         continue
                     record = gold_record(
-                        base(item, REFERENCE, None, batch.prompt_tokens[row]), row, item, None, reference, row, settings
+                        describe(item, REFERENCE, None, batch.prompt_tokens[row]),
+                        row,
+                        item,
+                        None,
+                        reference,
+                        row,
+                        settings,
                     )
                     record["seconds"] = round(ref_seconds / batch.rows, 4)
                     store.append(record)
@@ -156,35 +128,13 @@ def run_gold(
                 for rows, resolved in _groups(method, batch.prompt_tokens, settings):
                     if all((group_items[r].example.id, method.spec) in done for r in rows):
                         continue
-                    sub = batch.select(rows)
-                    bars.start(f"{method.spec} ({len(rows)} rows)", sub.gold_ids.shape[1])
-                    lengths = [resolved] * len(rows) if method.depends_on_prompt else list(sub.prompt_tokens)
-                    cache = method.make_cache(model, lengths)
-                    stats = teacher_force(
-                        model,
-                        cache,
-                        sub,
-                        reference.select(rows, sub.gold_ids.shape[1]),
-                        bars.step,
-                        settings.chunk_tokens,
+                    records = _method_pass(
+                        model, method, batch, group_items, rows, resolved, reference, settings, bars, describe
                     )
-                    for i, r in enumerate(rows):
-                        item = group_items[r]
-                        if (item.example.id, method.spec) in done:
-                            continue
-                        record = gold_record(
-                            base(item, method.spec, method, resolved), i, item, stats, reference, r, settings
-                        )
-                        record.update(
-                            batch_rows=len(rows),
-                            kv_slots_peak=round(stats.kv_slots_peak, 1),
-                            kv_allocated_peak=stats.kv_allocated_peak // len(rows),
-                            seconds=round(stats.seconds / len(rows), 4),
-                            group_steps_per_second=round(sub.gold_ids.shape[1] / stats.seconds, 2),
-                        )
-                        store.append(record)
-                        new.append(record)
-                    bars.done(method=method.spec, nll=f"{mean_or_none(stats.nll[sub.gold_valid.cpu()]):.3f}")
+                    for record in records:
+                        if (record["example"], method.spec) not in done:
+                            store.append(record)
+                            new.append(record)
     finally:
         bars.close()
     rank = {n: i for i, n in enumerate(names)}
@@ -193,3 +143,94 @@ def run_gold(
         write_csv(summarize_gold(rows_all), store.dir / f"{RESULTS}_summary.csv")
         return rows_all
     return new
+
+
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else the model's."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = model.generation_config.pad_token_id
+    if pad_id is None:
+        raise ValueError("the gold harness pads batches: give the tokenizer a pad token (or the model a pad_token_id).")
+    return int(pad_id)
+
+
+def _positions(model: Any, items: Sequence[GoldItem]) -> int | None:
+    """The model's trained positions (``None``: not stated); warns when prompt + reference go past them."""
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    longest = max(int(it.prompt_ids.numel() + it.gold_ids.numel()) for it in items)
+    if positions is not None and longest > positions:
+        logger.warning(
+            "prompt + reference reach %d tokens, beyond the model's %d positions: the full cache itself "
+            "works outside its trained range there (every method sees the same tokens).",
+            longest,
+            positions,
+        )
+    return positions
+
+
+@dataclass(frozen=True)
+class _Describe:
+    """The fields every record of one example and method starts from (what was run, and its KV bound)."""
+
+    entry_bytes: int
+    layers: int
+    positions: int | None
+
+    def __call__(self, item: GoldItem, spec: str, method: Method | None, resolved: int) -> dict[str, Any]:
+        p, g = int(item.prompt_ids.numel()), int(item.gold_ids.numel())
+        bound = entries_bound(method, p, g, resolved, self.layers)
+        return {
+            "example": item.example.id,
+            "index": item.index,
+            "task": item.example.task,
+            "method": spec,
+            "family": method_family(spec) if method is not None else REFERENCE,
+            "budget": budget_of(method),
+            "questions": item.example.k,
+            "prompt_tokens": p,
+            # the prompt length a prompt+N budget was set from (the row's own, unless prompt_budget="longest")
+            "budget_prompt_tokens": resolved if method is not None and method.depends_on_prompt else p,
+            "num_layers": self.layers,
+            "bytes_per_entry": self.entry_bytes,
+            "kv_entries_bound": bound,
+            "kv_vs_full": round(bound / (p + g - 1), 4),
+            # reference tokens at positions past the model's trained context (the full cache's too)
+            "tokens_beyond_positions": max(0, p + g - 1 - self.positions) if self.positions is not None else 0,
+        }
+
+
+def _method_pass(
+    model: Any,
+    method: Method,
+    batch: GoldBatch,
+    items: Sequence[GoldItem],
+    rows: list[int],
+    resolved: int,
+    reference: GoldReference,
+    settings: GoldSettings,
+    bars: Progress,
+    describe: _Describe,
+) -> list[dict[str, Any]]:
+    """Teacher-force ``rows`` of ``batch`` (made of ``items``) through one cache of ``method``: one record per row."""
+    sub = batch.select(rows)
+    bars.start(f"{method.spec} ({len(rows)} rows)", sub.gold_ids.shape[1])
+    lengths = [resolved] * len(rows) if method.depends_on_prompt else list(sub.prompt_tokens)
+    cache = method.make_cache(model, lengths)
+    stats = teacher_force(
+        model, cache, sub, reference.select(rows, sub.gold_ids.shape[1]), bars.step, settings.chunk_tokens
+    )
+    records = []
+    for i, r in enumerate(rows):
+        item = items[r]
+        record = gold_record(describe(item, method.spec, method, resolved), i, item, stats, reference, r, settings)
+        record.update(
+            batch_rows=len(rows),
+            kv_slots_peak=round(stats.kv_slots_peak, 1),
+            kv_allocated_peak=stats.kv_allocated_peak // len(rows),
+            seconds=round(stats.seconds / len(rows), 4),
+            group_steps_per_second=round(sub.gold_ids.shape[1] / stats.seconds, 2),
+        )
+        records.append(record)
+    bars.done(method=method.spec, nll=f"{mean_or_none(stats.nll[sub.gold_valid.cpu()]):.3f}")
+    return records
