@@ -167,49 +167,10 @@ def run_longgenbench(
                 prepared[example.id] = (ex, settings.encode(ex, tokenizer, device))
             ex, inputs = prepared[example.id]
             bars.start(f"{example.id} {method.spec}")
-            cache = method.make_cache(model, inputs["input_ids"].shape[1])
-            trace = KVTrace(cache, account, on_token=bars.step)
-            with torch.no_grad():
-                out = model.generate(
-                    **inputs,
-                    **cache_kwargs(cache),
-                    max_new_tokens=settings.max_new_tokens,
-                    do_sample=False,
-                    stopping_criteria=StoppingCriteriaList([trace]),
-                    eos_token_id=eos,
-                )
-            prompt_len = inputs["input_ids"].shape[1]
-            new_tokens = out[0, prompt_len:]
-            text_out = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            score = score_output(ex, text_out)
-            entries = trace.entries or [0]
-            record = {
-                "example": example.id,
-                "index": index,
-                "task": ex.task,
-                "method": method.spec,
-                "questions": ex.k,
-                "prompt_tokens": prompt_len,
-                "output_tokens": int(new_tokens.numel()),
-                "output": text_out,
-                "correct": score.correct,
-                "position_correct": score.position_correct,
-                "answered": score.answered,
-                "verdicts": [v.as_dict() for v in score.verdicts],
-                "num_layers": account.num_layers,
-                "bytes_per_entry": account.bytes_per_entry,
-                "kv_entries_end": entries[-1],
-                "kv_entries_peak": max(entries),
-                "kv_bytes_end": account.held_bytes(entries[-1]),
-                "kv_bytes_peak": account.held_bytes(max(entries)),
-                "kv_allocated_peak": trace.peak_allocated,
-                "kv_entries_trace": entries,
-                "prefill_seconds": round(trace.prefill_seconds, 4),
-                "tokens_per_second": trace.decode_tokens_per_second,
-            }
+            record = _generate_and_score(model, tokenizer, ex, index, inputs, method, settings, account, bars, eos)
             store.append(record)
             new.append(record)
-            right, seen = right + score.correct, seen + ex.k
+            right, seen = right + record["correct"], seen + ex.k
             bars.done(acc=f"{right}/{seen}")
     finally:
         bars.close()
@@ -218,6 +179,62 @@ def run_longgenbench(
         write_csv(summarize_longgenbench(rows), store.dir / f"{RESULTS}_summary.csv")
         return rows
     return new
+
+
+def _generate_and_score(
+    model: Any,
+    tokenizer: Any,
+    example: Example,
+    index: int,
+    inputs: dict[str, torch.Tensor],
+    method: Method,
+    settings: LongGenBenchSettings,
+    account: KVAccount,
+    bars: Progress,
+    eos: Any,
+) -> dict[str, Any]:
+    """One greedy ``generate`` call of ``example`` (number ``index`` of the run) under a fresh cache of
+    ``method``: its record."""
+    prompt_len = inputs["input_ids"].shape[1]
+    cache = method.make_cache(model, prompt_len)
+    trace = KVTrace(cache, account, on_token=bars.step)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            **cache_kwargs(cache),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([trace]),
+            eos_token_id=eos,
+        )
+    new_tokens = out[0, prompt_len:]
+    text_out = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    score = score_output(example, text_out)
+    entries = trace.entries or [0]
+    return {
+        "example": example.id,
+        "index": index,
+        "task": example.task,
+        "method": method.spec,
+        "questions": example.k,
+        "prompt_tokens": prompt_len,
+        "output_tokens": int(new_tokens.numel()),
+        "output": text_out,
+        "correct": score.correct,
+        "position_correct": score.position_correct,
+        "answered": score.answered,
+        "verdicts": [v.as_dict() for v in score.verdicts],
+        "num_layers": account.num_layers,
+        "bytes_per_entry": account.bytes_per_entry,
+        "kv_entries_end": entries[-1],
+        "kv_entries_peak": max(entries),
+        "kv_bytes_end": account.held_bytes(entries[-1]),
+        "kv_bytes_peak": account.held_bytes(max(entries)),
+        "kv_allocated_peak": trace.peak_allocated,
+        "kv_entries_trace": entries,
+        "prefill_seconds": round(trace.prefill_seconds, 4),
+        "tokens_per_second": trace.decode_tokens_per_second,
+    }
 
 
 def summarize_longgenbench(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

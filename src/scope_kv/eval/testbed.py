@@ -173,14 +173,10 @@ def run_testbed(
     done = store.done(_key)
     layers = model.config.num_hidden_layers
     device = next(model.parameters()).device.type  # kept with each record (runs may span devices)
-    names = [REFERENCE, *(m.spec for m in methods)]
     by_name: dict[str, Method | None] = {REFERENCE: None, **{m.spec: m for m in methods}}
-    seeds = list(range(settings.seed_start, settings.seed_start + settings.seeds))
-    batches = [seeds[i : i + settings.batch_size] for i in range(0, len(seeds), settings.batch_size)]
-    runs = [(scale, name, batch) for scale in settings.scales for name in names for batch in batches]
     todo = [
         (scale, name, batch)
-        for i, (scale, name, batch) in enumerate(runs)
+        for i, (scale, name, batch) in enumerate(_runs(settings, list(by_name)))
         if shard.owns(i) and any((name, scale, s) not in done for s in batch)
     ]
     bars = Progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed")
@@ -215,6 +211,13 @@ def run_testbed(
     rows = load_records(out_dir)
     write_report(rows, out_dir, settings.position_bins)
     return rows
+
+
+def _runs(settings: TestbedSettings, names: list[str]) -> list[tuple[float, str, list[int]]]:
+    """Every run of the grid, in a fixed order (shards split it by index): scale, method, seed batch."""
+    seeds = list(range(settings.seed_start, settings.seed_start + settings.seeds))
+    batches = [seeds[i : i + settings.batch_size] for i in range(0, len(seeds), settings.batch_size)]
+    return [(scale, name, batch) for scale in settings.scales for name in names for batch in batches]
 
 
 def _key(record: dict[str, Any]) -> tuple[str, float, int]:
