@@ -128,8 +128,12 @@ class StaticPools:
         self.arrival.scatter_(2, slot, self.t.expand_as(slot))
         self.seen.add_(1)
 
-    def select(self, decoding: DecodingStrategy, step: AttentionStep, length: int) -> None:
-        """After the step's attention: evict what the strategy's rule evicts, pick the next free slots."""
+    def select(
+        self, decoding: DecodingStrategy, step: AttentionStep, length: int, rules: tuple[bool, bool] = (True, False)
+    ) -> None:
+        """After the step's attention: evict what the strategy's rule evicts, pick the next free slots.
+        ``rules``: :func:`_device_rules` of the strategy's class (the default runs its plan and the
+        general selection, right for any strategy)."""
         t = self.t
         unified = decoding.evicts_prompt
         first = 0 if unified else self.prefill
@@ -137,12 +141,15 @@ class StaticPools:
         arrival = self.arrival[..., first:length]
         held = valid.sum(-1)  # (batch, kv_heads): entries of the region, this step's included
         budget = decoding.budget_tensor(t)
-        select, skipped = decoding.plan_tensor(held, t, self.skipped)
-        self.skipped.copy_(skipped)
-        evict = torch.where(select, (held - budget).clamp(min=0), 0)  # (batch, kv_heads)
+        evict = (held - budget).clamp(min=0)  # (batch, kv_heads): SCOPE's plan cuts every pool over B(t)
+        own_plan, one_at_a_time = rules
+        if own_plan:  # discontinuous, or a strategy's own: cut only the pools its plan selects
+            select, skipped = decoding.plan_tensor(held, t, self.skipped)
+            self.skipped.copy_(skipped)
+            evict = torch.where(select, evict, 0)
         candidates = valid & (arrival <= t - decoding.recent)  # the newest `recent` always stay
         scores = decoding.score(step, first, length).float()
-        if decoding.slack == 0 and not unified and _budget_never_shrinks(decoding):
+        if one_at_a_time and not unified:
             # at most one entry over the budget: the pool grows by one a step, the budget never drops
             gone = _lowest_one(scores, candidates, arrival) & (evict > 0)[..., None]
         else:
@@ -193,9 +200,13 @@ def _owner(cls: type, name: str) -> type:
     return next(c for c in cls.__mro__ if name in vars(c))
 
 
-def _budget_never_shrinks(decoding: DecodingStrategy) -> bool:
-    """The built-in schedules (constant, or adaptive's growing one) never lower ``B(t)``."""
-    return _owner(type(decoding), "budget_at") in (DecodingStrategy, Adaptive)
+def _device_rules(cls: type[DecodingStrategy]) -> tuple[bool, bool]:
+    """(whether the strategy plans other than SCOPE's default -- then its ``plan_tensor`` runs --,
+    whether a step evicts at most one entry: no slack, and a built-in schedule, constant or
+    adaptive's growing one, which never lowers ``B(t)``). Read once, when the layer is built."""
+    own_plan = _owner(cls, "plan_tensor") is not DecodingStrategy
+    one_at_a_time = not own_plan and cls.slack is DecodingStrategy.slack
+    return own_plan, one_at_a_time and _owner(cls, "budget_at") in (DecodingStrategy, Adaptive)
 
 
 def check_static_strategy(decoding: DecodingStrategy) -> None:
@@ -259,6 +270,7 @@ class StaticScopeLayer(ScopeLayer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._evicts_prompt = True  # the prefill must be finished before the layout is entered
+        self._rules = (True, False) if self.decoding is None else _device_rules(type(self.decoding))
 
     def _clear(self) -> None:
         super()._clear()
@@ -354,7 +366,7 @@ class StaticScopeLayer(ScopeLayer):
             super()._after_decode_attention(step)
             return
         assert self.decoding is not None
-        self._pools.select(self.decoding, step, self.length)
+        self._pools.select(self.decoding, step, self.length, self._rules)
 
     def check_attended(self, keys: torch.Tensor) -> None:
         if self._pools is None:
