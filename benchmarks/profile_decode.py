@@ -76,20 +76,12 @@ def profile_method(model, method: str, ids: torch.Tensor, args: argparse.Namespa
 
 
 def summarise(row: dict[str, Any], top: int) -> dict[str, Any]:
-    """Totals of a row's kernels, annotations dropped: the profiler's step markers
-    (``ProfilerStep*``) carry a device time of their own, the whole step, and are not kernels.
-    Idempotent, so ``--render`` can apply it to a JSON written by an earlier version."""
+    """Totals over a row's kernels, then the ``top`` of them. The profiler's step markers
+    (``ProfilerStep*``) carry a device time of their own, the whole step, and are not kernels."""
     kernels = sorted((k for k in row["kernels"] if not k["name"].startswith("ProfilerStep")), key=lambda k: -k["us_per_step"])
-    if "kernel_ms_per_step" in row and len(kernels) < len(row["kernels"]):  # an earlier file: totals included them
-        kernel_ms = row["kernel_ms_per_step"] - sum(k["us_per_step"] for k in row["kernels"] if k not in kernels) / 1e3
-        launches = row["kernels_per_step"] - sum(k["calls_per_step"] for k in row["kernels"] if k not in kernels)
-    elif "kernel_ms_per_step" in row:
-        kernel_ms, launches = row["kernel_ms_per_step"], row["kernels_per_step"]
-    else:
-        kernel_ms = sum(k["us_per_step"] for k in kernels) / 1e3
-        launches = sum(k["calls_per_step"] for k in kernels)
+    kernel_ms = sum(k["us_per_step"] for k in kernels) / 1e3
     step_ms = row["step_ms"]
-    return dict(row, kernel_ms_per_step=round(kernel_ms, 3), kernels_per_step=round(launches, 1),
+    return dict(row, kernel_ms_per_step=round(kernel_ms, 3), kernels_per_step=round(sum(k["calls_per_step"] for k in kernels), 1),
                 idle_share=round(1 - kernel_ms / step_ms, 3) if kernels and step_ms else None, kernels=kernels[:top])
 
 
@@ -133,14 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-backend", default="inductor", choices=["cudagraphs", "inductor"])
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short run (any device)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"), help="output path stem")
-    ap.add_argument("--render", type=Path, help="only rewrite this JSON (and its .md) with the current summary")
     args = ap.parse_args(argv)
-    if args.render:
-        result = json.loads(args.render.read_text())
-        result["rows"] = [r if "error" in r else summarise(r, args.top) for r in result["rows"]]
-        args.render.write_text(json.dumps(result, indent=1, default=str))
-        args.render.with_suffix(".md").write_text(markdown(result))
-        return 0
     if args.smoke:
         args.prompt, args.new, args.active, args.budget, args.recent, args.snap_budget = 64, 40, 4, 16, 8, 32
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
