@@ -232,11 +232,8 @@ def split_kv_decode_attention(
         )
         combine[(rows,)](m, lsum, acc, out, lse, GROUP=group, GROUP_PAD=group_pad, DIM=dim, SPLITS=splits)
 
-    if torch.compiler.is_compiling():
-        launch()  # traced: one device (the compiled step's)
-    else:
-        with on_device(keys):
-            launch()
+    with on_device(keys):  # (a compiled step calls this through the operator below, never traced)
+        launch()
     return out.reshape(batch, 1, q_heads, dim), lse
 
 
