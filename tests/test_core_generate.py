@@ -325,48 +325,40 @@ def test_multi_head_latent_attention_is_refused_at_construction_with_the_reason(
         ScopeCache(model, decoding=Slide(8, 3))
 
 
-def _looped_model(kind):
-    """A looped-depth model: transformers' own (HRM-Text, Dory) where this transformers ships it,
-    else the same behaviour on a tiny Llama (older transformers lack both)."""
-    if kind == "reuses modules":  # HRM: a few attention modules write several cache layers each
-        if hasattr(transformers, "HrmTextConfig"):
-            config = transformers.HrmTextConfig(
-                vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
-                num_hidden_layers=2, H_cycles=2, L_cycles=1,
-            )
-            return transformers.AutoModelForCausalLM.from_config(config).eval()
-        model = make_model("llama")
-        model.config.num_hidden_layers *= 2  # the cache gets twice the layers the modules carry
-        return model
-    if hasattr(transformers, "DoryConfig"):  # Dory: copies of cache layers appended in the forward
-        config = transformers.DoryConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_hidden_layers=4, n_input_layers=1, n_recurrent_layers=2, n_output_layers=1,
-            layer_types=["full_attention"] * 4,
+def _looped_model():
+    """A looped-depth model: transformers' own HRM-Text (a few attention modules write several cache
+    layers each) where this transformers ships it, else the same behaviour on a tiny Llama."""
+    if hasattr(transformers, "HrmTextConfig"):
+        config = transformers.HrmTextConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
+            num_hidden_layers=2, H_cycles=2, L_cycles=1,
         )
         return transformers.AutoModelForCausalLM.from_config(config).eval()
     model = make_model("llama")
-
-    def add_loop_layers(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is not None and len(cache.layers) == model.config.num_hidden_layers:
-            cache.layers += [copy.deepcopy(layer) for layer in cache.layers]
-
-    model.model.register_forward_pre_hook(add_loop_layers, with_kwargs=True)
+    model.config.num_hidden_layers *= 2  # the cache gets twice the layers the modules carry
     return model
 
 
 def test_a_model_that_reuses_its_attention_modules_for_several_cache_layers_is_refused_at_construction():
     """scope_kv hands each attention module the cache layer of its layer_idx, so a cache layer no
     module carries the index of is refused when the cache is built."""
-    model = _looped_model("reuses modules")
+    model = _looped_model()
     with pytest.raises(ValueError, match=r"no attention module carries the layer_idx of layers \[.*DynamicCache"):
         ScopeCache(model, decoding=Slide(8, 3))
 
 
-def test_a_model_that_adds_cache_layers_during_its_forward_is_refused_at_the_first_forward():
-    """Caught at the first attention call, before any token, with the reason (not a position error)."""
-    model = _looped_model("adds layers")
+def test_a_model_that_adds_cache_layers_during_its_forward_unseen_in_its_code_is_refused_at_the_first_forward():
+    """Where nothing in the attention code gives it away (here a hook adds the layers; transformers'
+    Dory, which does it in its code, is refused when the cache is built: tests/test_attention_source.py),
+    the first attention call catches it, before any token, with the reason."""
+    model = make_model("llama")
+
+    def add_loop_layers(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the argument's name by version
+        if cache is not None and len(cache.layers) == model.config.num_hidden_layers:
+            cache.layers += [copy.deepcopy(layer) for layer in cache.layers]
+
+    model.model.register_forward_pre_hook(add_loop_layers, with_kwargs=True)
     cache = ScopeCache(model, decoding=Slide(8, 3))
     with pytest.raises(RuntimeError, match="added [0-9]+ layers to this ScopeCache during its forward.*DynamicCache"):
         model(input_ids=_ids([12])[0][None], **cache_kwargs(cache))

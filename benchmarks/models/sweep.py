@@ -784,6 +784,12 @@ def refusal_kind(r):
         return "attention not dispatched through AttentionInterface"
     if "sliding-window layer" in m:
         return "every attention layer sliding-window"
+    if "call the attention function" in m:
+        return "attends more than once per layer"
+    if "transform the cached" in m:
+        return "transforms the cached keys before attending"
+    if "write the cache layer at" in m:
+        return "attention modules write cache layers other than their own"
     if "no attention module that takes a cache" in m:
         return "no attention module that takes a cache (keeps its own state)"
     if "needs a " in m:

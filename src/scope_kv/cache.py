@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from .accounting import kv_footprint
 from .attention import attention_modules, enable_scope_attention
+from .attention_source import unmanageable_reason
 from .compat import is_dummy_layer, layer_templates
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch
@@ -295,3 +296,11 @@ def _check_managed_layers(model: PreTrainedModel, config: Any, n_layers: int, sc
             "layer. scope_kv hands each attention module the layer of its own layer_idx, so it cannot manage "
             "this model; use transformers' DynamicCache for it."
         )
+    for module_type in dict.fromkeys(type(m) for m in attention_modules(model)):
+        reason = unmanageable_reason(module_type)
+        if reason is not None:
+            raise ValueError(
+                f"{type(model).__name__} cannot be managed by ScopeCache: {reason} ({module_type.__name__}.forward). "
+                "scope_kv selects among the cached keys it hands to one attention call per layer; use "
+                "transformers' DynamicCache for this model."
+            )
