@@ -20,13 +20,15 @@ import ast
 import inspect
 import textwrap
 
+import torch
+
 __all__ = ["unmanageable_reason"]
 
 _INTERFACE = "ALL_ATTENTION_FUNCTIONS"
 _EAGER = "eager_attention_forward"
 
 
-def _forward_tree(module_type: type) -> ast.FunctionDef | None:
+def _forward_tree(module_type: type[torch.nn.Module]) -> ast.FunctionDef | None:
     """The parsed ``forward`` of ``module_type`` (``None`` where its source cannot be read)."""
     try:
         source = textwrap.dedent(inspect.getsource(module_type.forward))
@@ -77,9 +79,13 @@ def _attention_functions(tree: ast.FunctionDef) -> set[str]:
     """Names the forward binds to an attention function of transformers' interface."""
     names = {_EAGER}
     for node in ast.walk(tree):
-        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
-        if value is not None and _INTERFACE in ast.unparse(value):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if isinstance(node, ast.Assign):
+            value, targets = node.value, node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            value, targets = node.value, [node.target]
+        else:
+            continue
+        if _INTERFACE in ast.unparse(value):
             for target in targets:
                 names |= _names(target)
     return names
@@ -89,7 +95,7 @@ def _reads(node: ast.AST, names: set[str]) -> bool:
     return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
 
 
-def unmanageable_reason(module_type: type) -> str | None:
+def unmanageable_reason(module_type: type[torch.nn.Module]) -> str | None:
     """Why ScopeCache cannot manage attention modules of ``module_type``, read from the source of
     their ``forward``; ``None`` when nothing there says so (or the source cannot be read).
 
