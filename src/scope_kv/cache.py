@@ -108,7 +108,7 @@ class ScopeCache(Cache):
         _check_managed_layers(model, config, len(templates), scope_layers)
         scope_layers[-1].ring.flush_after = True  # a forward runs the layers in order: flush after the last
         scope_layers[0].checks_positions = True  # every layer sees the same positions: one checks them
-        self._position_checker = scope_layers[0]
+        self._position_guard = scope_layers[0].positions
         super().__init__(layers=layers)
         self.decoding = decoding
         self.prefill = prefill
@@ -166,9 +166,9 @@ class ScopeCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> Any:
         """Tokens seen (transformers' meaning), and a cue: ``generate`` asks once per call, before
         its first forward, so that forward's positions are checked even if it feeds one token
-        (:meth:`ScopeLayer.expect_new_call`)."""
+        (:meth:`scope_kv.positions.PositionGuard.expect_new_call`)."""
         if not torch.compiler.is_compiling():  # a compiled step reads it in-graph: no cue there
-            self._position_checker.expect_new_call()
+            self._position_guard.expect_new_call()
         return super().get_seq_length(layer_idx)
 
     def kv_length(self, layer_idx: int) -> int:

@@ -21,9 +21,7 @@ cut, and how much), score (the strategy's :meth:`~scope_kv.DecodingStrategy.scor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,56 +30,13 @@ from transformers.cache_utils import CacheLayerMixin
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch, EvictRing
 from .masks import layer_mask, leading_invalid, valid_from_start, valid_slots
+from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
-from .selection import compact_, keep_top_, select_heavy
+from .selection import Cut, compact_, keep_top_, select_heavy
 from .step import AttentionStep
+from .storage import MIN_GROWTH, grown_capacity, hand_out, resized
 
 __all__ = ["ScopeLayer"]
-
-# Unbounded (``decoding=None``) layers grow by this factor, so appends cost O(1) amortised while
-# at most a quarter of the storage sits unused. Bounded strategies instead allocate
-# ``prompt + max_held`` once at prefill: predictable memory, and no transient copy of the whole
-# buffer while decoding (a budget larger than the output reserves slots never used).
-_GROWTH = 1.25
-_MIN_GROWTH = 128
-
-
-@dataclass(frozen=True)
-class _Cut:
-    """What one decode step's selection does to the decoding pool ``[first, end)``: keep ``keep``
-    of the candidates ``[first, end - recent)`` and the newest ``recent`` entries."""
-
-    first: int
-    end: int
-    keep: int
-    recent: int
-
-    @property
-    def candidates_end(self) -> int:
-        return self.end - self.recent
-
-    @property
-    def evicts_one(self) -> bool:
-        return self.candidates_end - self.first - self.keep == 1
-
-
-class _CompressedCopy(torch.autograd.Function):
-    """A copy of a compressing layer's held entries for an attention autograd records: the forward
-    works as without autograd; the backward pass stops here with the reason (selection moves and
-    evicts entries in place, which gradients cannot follow)."""
-
-    @staticmethod
-    def forward(ctx: Any, held: torch.Tensor) -> torch.Tensor:
-        return held.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(
-            "backward through a compressing ScopeCache: selection moves and evicts cached entries in place, "
-            "which gradients cannot follow. Run the forward under torch.no_grad() or torch.inference_mode() "
-            "(generate does); to backpropagate through a cache, use ScopeCache(model) without compression, "
-            "or DynamicCache."
-        )
 
 
 class ScopeLayer(CacheLayerMixin):
@@ -158,6 +113,7 @@ class ScopeLayer(CacheLayerMixin):
         self.decode_kernel = "auto"  # kernels.grouped_decode_attention's choice of kernel
         # Whether this layer checks that prefill forwards continue it (the cache sets it on one layer).
         self.checks_positions = False
+        self.positions = PositionGuard()
         self.ring = EvictRing(evictions)
         self._clear()
 
@@ -192,8 +148,7 @@ class ScopeLayer(CacheLayerMixin):
         self._pending: str | None = None
         self._attended: torch.Tensor | None = None  # the keys view update() returned
         self._prefill_from = 0  # first slot of the prefill forward in flight
-        self._last_position: torch.Tensor | None = None  # (batch,) position of the last prefill token
-        self._new_call = False  # the next forward may be the first of a new generate call (expect_new_call)
+        self.positions.reset()
         self.ring.reset()
 
     # -- CacheLayerMixin ------------------------------------------------------------------
@@ -274,17 +229,9 @@ class ScopeLayer(CacheLayerMixin):
         return self._hand_out(key_states.requires_grad or value_states.requires_grad)
 
     def _hand_out(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held slots for this forward's attention: views of the storage, or, when autograd
-        records the forward, copies -- the storage is written in place by later steps, which would
-        invalidate what the attention saved for the backward pass. Uncompressed, gradients are then
-        those of ``DynamicCache``; a compressing cache's copies refuse the backward pass with the
-        reason (:class:`_CompressedCopy`), while forwards without it work."""
-        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
-        if differentiable and torch.is_grad_enabled():
-            if self.decoding is not None or self.prefill is not None:
-                keys, values = _CompressedCopy.apply(keys), _CompressedCopy.apply(values)
-            else:
-                keys, values = keys.clone(), values.clone()
+        """The held slots for this forward's attention (:func:`scope_kv.storage.hand_out`)."""
+        compressing = self.decoding is not None or self.prefill is not None
+        keys, values = hand_out(self.keys, self.values, self.length, differentiable, compressing)
         self._attended = keys
         return keys, values
 
@@ -331,8 +278,7 @@ class ScopeLayer(CacheLayerMixin):
             self.start = fn(self.start)
         if self._holes is not None:
             self._holes = fn(self._holes)
-        if self._last_position is not None:
-            self._last_position = fn(self._last_position)
+        self.positions.map_batch(fn)
         self.ring.map_batch(fn)
         if self._memo is not None:
             self._memo.map_batch(fn)
@@ -521,54 +467,12 @@ class ScopeLayer(CacheLayerMixin):
         """
         if hidden_states is None:
             return
-        if self.length > 0 and hidden_states.shape[1] == 1:
-            # a decoding step: nothing compressors need, and nothing to check, unless it may be the
-            # first forward of a new generate call (one sync per call, never one per step; only the
-            # checking layer is ever told so)
-            if self._new_call:
-                self._new_call = False
-                if position_ids is not None and position_ids.dim() == 2:
-                    self._check_continues(position_ids.expand(hidden_states.shape[0], -1), record=False)
-            return
-        self._new_call = False
-        if self.checks_positions and position_ids is not None and position_ids.dim() == 2:
-            self._check_continues(position_ids.expand(hidden_states.shape[0], -1))
-        if self.prefill is not None:
+        decode = self.length > 0 and hidden_states.shape[1] == 1
+        if self.checks_positions:
+            batch = hidden_states.shape[0]
+            self.positions.observe(position_ids, batch, decode, self.length, self.get_seq_length(), self.decode_steps())
+        if self.prefill is not None and not decode:
             self.prefill.observe_input(self._memo, hidden_states, position_embeddings)
-
-    def expect_new_call(self) -> None:
-        """Check the next forward's positions even if it feeds one token.
-
-        ``generate`` reads the cache's length once per call, before its first forward; the cache
-        calls this then. A used cache given the same prompt again, as long as the previous call's
-        new tokens, is fed one token, which would otherwise pass for the next decoding step.
-        """
-        self._new_call = True
-
-    def _check_continues(self, position_ids: torch.Tensor, record: bool = True) -> None:
-        """Refuse a forward whose positions do not follow what the layer holds (the same cache
-        handed to an unrelated prompt: transformers would take it as a new turn). ``record``: a
-        prefill forward, whose last position the next check counts from."""
-        last = self._last_position
-        if self.length > 0 and last is not None:
-            steps = self.decode_steps()
-            behind = position_ids[:, 0].to(last.device) <= last + steps
-            if bool(behind.any()):
-                raise ValueError(
-                    f"this ScopeCache already holds {int(self.get_seq_length())} tokens of another generation, and "
-                    f"this call's inputs do not continue it (position {int(position_ids[:, 0].min())} comes again). "
-                    "Build a new ScopeCache for every generate call and every pipeline prompt; to continue a "
-                    "conversation, pass the previous output followed by the new turn."
-                )
-        if not record:
-            return
-        # A chunk that is all left padding (chunked prefill of a padded batch) carries one repeated
-        # filler position and no real token: that row has not started, its first real token
-        # (position 0) comes in a later chunk. A real run of two or more tokens always rises.
-        pad_only = (position_ids == position_ids[:, :1]).all(dim=1) & (position_ids.shape[1] > 1)
-        if last is not None:
-            pad_only &= last.to(position_ids.device) < 0  # padding only ever precedes a row's tokens
-        self._last_position = torch.where(pad_only, -1, position_ids[:, -1])
 
     # -- after the attention: the decode step's stages ------------------------------------
     def after_attention(self, step: AttentionStep) -> None:
@@ -618,7 +522,7 @@ class ScopeLayer(CacheLayerMixin):
         scores = decoding.score(step, cut.first, cut.candidates_end)
         self._compact(cut, scores)
 
-    def _plan(self, decoding: DecodingStrategy, t: int) -> _Cut | None:
+    def _plan(self, decoding: DecodingStrategy, t: int) -> Cut | None:
         """Whether decode step ``t`` cuts the decoding pool, and to what (``None``: it keeps all)."""
         recent = decoding.recent
         n_decoding = self.length - self.prefill_length
@@ -629,14 +533,14 @@ class ScopeLayer(CacheLayerMixin):
         keep = decoding.budget_at(t) - recent
         if keep >= n_decoding - recent:
             return None  # the pool is exactly at budget: nothing to evict
-        return _Cut(self.prefill_length, self.length, keep, recent)
+        return Cut(self.prefill_length, self.length, keep, recent)
 
-    def _compact(self, cut: _Cut, scores: torch.Tensor) -> None:
+    def _compact(self, cut: Cut, scores: torch.Tensor) -> None:
         """Keep the ``cut.keep`` best-scored candidates and the newest ``cut.recent``, in place."""
         heavy = select_heavy(scores, cut.keep)
         self.length = compact_(self.keys, self.values, cut.first, cut.end, heavy, cut.recent)
 
-    def _evict_one(self, step: AttentionStep, cut: _Cut) -> None:
+    def _evict_one(self, step: AttentionStep, cut: Cut) -> None:
         """Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest and
         moves two entries (layout in scope_kv.kernels); no host sync, static shapes."""
         assert step.lse is not None
@@ -795,25 +699,18 @@ class ScopeLayer(CacheLayerMixin):
     # -- storage ------------------------------------------------------------------------------
     def _resize(self, capacity: int) -> None:
         """Move the held slots into new storage of ``capacity`` slots (one copy)."""
-        # keys and values may differ in width (multi-head latent attention: DeepSeek-V2/V3)
-        keys = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[-1]))
-        values = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[-1]))
-        keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
-        values[:, :, : self.length].copy_(self.values[:, :, : self.length])
-        self.keys, self.values = keys, values
+        self.keys, self.values = resized(self.keys, self.values, self.length, capacity)
 
     def _reserve(self, needed: int) -> None:
         """Make room for ``needed`` slots; copies only when the buffer must grow."""
-        if needed <= self.capacity:
-            return
-        if self.decoding is None or not self.decoding.bounded:
-            needed = max(needed, math.ceil(self.capacity * _GROWTH), self.capacity + _MIN_GROWTH)
-        self._resize(needed)
+        if needed > self.capacity:
+            bounded = self.decoding is not None and self.decoding.bounded
+            self._resize(grown_capacity(needed, self.capacity, bounded))
 
     def _shrink(self) -> None:
         """Give back the storage prefill compression freed (one copy, once per prompt)."""
         if self.decoding is None:
-            needed = self.length + _MIN_GROWTH
+            needed = self.length + MIN_GROWTH
         elif self.decoding.evicts_prompt:
             needed = max(self.length, self.decoding.max_held)  # one budget over every entry
         else:

@@ -5,9 +5,12 @@ Every decoding strategy and prefill compressor uses these; none re-implements th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
+    "Cut",
     "attention_scores",
     "causal_probs",
     "select_heavy",
@@ -15,6 +18,25 @@ __all__ = [
     "compact_",
     "keep_top_",
 ]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What one decode step's selection does to the decoding pool ``[first, end)``: keep ``keep``
+    of the candidates ``[first, end - recent)`` and the newest ``recent`` entries."""
+
+    first: int
+    end: int
+    keep: int
+    recent: int
+
+    @property
+    def candidates_end(self) -> int:
+        return self.end - self.recent
+
+    @property
+    def evicts_one(self) -> bool:
+        return self.candidates_end - self.first - self.keep == 1
 
 
 def attention_scores(
