@@ -59,6 +59,7 @@ from transformers import DynamicCache, StaticCache
 from bench_common import (LLAMA_8B, TINY, Stepper, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median,
                           random_kv, time_steps, weight_bytes_read, write_outputs)
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide
+from scope_kv.testing import load_state
 
 
 # A StaticCache sized for P + N must still take the warm-up and timed steps sampled at L = N.
@@ -184,7 +185,7 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
         # The state `generated` decode steps leave (running them per sample would not fit the
         # device's time limit), through the layer's public load_state.
         shape = (batch, heads, kept + held, head_dim)
-        layer.load_state(random_kv(shape, ref), random_kv(shape, ref), prefill_length=kept,
+        load_state(layer, random_kv(shape, ref), random_kv(shape, ref), prefill_length=kept,
                          seen=prompt + generated, step=generated, skipped=skipped)
     return cache, kept + held
 

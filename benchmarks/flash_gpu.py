@@ -41,6 +41,7 @@ import transformers
 from bench_common import LLAMA_8B, TINY, build_model, fmt, median, random_kv, write_outputs
 from scope_kv import ScopeCache, ScopeLayer, Slide
 from scope_kv.compat import cache_kwargs
+from scope_kv.testing import load_state
 
 
 def fill(model, kind: str, batch: int, prompt: int, generated: int, budget: int, recent: int):
@@ -62,8 +63,8 @@ def fill(model, kind: str, batch: int, prompt: int, generated: int, budget: int,
     for layer in cache.layers:
         assert isinstance(layer, ScopeLayer)
         s = (*shape[:2], prompt + held, shape[3])
-        layer.load_state(
-            random_kv(s, ref), random_kv(s, ref), prefill_length=prompt, seen=prompt + generated, step=generated
+        load_state(
+            layer, random_kv(s, ref), random_kv(s, ref), prefill_length=prompt, seen=prompt + generated, step=generated
         )
     return cache, prompt + held
 

@@ -28,7 +28,7 @@ import transformers
 from bench_common import LLAMA_8B, build_model, random_kv
 from scope_kv import ScopeCache, Slide
 from scope_kv.kernels import evict_one_
-from scope_kv.testing import attend
+from scope_kv.testing import attend, load_state
 
 
 def per_call(fn: Callable[[], None], calls: int) -> dict[str, float]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = next(model.parameters())
     # A Slide layer at budget, deep into a generation, through the layer's public load_state.
     shape = (b, heads, p + budget, dim)
-    layer.load_state(random_kv(shape, ref), random_kv(shape, ref), prefill_length=p, seen=p + 4 * budget,
+    load_state(layer, random_kv(shape, ref), random_kv(shape, ref), prefill_length=p, seen=p + 4 * budget,
                      step=4 * budget)
     module = model.model.layers[0].self_attn
     query = random_kv((b, qh, 1, dim), ref)

@@ -10,7 +10,7 @@ import torch
 from scope_kv import Discontinuous, ScopeLayer, Slide
 from scope_kv.masks import valid_slots
 from scope_kv.selection import attention_scores, compact_, select_heavy
-from scope_kv.testing import attend
+from scope_kv.testing import attend, load_state
 
 
 def _brute_force_keep(query, keys, valid, scaling, start, end, recent, keep):
@@ -147,7 +147,7 @@ def test_load_state_continues_exactly_like_the_run_it_copies(strategy):
         a.update(k, -k)
         attend(a, module, q)
     b = ScopeLayer(0, strategy, frozenset({id(module)}))
-    b.load_state(a.keys[:, :, : a.length], a.values[:, :, : a.length], prefill_length=a.prefill_length,
+    load_state(b, a.keys[:, :, : a.length], a.values[:, :, : a.length], prefill_length=a.prefill_length,
                  seen=a.seen, step=a.step, skipped=a.skipped)
     assert (b.length, b.seen, b.step, b.skipped, b.capacity) == (a.length, a.seen, a.step, a.skipped, a.capacity)
     for k, q in steps[20:]:
@@ -164,12 +164,12 @@ def test_load_state_refuses_states_the_strategy_cannot_be_in():
     layer = ScopeLayer(0, Slide(8, 3), frozenset({id(module)}))
     kv = torch.randn(1, 2, 30, 8)
     with pytest.raises(ValueError, match="exceeds"):
-        layer.load_state(kv, kv, prefill_length=12, step=100)  # 18 decoding entries > budget 8
+        load_state(layer, kv, kv, prefill_length=12, step=100)  # 18 decoding entries > budget 8
     with pytest.raises(ValueError, match="exceeds"):
-        layer.load_state(kv[:, :, :16], kv[:, :, :16], prefill_length=12, step=2)  # 4 entries after 2 steps
+        load_state(layer, kv[:, :, :16], kv[:, :, :16], prefill_length=12, step=2)  # 4 entries after 2 steps
     with pytest.raises(ValueError, match="prefill_length"):
-        layer.load_state(kv, kv, prefill_length=0)
-    layer.load_state(kv[:, :, :20], kv[:, :, :20], prefill_length=12, seen=400, step=388)
+        load_state(layer, kv, kv, prefill_length=0)
+    load_state(layer, kv[:, :, :20], kv[:, :, :20], prefill_length=12, seen=400, step=388)
     assert layer.capacity == 12 + Slide(8, 3).max_held
     with pytest.raises(ValueError, match="empty layer"):
-        layer.load_state(kv, kv, prefill_length=12)
+        load_state(layer, kv, kv, prefill_length=12)

@@ -207,12 +207,12 @@ class ScopeLayer(CacheLayerMixin):
             # its own mask (`own_mask`), never with that one.
             self.finish_prefill()
         if decode:
-            self._reserve(self.length + 1)
+            self.reserve(self.length + 1)
         else:
             # A prefill forward (the first, a chunk, or a new turn's prompt). Whatever the previous
             # turn's decoding pool held joins the prefill pool, and the schedule starts afresh.
             headroom = 0 if self.decoding is None else self.decoding.max_held
-            self._reserve(self.length + q + headroom)
+            self.reserve(self.length + q + headroom)
         end = self.length + q
         self.keys[:, :, self.length : end].copy_(key_states)
         self.values[:, :, self.length : end].copy_(value_states)
@@ -626,82 +626,12 @@ class ScopeLayer(CacheLayerMixin):
         self._all_valid = not bool(self.start.any())
         self.own_mask = True
 
-    # -- putting a layer into a given state -------------------------------------------------
-    def load_state(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        *,
-        prefill_length: int,
-        seen: int | None = None,
-        step: int = 0,
-        skipped: int = 0,
-    ) -> None:
-        """Put this empty layer into the state a prefill and ``step`` decode steps leave it in.
-
-        For benchmarks and tests that need a layer deep into a generation without running every
-        step (e.g. the decode step at 4K generated tokens). Storage is reserved as a real prefill
-        reserves it (``prompt + max_held`` for a bounded strategy).
-
-        Parameters
-        ----------
-        keys, values : Tensor
-            ``(batch, kv_heads, held, dim)``: the prefill pool's ``prefill_length`` entries, then the
-            decoding pool in arrival order.
-        prefill_length : int
-            Entries of the prefill pool (the prompt, or what a compressor left of it).
-        seen : int, optional
-            Logical tokens processed (default ``held``; more when entries were evicted).
-        step : int
-            Decode steps completed (SCOPE's ``t``).
-        skipped : int
-            The discontinuous skip counter.
-
-        Raises
-        ------
-        ValueError
-            If the layer is not empty, or the state is one the layer's strategy cannot be in.
-        """
-        if self.length:
-            raise ValueError(f"layer {self.layer_idx}: load_state needs an empty layer; call reset() first.")
-        if keys.shape != values.shape or keys.dim() != 4:
-            raise ValueError(
-                f"keys and values must both be (batch, kv_heads, held, dim), got {tuple(keys.shape)} "
-                f"and {tuple(values.shape)}."
-            )
-        held = keys.shape[-2]
-        n_decoding = held - prefill_length
-        seen = held if seen is None else seen
-        if not 0 < prefill_length <= held:
-            raise ValueError(f"prefill_length must be in [1, held={held}], got {prefill_length}.")
-        if seen < held or step < 0 or skipped < 0:
-            raise ValueError(f"need seen >= held ({seen} < {held}?), step >= 0 and skipped >= 0.")
-        if self.decoding is not None:
-            if self.decoding.evicts_prompt or self.prefill is not None:
-                raise ValueError(
-                    "load_state supports SCOPE's strategies on a whole prefill pool (no prefill "
-                    "compressor, no unified baseline)."
-                )
-            limit = min(step, self.decoding.budget_at(max(step - 1, 0)) + self.decoding.slack)
-            if n_decoding > limit:
-                raise ValueError(
-                    f"a decoding pool of {n_decoding} entries exceeds what {self.decoding.describe()} "
-                    f"holds after step {step} ({limit})."
-                )
-        self.lazy_initialization(keys, values)
-        # room for the next step: a bounded strategy reserves all it will ever hold
-        self._reserve(held + 1 if self.decoding is None else prefill_length + self.decoding.max_held)
-        self.keys[:, :, :held].copy_(keys)
-        self.values[:, :, :held].copy_(values)
-        self.length, self.prefill_length, self.seen = held, prefill_length, seen
-        self.step, self.skipped = step, skipped
-
     # -- storage ------------------------------------------------------------------------------
     def _resize(self, capacity: int) -> None:
         """Move the held slots into new storage of ``capacity`` slots (one copy)."""
         self.keys, self.values = resized(self.keys, self.values, self.length, capacity)
 
-    def _reserve(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
         """Make room for ``needed`` slots; copies only when the buffer must grow."""
         if needed > self.capacity:
             bounded = self.decoding is not None and self.decoding.bounded
