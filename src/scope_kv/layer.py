@@ -29,12 +29,12 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
 from .kernels import EvictionBatch, EvictRing
-from .masks import layer_mask, leading_invalid, valid_from_start, valid_slots
+from .masks import RowValidity, layer_mask, valid_slots
 from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
 from .selection import Cut, compact_, keep_top_, select_heavy
 from .step import AttentionStep
-from .storage import MIN_GROWTH, grown_capacity, hand_out, resized
+from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized
 
 __all__ = ["ScopeLayer"]
 
@@ -72,13 +72,9 @@ class ScopeLayer(CacheLayerMixin):
 
     Notes
     -----
-    Padding and the mask. Until something in the prefill pool is evicted, pads stay at the
-    front and transformers' 2-D mask describes the slots. Prefill compression and the unified
-    baselines evict prompt entries, after which rows hold different numbers of leading invalid
-    slots (pads, or filler that keeps the physical length one number for the batch). From then
-    on (``own_mask``) the layer tracks ``start`` -- leading invalid slots per row, learned from
-    the prefill's mask -- and the attention function uses :meth:`attention_mask` instead of
-    the mask transformers built.
+    Padding and the mask: once prompt entries were evicted (or a prefill's mask had a hole), the
+    layer attends with its own mask (``own_mask``), built from ``rows``
+    (:class:`scope_kv.masks.RowValidity`), instead of the one transformers built.
     """
 
     is_sliding = False
@@ -131,13 +127,8 @@ class ScopeLayer(CacheLayerMixin):
         self.skipped = 0  # discontinuous: eligible steps skipped since the last selection
         self.selections = 0  # selections run since the last prefill (for reports)
         # padding (class notes)
-        self.start: torch.Tensor | None = None  # (batch,) leading invalid slots per row
-        # (batch, length) validity of every held slot while a prefill left invalid slots behind valid
-        # ones (a masked span, right padding, a padded later turn); compacted away after the
-        # forward (the filler then sits in front, described by `start`)
-        self._holes: torch.Tensor | None = None
+        self.rows = RowValidity()  # which held slots are real entries (pads, filler, holes)
         self.own_mask = False
-        self._all_valid = False  # own mask only: no slot is invalid (then a decode step needs no mask)
         # prefill compression
         self._prefill_open = False  # a prefill ran and its compression is still to do
         # what the prefill compressor gathers while the prompt runs (its own memo type), and the
@@ -159,24 +150,19 @@ class ScopeLayer(CacheLayerMixin):
         self.is_initialized = True
 
     @property
+    def start(self) -> torch.Tensor | None:
+        """``(batch,)`` leading invalid slots per row (:class:`scope_kv.masks.RowValidity`)."""
+        return self.rows.start
+
+    @property
     def capacity(self) -> int:
         return self.keys.shape[-2]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the forward's new entries and return every held entry.
-
-        Parameters
-        ----------
-        key_states, value_states : Tensor
-            ``(batch, kv_heads, q, dim)`` new entries (RoPE already applied to keys).
-
-        Returns
-        -------
-        (keys, values) : tuple[Tensor, Tensor]
-            ``(batch, kv_heads, length, dim)`` views of the held slots.
-        """
+        """Append the forward's ``(batch, kv_heads, q, dim)`` new entries (RoPE already applied to keys)
+        and return every held entry: ``(batch, kv_heads, length, dim)`` views of the held slots."""
         self.ring.settle()
         if self._pending is not None:
             raise RuntimeError(
@@ -191,7 +177,8 @@ class ScopeLayer(CacheLayerMixin):
             value_states = value_states.repeat_interleave(self.kv_repeat, dim=1)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._check_shapes(key_states, value_states)
+        if self.length > 0:
+            check_new_entries(self.layer_idx, self.keys, key_states)
         return self._store(key_states, value_states)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,10 +261,7 @@ class ScopeLayer(CacheLayerMixin):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch re-indexing to every per-row tensor: K/V, ``start``, the ring, the memo."""
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self.start is not None:
-            self.start = fn(self.start)
-        if self._holes is not None:
-            self._holes = fn(self._holes)
+        self.rows.map_batch(fn)
         self.positions.map_batch(fn)
         self.ring.map_batch(fn)
         if self._memo is not None:
@@ -313,7 +297,7 @@ class ScopeLayer(CacheLayerMixin):
         ``start[b] <= j <= length - q_len + i``. (A static-layout decode step gives a per-head mask:
         :class:`scope_kv.static.StaticScopeLayer`.)
         """
-        if q_len == 1 and self._all_valid:
+        if q_len == 1 and self.rows.all_valid:
             return None  # one query that may see every slot: no mask (and the faster kernel)
         return layer_mask(backend, self.valid_slots(), q_len, dtype)
 
@@ -334,12 +318,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def valid_slots(self) -> torch.Tensor:
         """``(batch, length)`` boolean: which held slots are real entries."""
-        if self._holes is not None:
-            return self._holes[:, : self.length]
-        start = self.start
-        if start is None:
-            start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
-        return valid_from_start(start, self.length)
+        return self.rows.slots(self.keys.shape[0], self.length, self.keys.device)
 
     def open_step(
         self,
@@ -356,25 +335,9 @@ class ScopeLayer(CacheLayerMixin):
 
         Checks that ``keys`` are the ones :meth:`update` returned, learns a prefill forward's pads
         and holes (:meth:`observe_prefill_mask`), puts the layer's own mask in place of the one
-        transformers built where the layer has one, and returns the step record the attention
-        runs with (its ``mask``) and :meth:`after_attention` then takes.
-
-        Parameters
-        ----------
-        module : nn.Module
-            The attention module.
-        query : Tensor
-            ``(batch, q_heads, q, dim)``.
-        keys, values : Tensor
-            What :meth:`update` returned.
-        attention_mask : Tensor or None
-            The mask transformers built, in ``backend``'s format.
-        backend : str
-            The attention backend (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...).
-        scaling : float, optional
-            Softmax scale (``dim ** -0.5`` by default).
-        softcap : float, optional
-            Logit soft-capping.
+        transformers built (``attention_mask``, in ``backend``'s format) where the layer has one, and
+        returns the step record (:class:`~scope_kv.step.AttentionStep`, whose fields the arguments
+        are) the attention runs with and :meth:`after_attention` then takes.
         """
         self.check_attended(keys)
         self.observe_prefill_mask(attention_mask)
@@ -405,13 +368,8 @@ class ScopeLayer(CacheLayerMixin):
         layer uses transformers' mask (else the layer's own state describes them). A row whose invalid
         slots all lead is described by ``start``; an invalid slot behind a valid one (a masked
         span, right padding, a padded later turn) puts the layer in hole mode: it attends with
-        its own mask, and the holes are compacted away after the attention.
-
-        Parameters
-        ----------
-        attention_mask : Tensor or None
-            The forward's mask in its backend's format (``None``: every slot valid). A decode step
-            returns at once.
+        its own mask, and the holes are compacted away after the attention. ``attention_mask`` is in
+        its backend's format (``None``: every slot valid); a decode step returns at once.
         """
         if self._pending != "prefill":
             return
@@ -423,48 +381,20 @@ class ScopeLayer(CacheLayerMixin):
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         # the held slots: the layer's own record once it has one (holes imply it), else the mask's
         held = (self.valid_slots() if self.own_mask else valid)[:, : length - q]
-        full = torch.cat([held, valid[:, length - q :]], dim=-1)
-        self.start = leading_invalid(full, batch, device)
-        if self._holes is None and bool((full == valid_from_start(self.start, length)).all()):
-            return  # every invalid slot leads its row
-        self._holes = full
-        self.own_mask = True
+        if self.rows.observe(torch.cat([held, valid[:, length - q :]], dim=-1)):
+            self.own_mask = True  # a hole: transformers' mask cannot describe the slots
 
     def _compact_holes(self, scores: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> None:
-        """Drop the invalid slots behind valid ones: per row, the kept entries move to the end of
-        ``[0, n)`` in order and the filler in front of them is ``start`` (:func:`keep_top_`).
-        ``scores`` / ``counts``: a prefill compressor's choice among the valid slots (default: keep
-        every valid slot)."""
-        valid = self._holes
-        assert valid is not None
-        self._holes = None
-        real = valid.sum(-1)
-        counts = real if counts is None else torch.minimum(counts, real)
-        if scores is None:
-            scores = torch.zeros(valid.shape[0], self.keys.shape[1], self.length, device=valid.device)
-        scores = scores.float().masked_fill(~valid[:, None, : self.length], float("-inf"))
-        lead = leading_invalid(valid, valid.shape[0], valid.device)
-        self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, lead)
-        self.prefill_length = self.length
-        self._all_valid = not bool(self.start.any())
+        """Drop the invalid slots behind valid ones (:meth:`scope_kv.masks.RowValidity.compact`)."""
+        self.length = self.prefill_length = self.rows.compact(self.keys, self.values, self.length, scores, counts)
 
     def observe_input(
         self, hidden_states: torch.Tensor | None, position_embeddings: Any, position_ids: torch.Tensor | None = None
     ) -> None:
-        """A forward's attention input, before the attention runs: checks that a prefill forward
-        continues what the layer holds, and hands the input to prefill compressors that score from
-        it (:meth:`~scope_kv.PrefillCompressor.observe_input`).
-
-        Parameters
-        ----------
-        hidden_states : Tensor or None
-            ``(batch, q, hidden)`` the attention module's input.
-        position_embeddings : tuple of Tensor or None
-            ``(cos, sin)``, each ``(batch, q, rotary_dim)``.
-        position_ids : Tensor or None
-            ``(batch or 1, q)`` the forward's positions (other layouts, e.g. multimodal 3-D
-            positions, are not checked).
-        """
+        """A forward's attention input (``(batch, q, hidden)``, its ``(cos, sin)`` and positions), before
+        the attention runs: the positions must continue what the layer holds (:class:`PositionGuard`),
+        and prefill compressors that score from the input get it
+        (:meth:`~scope_kv.PrefillCompressor.observe_input`)."""
         if hidden_states is None:
             return
         decode = self.length > 0 and hidden_states.shape[1] == 1
@@ -476,15 +406,9 @@ class ScopeLayer(CacheLayerMixin):
 
     # -- after the attention: the decode step's stages ------------------------------------
     def after_attention(self, step: AttentionStep) -> None:
-        """Run what follows the step's attention: observe a prefill forward, or plan, score,
-        select and compact a decode step.
-
-        Parameters
-        ----------
-        step : AttentionStep
-            The forward's attention in this layer (built by the scope attention function, or by
-            :func:`scope_kv.testing.attend` when a test drives a layer without a model).
-        """
+        """Run what follows the ``step``'s attention (built by the scope attention function, or by
+        :func:`scope_kv.testing.attend`): observe a prefill forward, or plan, score, select and compact
+        a decode step."""
         if id(step.module) not in self._module_ids:
             raise ValueError(
                 f"layer {self.layer_idx}: this ScopeCache was built for another model. Build one "
@@ -563,7 +487,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
         """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""
-        start = self.start if self.start is not None else torch.zeros_like(self.keys[:, 0, 0, 0], dtype=torch.long)
+        start = self.rows.starts(self.keys.shape[0], self.keys.device)
         held = self.length - start  # (batch,) valid entries per row
         select, self.skipped = decoding.plan(int(held.max()), t, self.skipped)
         if not select:
@@ -574,8 +498,8 @@ class ScopeLayer(CacheLayerMixin):
         self.selections += 1
         scores = decoding.score(step, 0, self.length).float().clone()
         scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
-        self.length, self.start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
-        self._all_valid = not bool(self.start.any())
+        self.length, start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
+        self.rows.set_start(start)
         # Prompt and generated entries now share one pool: no boundary is left to record.
         self.prefill_length = 0
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
@@ -588,10 +512,11 @@ class ScopeLayer(CacheLayerMixin):
         compressor the holes stay until the prompt is compressed (:meth:`finish_prefill`), which
         never keeps them; otherwise they are compacted away now."""
         if self.prefill is not None:
-            assert self.start is not None
+            assert self.rows.start is not None
             self._prefill_module = step.module
-            self.prefill.observe(self._memo, step.module, step.query, step.keys, self.start, step.scaling, step.softcap)
-        elif self._holes is not None:
+            start = self.rows.start
+            self.prefill.observe(self._memo, step.module, step.query, step.keys, start, step.scaling, step.softcap)
+        elif self.rows.holes is not None:
             self._compact_holes()
 
     def finish_prefill(self) -> None:
@@ -605,25 +530,26 @@ class ScopeLayer(CacheLayerMixin):
         self._prefill_open = False
         memo, self._memo = self._memo, None if self.prefill is None else self.prefill.new_memo()
         prompt = self.prefill_length
-        if self.start is None:
-            self.start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
+        start = self.rows.starts(self.keys.shape[0], self.keys.device)
+        self.rows.start = start
         if self.prefill is not None and self.length == prompt:
-            holes = self._holes
-            real = holes.sum(-1) if holes is not None else prompt - self.start
+            holes = self.rows.holes
+            real = holes.sum(-1) if holes is not None else prompt - start
             counts = self.prefill.keep_counts(real, self.layer_idx, self.num_layers, self._prefill_module).clamp(min=0)
             counts = torch.minimum(counts, real)
             if bool((counts < real).any()):
                 keys, values = self.keys[:, :, :prompt], self.values[:, :, :prompt]
-                scores = self.prefill.scores(memo, keys, values, self.start)
+                scores = self.prefill.scores(memo, keys, values, start)
                 if holes is not None:
                     self._compact_holes(scores, counts)  # the compressor's choice, among real entries only
                 else:
-                    self.length, self.start = keep_top_(self.keys, self.values, prompt, scores, counts, self.start)
+                    self.length, start = keep_top_(self.keys, self.values, prompt, scores, counts, start)
+                    self.rows.set_start(start)
                     self.prefill_length = self.length
                 self._shrink()
-        if self._holes is not None:
+        if self.rows.holes is not None:
             self._compact_holes()
-        self._all_valid = not bool(self.start.any())
+        self.rows.set_start(self.rows.starts(self.keys.shape[0], self.keys.device))
         self.own_mask = True
 
     # -- storage ------------------------------------------------------------------------------
@@ -648,22 +574,12 @@ class ScopeLayer(CacheLayerMixin):
         if self.capacity > needed:
             self._resize(needed)
 
-    def _check_shapes(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        expected = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1])
-        got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
-        if self.length > 0 and got != expected:
-            raise ValueError(
-                f"layer {self.layer_idx}: got key states (batch, kv_heads, dim) = {got} but this cache holds "
-                f"{expected}. A ScopeCache belongs to one model and one batch: build a new one (or call "
-                "cache.reset()) for another model or batch."
-            )
-
     def nbytes(self) -> int:
         """Bytes of K/V storage allocated by this layer."""
         return self.keys.nbytes + self.values.nbytes
 
     def summary(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
+        return {
             "layer": self.layer_idx,
             "seen": self.seen,
             "held": self.length,
@@ -675,4 +591,3 @@ class ScopeLayer(CacheLayerMixin):
             "compressed": self.own_mask,
             "bytes": self.nbytes(),
         }
-        return row

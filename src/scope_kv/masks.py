@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_mask
 
+from .selection import keep_top_
+
 __all__ = [
     "MaskFormat",
+    "RowValidity",
     "additive_key_bias",
     "decode_key_mask",
     "head_mask",
@@ -94,6 +97,92 @@ def leading_invalid(valid: torch.Tensor | None, batch: int, device: torch.device
 def valid_from_start(start: torch.Tensor, length: int) -> torch.Tensor:
     """``(batch, length)`` boolean: slot ``j`` of row ``b`` is valid when ``j >= start[b]``."""
     return torch.arange(length, device=start.device)[None, :] >= start[:, None]
+
+
+class RowValidity:
+    """Which of a layer's held slots are real entries, row by row.
+
+    Until something in the prefill pool is evicted, pads lead every row and transformers' mask
+    describes the slots. After a prefill compressor or a unified baseline evicted prompt entries,
+    rows hold different numbers of leading invalid slots (pads, or filler that keeps the physical
+    length one number for the batch): ``start``. A prefill whose mask has an invalid slot behind a
+    valid one (a masked span, right padding, a padded later turn) leaves ``holes`` until the layer
+    compacts them away.
+
+    Attributes
+    ----------
+    start : Tensor or None
+        ``(batch,)`` leading invalid slots per row (``None``: not learned yet, every slot valid).
+    holes : Tensor or None
+        ``(batch, length)`` validity of every held slot while invalid slots sit behind valid ones.
+    all_valid : bool
+        No slot is invalid (then a decode step needs no mask).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start: torch.Tensor | None = None
+        self.holes: torch.Tensor | None = None
+        self.all_valid = False
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.start is not None:
+            self.start = fn(self.start)
+        if self.holes is not None:
+            self.holes = fn(self.holes)
+
+    def starts(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``start``, or zeros while it is not known."""
+        if self.start is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return self.start
+
+    def set_start(self, start: torch.Tensor) -> None:
+        """Every invalid slot now leads its row: ``start[b]`` of them."""
+        self.start, self.holes = start, None
+        self.all_valid = not bool(start.any())
+
+    def slots(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """``(batch, length)`` boolean: which held slots are real entries."""
+        if self.holes is not None:
+            return self.holes[:, :length]
+        return valid_from_start(self.starts(batch, device), length)
+
+    def observe(self, valid: torch.Tensor) -> bool:
+        """Learn the ``(batch, length)`` validity of every slot a prefill forward attends; whether
+        it leaves holes (an invalid slot behind a valid one)."""
+        batch, length = valid.shape
+        self.start = leading_invalid(valid, batch, valid.device)
+        if self.holes is None and bool((valid == valid_from_start(self.start, length)).all()):
+            return False
+        self.holes = valid
+        return True
+
+    def compact(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        length: int,
+        scores: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> int:
+        """Drop the holes from storage: per row, the kept entries move to the end of ``[0, n)`` in
+        order and the filler in front of them becomes ``start`` (:func:`scope_kv.selection.keep_top_`);
+        returns ``n``. ``scores`` / ``counts``: a prefill compressor's choice among the valid slots
+        (default: keep every valid slot)."""
+        valid = self.holes
+        assert valid is not None
+        real = valid.sum(-1)
+        counts = real if counts is None else torch.minimum(counts, real)
+        if scores is None:
+            scores = torch.zeros(valid.shape[0], keys.shape[1], length, device=valid.device)
+        scores = scores.float().masked_fill(~valid[:, None, :length], float("-inf"))
+        lead = leading_invalid(valid, valid.shape[0], valid.device)
+        length, start = keep_top_(keys, values, length, scores, counts, lead)
+        self.set_start(start)
+        return length
 
 
 def _causal(valid: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -347,8 +347,7 @@ class StaticScopeLayer(ScopeLayer):
         self.step, self.skipped = int(pools.t), int(pools.skipped)
         self._pools = None
         self.length = self.prefill_length = n
-        self.start = n - counts
-        self._all_valid = not bool(self.start.any())
+        self.rows.set_start(n - counts)
 
     # -- the decode step inside the layout ----------------------------------------------------
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

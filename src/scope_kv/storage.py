@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROWTH", "MIN_GROWTH", "grown_capacity", "hand_out", "resized"]
+__all__ = ["GROWTH", "MIN_GROWTH", "check_new_entries", "grown_capacity", "hand_out", "resized"]
 
 GROWTH = 1.25
 MIN_GROWTH = 128
@@ -72,3 +72,15 @@ def grown_capacity(needed: int, capacity: int, bounded: bool) -> int:
     if bounded:
         return needed
     return max(needed, math.ceil(capacity * GROWTH), capacity + MIN_GROWTH)
+
+
+def check_new_entries(layer_idx: int, keys: torch.Tensor, key_states: torch.Tensor) -> None:
+    """Refuse new entries of another batch, head count or width than the ``keys`` a layer holds."""
+    expected = (keys.shape[0], keys.shape[1], keys.shape[-1])
+    got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
+    if got != expected:
+        raise ValueError(
+            f"layer {layer_idx}: got key states (batch, kv_heads, dim) = {got} but this cache holds "
+            f"{expected}. A ScopeCache belongs to one model and one batch: build a new one (or call "
+            "cache.reset()) for another model or batch."
+        )
