@@ -223,66 +223,76 @@ def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | Non
         section = write_testbed_report(testbed, out).read_text(encoding="utf-8")
         parts.append(section.replace("# Testbed", "## Testbed", 1).replace("\n## ", "\n### "))
     if fid:
-        summary = summarize_fidelity(fid)
-        write_csv(summary, out / "fidelity_summary.csv")
-        parts.append(
-            "## Fidelity (teacher-forced against the full cache)\n\n"
-            + markdown_table(summary, FIDELITY_COLUMNS)
-            + "\n\nKL is KL(full ‖ method) of the next-token distributions, averaged over decode steps; "
-            "top-1 agreement is how often the method's most likely next token is the full cache's.\n\n"
-            "![agreement vs memory](agreement_vs_memory.png)\n![KV over steps](kv_over_steps.png)\n"
-            "![fidelity over steps](fidelity_over_steps.png)\n"
-        )
-        _scatter(
-            summary,
-            "top1_agreement",
-            "top-1 agreement with the full cache (%)",
-            "Fidelity vs KV memory",
-            out / "agreement_vs_memory.png",
-            colours,
-        )
-        fig, axes = figure(2)
-        window = max(1, min(len(r["kl"]) for r in fid if r["method"] != "reference") // 16)
-        smoothed = f" (mean of {window} steps)" if window > 1 else ""
-        kl_curves = _mean_curves(fid, "kl")
-        _lines(kl_curves, axes[0], f"KL(full ‖ method), nats{smoothed}", colours, window)
-        _lines(
-            _mean_curves(fid, "top1", lambda r, v: 100.0 * v), axes[1], f"top-1 agreement, %{smoothed}", colours, window
-        )
-        if max((max(c) for c in kl_curves.values() if c), default=0.0) > 1e-2:
-            axes[0].set_yscale("symlog", linthresh=1e-3)  # KL spans orders of magnitude across methods
-        axes[1].legend(fontsize=7)
-        fig.savefig(out / "fidelity_over_steps.png", dpi=120)
-        _kvfigure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
+        parts.append(_fidelity_section(fid, out, colours))
     if lgb:
-        summary = summarize_longgenbench(lgb)
-        write_csv(summary, out / "longgenbench_summary.csv")
-        parts.append(
-            "## LongGenBench\n\n"
-            + markdown_table(summary, LGB_COLUMNS)
-            + "\n\nAccuracy pairs each `Answer_N` with question N; the position-paired score pairs the i-th "
-            "answer with the i-th question, as the research code does (comparable with published numbers).\n\n"
-            "![accuracy vs memory](accuracy_vs_memory.png)\n![KV over steps](longgenbench_kv_over_steps.png)\n"
-        )
-        _scatter(
-            summary,
-            "accuracy",
-            "accuracy (%)",
-            "LongGenBench accuracy vs KV memory",
-            out / "accuracy_vs_memory.png",
-            colours,
-        )
-        _kvfigure(
-            lgb,
-            "kv_entries_trace",
-            "KV cache over decoding (LongGenBench)",
-            out / "longgenbench_kv_over_steps.png",
-            colours,
-        )
+        parts.append(_longgenbench_section(lgb, out, colours))
     path = out / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     logger.info("wrote %s", path)
     return path
+
+
+def _fidelity_section(fid: list[dict[str, Any]], out: pathlib.Path, colours: dict[str, Any]) -> str:
+    """The report's fidelity section; writes its CSV and plots."""
+    summary = summarize_fidelity(fid)
+    write_csv(summary, out / "fidelity_summary.csv")
+    section = (
+        "## Fidelity (teacher-forced against the full cache)\n\n"
+        + markdown_table(summary, FIDELITY_COLUMNS)
+        + "\n\nKL is KL(full ‖ method) of the next-token distributions, averaged over decode steps; "
+        "top-1 agreement is how often the method's most likely next token is the full cache's.\n\n"
+        "![agreement vs memory](agreement_vs_memory.png)\n![KV over steps](kv_over_steps.png)\n"
+        "![fidelity over steps](fidelity_over_steps.png)\n"
+    )
+    _scatter(
+        summary,
+        "top1_agreement",
+        "top-1 agreement with the full cache (%)",
+        "Fidelity vs KV memory",
+        out / "agreement_vs_memory.png",
+        colours,
+    )
+    fig, axes = figure(2)
+    window = max(1, min(len(r["kl"]) for r in fid if r["method"] != "reference") // 16)
+    smoothed = f" (mean of {window} steps)" if window > 1 else ""
+    kl_curves = _mean_curves(fid, "kl")
+    _lines(kl_curves, axes[0], f"KL(full ‖ method), nats{smoothed}", colours, window)
+    _lines(_mean_curves(fid, "top1", lambda r, v: 100.0 * v), axes[1], f"top-1 agreement, %{smoothed}", colours, window)
+    if max((max(c) for c in kl_curves.values() if c), default=0.0) > 1e-2:
+        axes[0].set_yscale("symlog", linthresh=1e-3)  # KL spans orders of magnitude across methods
+    axes[1].legend(fontsize=7)
+    fig.savefig(out / "fidelity_over_steps.png", dpi=120)
+    _kvfigure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
+    return section
+
+
+def _longgenbench_section(lgb: list[dict[str, Any]], out: pathlib.Path, colours: dict[str, Any]) -> str:
+    """The report's LongGenBench section; writes its CSV and plots."""
+    summary = summarize_longgenbench(lgb)
+    write_csv(summary, out / "longgenbench_summary.csv")
+    section = (
+        "## LongGenBench\n\n"
+        + markdown_table(summary, LGB_COLUMNS)
+        + "\n\nAccuracy pairs each `Answer_N` with question N; the position-paired score pairs the i-th "
+        "answer with the i-th question, as the research code does (comparable with published numbers).\n\n"
+        "![accuracy vs memory](accuracy_vs_memory.png)\n![KV over steps](longgenbench_kv_over_steps.png)\n"
+    )
+    _scatter(
+        summary,
+        "accuracy",
+        "accuracy (%)",
+        "LongGenBench accuracy vs KV memory",
+        out / "accuracy_vs_memory.png",
+        colours,
+    )
+    _kvfigure(
+        lgb,
+        "kv_entries_trace",
+        "KV cache over decoding (LongGenBench)",
+        out / "longgenbench_kv_over_steps.png",
+        colours,
+    )
+    return section
 
 
 # -- gold-output teacher forcing ------------------------------------------------------------------
@@ -330,47 +340,10 @@ def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: di
             if row["method"] not in by_budget[row["budget"]]:
                 by_budget[row["budget"]].append(row["method"])
     reference = [r for r in rows if r["method"] == REFERENCE]
-    images = []
-    for budget, methods in sorted(by_budget.items()):
-        fig, axes = figure(2)
-        for method in methods:
-            mine = [r for r in rows if r["method"] == method]
-            colour = colours[method]
-            for ax, field, count in ((axes[0], "delta_nll", "count"), (axes[1], "answer_nll", "answer_count")):
-                xs, ys = _binned_curve(mine, field, count)
-                ax.plot(
-                    xs,
-                    ys,
-                    label=method,
-                    color=colour,
-                    linewidth=1.3,
-                    marker="o" if len(xs) <= 8 else None,
-                    markersize=3,
-                )
-        axes[0].axhline(0.0, color="black", linewidth=1.6, zorder=10, label="full cache")
-        if reference:
-            xs, ys = _binned_curve(reference, "answer_ref_nll", "answer_count")
-            axes[1].plot(
-                xs,
-                ys,
-                color="black",
-                linewidth=1.8,
-                zorder=10,
-                label="full cache",
-                marker="o" if len(xs) <= 8 else None,
-                markersize=3,
-            )
-        width = rows[0]["bins"]["width"]
-        axes[0].set_ylabel(f"ΔNLL vs full cache (nats / token, bins of {width})")
-        axes[1].set_ylabel(f"answer-token NLL (nats, bins of {width})")
-        for ax in axes:
-            ax.set_xlabel("output position (tokens)")
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
-        fig.suptitle(f"Gold-output teacher forcing, decoding budget B = {budget} ({', '.join(tasks)})")
-        name = f"gold_B{budget}.png"
-        fig.savefig(out / name, dpi=120)
-        images.append(f"![budget {budget}]({name})")
+    images = [
+        _gold_plot(rows, reference, budget, methods, tasks, out, colours)
+        for budget, methods in sorted(by_budget.items())
+    ]
     widened = [
         r["budget_prompt_tokens"] - r["prompt_tokens"]
         for r in rows
@@ -404,3 +377,55 @@ def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: di
         + "\n".join(images)
         + "\n"
     )
+
+
+def _gold_plot(
+    rows: Sequence[dict[str, Any]],
+    reference: list[dict[str, Any]],
+    budget: int,
+    methods: list[str],
+    tasks: list[str],
+    out: pathlib.Path,
+    colours: dict[str, Any],
+) -> str:
+    """The gold section's plot for one decoding budget (ΔNLL and answer NLL over output positions);
+    returns its markdown image line."""
+    fig, axes = figure(2)
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        colour = colours[method]
+        for ax, field, count in ((axes[0], "delta_nll", "count"), (axes[1], "answer_nll", "answer_count")):
+            xs, ys = _binned_curve(mine, field, count)
+            ax.plot(
+                xs,
+                ys,
+                label=method,
+                color=colour,
+                linewidth=1.3,
+                marker="o" if len(xs) <= 8 else None,
+                markersize=3,
+            )
+    axes[0].axhline(0.0, color="black", linewidth=1.6, zorder=10, label="full cache")
+    if reference:
+        xs, ys = _binned_curve(reference, "answer_ref_nll", "answer_count")
+        axes[1].plot(
+            xs,
+            ys,
+            color="black",
+            linewidth=1.8,
+            zorder=10,
+            label="full cache",
+            marker="o" if len(xs) <= 8 else None,
+            markersize=3,
+        )
+    width = rows[0]["bins"]["width"]
+    axes[0].set_ylabel(f"ΔNLL vs full cache (nats / token, bins of {width})")
+    axes[1].set_ylabel(f"answer-token NLL (nats, bins of {width})")
+    for ax in axes:
+        ax.set_xlabel("output position (tokens)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Gold-output teacher forcing, decoding budget B = {budget} ({', '.join(tasks)})")
+    name = f"gold_B{budget}.png"
+    fig.savefig(out / name, dpi=120)
+    return f"![budget {budget}]({name})"
