@@ -235,21 +235,7 @@ def run_fidelity(
                 if (example.id, method.spec) in done:
                     continue
                 bars.start(f"{example.id} {method.spec}")
-                start = time.perf_counter()
-                cache = method.make_cache(model, ids.shape[1])
-                result = replay(model, cache, ids, reference, on_step=bars.step)
-                steps = len(result["kl"])
-                row = {
-                    **base,
-                    "method": method.spec,
-                    "mean_kl": sum(result["kl"]) / steps,
-                    "top1_agreement": sum(result["top1"]) / steps,
-                    "kv_entries_end": result["entries"][-1],
-                    "kv_entries_peak": max(result["entries"]),
-                    "kv_bytes_peak": account.held_bytes(max(result["entries"])),
-                    "seconds": round(time.perf_counter() - start, 3),
-                    **result,
-                }
+                row = {**base, **_method_record(model, method, ids, reference, account, bars)}
                 store.append(row)
                 new.append(row)
                 bars.done(method=method.spec, kl=f"{row['mean_kl']:.3f}", top1=f"{row['top1_agreement']:.2f}")
@@ -261,6 +247,26 @@ def run_fidelity(
         write_csv(summarize_fidelity(rows), store.dir / f"{RESULTS}_summary.csv")
         return rows
     return new
+
+
+def _method_record(
+    model: Any, method: Method, ids: torch.Tensor, reference: Any, account: KVAccount, bars: Progress
+) -> dict[str, Any]:
+    """Replay the reference through ``method``'s cache: the record's per-method fields."""
+    start = time.perf_counter()
+    cache = method.make_cache(model, ids.shape[1])
+    result = replay(model, cache, ids, reference, on_step=bars.step)
+    steps = len(result["kl"])
+    return {
+        "method": method.spec,
+        "mean_kl": sum(result["kl"]) / steps,
+        "top1_agreement": sum(result["top1"]) / steps,
+        "kv_entries_end": result["entries"][-1],
+        "kv_entries_peak": max(result["entries"]),
+        "kv_bytes_peak": account.held_bytes(max(result["entries"])),
+        "seconds": round(time.perf_counter() - start, 3),
+        **result,
+    }
 
 
 def summarize_fidelity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
