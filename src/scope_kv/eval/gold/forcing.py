@@ -217,32 +217,16 @@ def teacher_force(
         ``None``: one forward, as ``generate`` does.
     """
     start = time.perf_counter()
-    n, p = batch.prompt_ids.shape
-    g = batch.gold_ids.shape[1]
-    device = batch.prompt_ids.device
-    nll = torch.empty((n, g), dtype=torch.float32, device=device)
-    hit = torch.empty((n, g), dtype=torch.bool, device=device)
-    kl = torch.zeros((n, g), dtype=torch.float32, device=device)
-    top1 = torch.ones((n, g), dtype=torch.bool, device=device)
+    p, g = batch.prompt_ids.shape[1], batch.gold_ids.shape[1]
     mask = torch.cat([batch.prompt_mask, torch.ones_like(batch.gold_ids)], dim=1)
-    real = torch.tensor(batch.prompt_tokens, dtype=torch.long, device=device)[:, None]
-    slots = allocated = 0
+    real = torch.tensor(batch.prompt_tokens, dtype=torch.long, device=batch.prompt_ids.device)[:, None]
+    tally = _Tally(model, batch, reference)
 
     def record(t: int, logits: torch.Tensor) -> None:
-        logq = torch.log_softmax(logits.float(), dim=-1)
-        nll[:, t] = -logq.gather(-1, batch.gold_ids[:, t, None])[:, 0]
-        best = logq.argmax(-1)
-        hit[:, t] = best == batch.gold_ids[:, t]
-        if reference is not None:
-            logp = torch.log_softmax(_head(model, reference.hidden[:, t]), dim=-1)
-            kl[:, t] = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
-            top1[:, t] = best == reference.top1[:, t]
-
-    def measure() -> None:
-        nonlocal slots, allocated
-        footprint = kv_footprint(cache)
-        slots = max(slots, footprint.total_entries)
-        allocated = max(allocated, footprint.allocated_bytes)
+        tally.record(t, logits)
+        tally.measure(cache)
+        if on_step is not None:
+            on_step()
 
     positions = batch.positions()
     step = chunk_tokens or p
@@ -257,9 +241,6 @@ def teacher_force(
             logits_to_keep=1,
         )
     record(0, out.logits[:, -1])
-    measure()
-    if on_step is not None:
-        on_step()
     for t in range(1, g):
         out = model(
             input_ids=batch.gold_ids[:, t - 1 : t],
@@ -269,16 +250,48 @@ def teacher_force(
             use_cache=True,
         )
         record(t, out.logits[:, -1])
-        measure()
-        if on_step is not None:
-            on_step()
-    layers = max(1, len(kv_footprint(cache).entries))
-    return TokenStats(
-        nll.cpu(),
-        hit.cpu(),
-        kl.cpu() if reference is not None else None,
-        top1.cpu() if reference is not None else None,
-        slots / layers,
-        allocated,
-        time.perf_counter() - start,
-    )
+    return tally.stats(max(1, len(kv_footprint(cache).entries)), time.perf_counter() - start)
+
+
+class _Tally:
+    """Per-token statistics of one teacher-forced run, accumulated on the device."""
+
+    def __init__(self, model: Any, batch: GoldBatch, reference: GoldReference | None):
+        n, g = batch.gold_ids.shape
+        device = batch.gold_ids.device
+        self.model, self.gold, self.reference = model, batch.gold_ids, reference
+        self.nll = torch.empty((n, g), dtype=torch.float32, device=device)
+        self.hit = torch.empty((n, g), dtype=torch.bool, device=device)
+        self.kl = torch.zeros((n, g), dtype=torch.float32, device=device)
+        self.top1 = torch.ones((n, g), dtype=torch.bool, device=device)
+        self.slots = self.allocated = 0
+
+    def record(self, t: int, logits: torch.Tensor) -> None:
+        """The logits that predict reference token ``t``."""
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        self.nll[:, t] = -logq.gather(-1, self.gold[:, t, None])[:, 0]
+        best = logq.argmax(-1)
+        self.hit[:, t] = best == self.gold[:, t]
+        if self.reference is not None:
+            logp = torch.log_softmax(_head(self.model, self.reference.hidden[:, t]), dim=-1)
+            self.kl[:, t] = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+            self.top1[:, t] = best == self.reference.top1[:, t]
+
+    def measure(self, cache: Any) -> None:
+        """The cache's peak entries and bytes so far."""
+        footprint = kv_footprint(cache)
+        self.slots = max(self.slots, footprint.total_entries)
+        self.allocated = max(self.allocated, footprint.allocated_bytes)
+
+    def stats(self, layers: int, seconds: float) -> TokenStats:
+        """Copied to the CPU once, at the end."""
+        compared = self.reference is not None
+        return TokenStats(
+            self.nll.cpu(),
+            self.hit.cpu(),
+            self.kl.cpu() if compared else None,
+            self.top1.cpu() if compared else None,
+            self.slots / layers,
+            self.allocated,
+            seconds,
+        )
