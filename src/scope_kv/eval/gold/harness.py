@@ -49,26 +49,11 @@ def run_gold(
 ) -> list[dict[str, Any]]:
     """Teacher-force every example's reference output through every method this shard owns.
 
-    Parameters
-    ----------
-    model, tokenizer
-        A causal LM and its tokenizer (pad id: the tokenizer's, else the model's eos).
-    items : sequence of GoldItem
-        From :func:`prepare_gold`, with the same ``settings``.
-    methods : sequence of Method
-        Parsed specs (adaptive / discontinuous planned for :func:`plan_tokens`). Methods, not
-        examples, are split round robin over shards: each process runs the whole batch.
-    out_dir : path
-        Results directory (resumable).
-    settings : GoldSettings
-        Batching, reference cut, per-prompt budgets, bins.
-    shard : Shard
-        This process's rank / world size.
-    progress : bool
-        Show tqdm bars (methods x groups, and tokens).
-    run_info : dict or None
-        Extra settings recorded with the run (model, data, questions per example...); they must
-        match to resume.
+    Parameters are as for :func:`scope_kv.eval.runner.run_longgenbench` (the tokenizer gives the pad
+    id, else the model's eos), except: ``items`` come from :func:`prepare_gold` with the same
+    ``settings`` (batching, reference cut, per-prompt budgets, bins); ``methods`` are planned for
+    :func:`plan_tokens`, and they, not examples, are split round robin over shards (each process
+    runs the whole batch); the progress bars count methods x groups, and tokens.
 
     Returns
     -------
@@ -80,22 +65,14 @@ def run_gold(
     config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
     store = ResultStore(out_dir, RESULTS, shard, config)
     done = store.done(_key)
-    device = input_device(model)
-    pad_id = _pad_id(model, tokenizer)
-    positions = _positions(model, items)
+    device, pad_id = input_device(model), _pad_id(model, tokenizer)
     owned = [m for i, m in enumerate(methods) if shard.owns(i)]
-    names = [REFERENCE, *(m.spec for m in methods)]
     size = settings.batch_size or len(items)
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
-    describe = _Describe(
-        bytes_per_entry(model), model.config.get_text_config(decoder=True).num_hidden_layers, positions
-    )
-    passes = sum(
-        1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
-    )
-    bars = Progress(progress, passes, max(int(it.gold_ids.numel()) for it in items), f"[rank {shard.rank}] passes")
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    describe = _Describe(bytes_per_entry(model), layers, _positions(model, items))
+    bars = _bars(progress, batches, owned, settings, shard)
     new: list[dict[str, Any]] = []
-
     try:
         for group_items in batches:
             todo = [m for m in owned if any((it.example.id, m.spec) not in done for it in group_items)]
@@ -109,21 +86,8 @@ def run_gold(
             ref_seconds = time.perf_counter() - start
             bars.done()
             if want_ref:
-                for row, item in enumerate(group_items):
-                    if (item.example.id, REFERENCE) in done:
-                        continue
-                    record = gold_record(
-                        describe(item, REFERENCE, None, batch.prompt_tokens[row]),
-                        row,
-                        item,
-                        None,
-                        reference,
-                        row,
-                        settings,
-                    )
-                    record["seconds"] = round(ref_seconds / batch.rows, 4)
-                    store.append(record)
-                    new.append(record)
+                refs = _reference_records(group_items, batch, reference, ref_seconds, done, describe, settings)
+                new += _store_new(store, done, refs)
             for method in todo:
                 for rows, resolved in _groups(method, batch.prompt_tokens, settings):
                     if all((group_items[r].example.id, method.spec) in done for r in rows):
@@ -131,18 +95,55 @@ def run_gold(
                     records = _method_pass(
                         model, method, batch, group_items, rows, resolved, reference, settings, bars, describe
                     )
-                    for record in records:
-                        if (record["example"], method.spec) not in done:
-                            store.append(record)
-                            new.append(record)
+                    new += _store_new(store, done, records)  # kept as each pass ends (resumable)
     finally:
         bars.close()
-    rank = {n: i for i, n in enumerate(names)}
+    rank = {n: i for i, n in enumerate([REFERENCE, *(m.spec for m in methods)])}
     if store.finish(_key, lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"])):
         rows_all = store.records()
         write_csv(summarize_gold(rows_all), store.dir / f"{RESULTS}_summary.csv")
         return rows_all
     return new
+
+
+def _store_new(store: ResultStore, done: set[Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append the records not done yet to the store; returns them."""
+    fresh = [r for r in records if _key(r) not in done]
+    for record in fresh:
+        store.append(record)
+    return fresh
+
+
+def _bars(
+    progress: bool, batches: list[list[GoldItem]], owned: list[Method], settings: GoldSettings, shard: Shard
+) -> Progress:
+    """Progress over passes (one reference pass per batch, then one per method group) and tokens."""
+    passes = sum(
+        1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
+    )
+    tokens = max(int(it.gold_ids.numel()) for b in batches for it in b)
+    return Progress(progress, passes, tokens, f"[rank {shard.rank}] passes")
+
+
+def _reference_records(
+    group_items: list[GoldItem],
+    batch: GoldBatch,
+    reference: Any,
+    seconds: float,
+    done: set[Any],
+    describe: _Describe,
+    settings: GoldSettings,
+) -> list[dict[str, Any]]:
+    """The full cache's records of one batch (those not done yet); its time shared over the rows."""
+    records = []
+    for row, item in enumerate(group_items):
+        if (item.example.id, REFERENCE) in done:
+            continue
+        base = describe(item, REFERENCE, None, batch.prompt_tokens[row])
+        record = gold_record(base, row, item, None, reference, row, settings)
+        record["seconds"] = round(seconds / batch.rows, 4)
+        records.append(record)
+    return records
 
 
 def _pad_id(model: Any, tokenizer: Any) -> int:
