@@ -18,7 +18,8 @@ import os
 import pathlib
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigMismatchError",
+    "HarnessRun",
     "KVAccount",
     "Progress",
     "ResultStore",
@@ -448,6 +450,80 @@ class ResultStore:
         os.replace(tmp, self.path)
         for path in parts:
             path.unlink(missing_ok=True)
+        return rows
+
+
+class HarnessRun:
+    """One harness's run in one results directory: what every harness shares -- resume (the records
+    already there), sharding, progress bars and the merge of the ranks' parts.
+
+    Parameters
+    ----------
+    out_dir : path
+        The results directory.
+    name : str
+        The harness's results name (file stem).
+    shard : Shard or None
+        This process's share (all of it by default).
+    settings : dataclass
+        The harness's settings; with ``run_info`` they must match to resume.
+    run_info : dict or None
+        More settings recorded with the run (model, data...).
+    key : callable
+        A record's identity (what resuming skips).
+
+    A harness lists its work, skipping what :meth:`is_done`; runs it inside :meth:`progress`,
+    handing each record to :meth:`keep`; and ends with :meth:`finish`.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | pathlib.Path,
+        name: str,
+        shard: Shard | None,
+        settings: Any,
+        run_info: dict[str, Any] | None,
+        key: Callable[[dict[str, Any]], Any],
+    ):
+        self.shard = shard or Shard()
+        self.key = key
+        config = {"harness": name, **dataclasses.asdict(settings), **(run_info or {})}
+        self.store = ResultStore(out_dir, name, self.shard, config)
+        self.done = self.store.done(key)
+        self.new: list[dict[str, Any]] = []
+
+    def is_done(self, *key: Any) -> bool:
+        """Whether a record of this key is in the directory already."""
+        return key in self.done
+
+    @contextmanager
+    def progress(self, enabled: bool, runs: int, steps: int, label: str) -> Iterator[Progress]:
+        """The run's :class:`Progress` bars, closed when the block ends (an exception included)."""
+        bars = Progress(enabled, runs, steps, label)
+        try:
+            yield bars
+        finally:
+            bars.close()
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """Store a new record (at once: a run that stops keeps it)."""
+        self.store.append(record)
+        self.new.append(record)
+
+    def finish(
+        self,
+        order: Callable[[dict[str, Any]], Any],
+        summarize: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    ) -> list[dict[str, Any]] | None:
+        """Mark this rank done and merge the parts when every rank is.
+
+        Returns every record when this process merged them (writing ``summarize``'s rows to
+        ``<name>_summary.csv``), else ``None``."""
+        if not self.store.finish(self.key, order):
+            return None
+        rows = self.store.records()
+        if summarize is not None:
+            write_csv(summarize(rows), self.store.dir / f"{self.store.name}_summary.csv")
         return rows
 
 

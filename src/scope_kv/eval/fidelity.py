@@ -21,7 +21,6 @@ Results: ``<out>/fidelity.jsonl`` (one line per (prompt, method) with per-step l
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
 import time
@@ -34,7 +33,7 @@ from transformers import DynamicCache
 
 from .._checks import check_int
 from ..compat import cache_kwargs
-from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
+from .common import HarnessRun, KVAccount, Progress, Shard, chunks, input_device
 from .longgenbench import Example, PromptSettings
 from .methods import Method
 
@@ -189,17 +188,13 @@ def run_fidelity(
     list[dict]
         Every record when this process merged the results, else this shard's new ones.
     """
-    shard = shard or Shard()
-    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
-    store = ResultStore(out_dir, RESULTS, shard, config)
-    done = store.done(_key)
+    run = HarnessRun(out_dir, RESULTS, shard, settings, run_info, _key)
     account = KVAccount(model)
     device = input_device(model)
     names = ["reference", *(m.spec for m in methods)]
-    todo = [(i, ex) for i, ex in chunks(examples, shard) if any((ex.id, n) not in done for n in names)]
-    bars = Progress(progress, len(todo) * len(names), settings.steps, f"[rank {shard.rank}] prompts x methods")
-    new = []
-    try:
+    todo = [(i, ex) for i, ex in chunks(examples, run.shard) if any(not run.is_done(ex.id, n) for n in names)]
+    label = f"[rank {run.shard.rank}] prompts x methods"
+    with run.progress(progress, len(todo) * len(names), settings.steps, label) as bars:
         for index, example in todo:
             ex = settings.prepare(example, tokenizer)
             ids = settings.encode(ex, tokenizer, device)["input_ids"]
@@ -220,7 +215,7 @@ def run_fidelity(
                 "num_layers": account.num_layers,
                 "bytes_per_entry": account.bytes_per_entry,
             }
-            if (example.id, "reference") not in done:
+            if not run.is_done(example.id, "reference"):
                 row = {
                     **base,
                     "method": "reference",
@@ -228,25 +223,18 @@ def run_fidelity(
                     "entries": reference.entries,
                     "seconds": round(ref_seconds, 3),
                 }
-                store.append(row)
-                new.append(row)
+                run.keep(row)
             bars.done()
             for method in methods:
-                if (example.id, method.spec) in done:
+                if run.is_done(example.id, method.spec):
                     continue
                 bars.start(f"{example.id} {method.spec}")
                 row = {**base, **_method_record(model, method, ids, reference, account, bars)}
-                store.append(row)
-                new.append(row)
+                run.keep(row)
                 bars.done(method=method.spec, kl=f"{row['mean_kl']:.3f}", top1=f"{row['top1_agreement']:.2f}")
-    finally:
-        bars.close()
     rank = {n: i for i, n in enumerate(names)}
-    if store.finish(_key, lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"])):
-        rows = store.records()
-        write_csv(summarize_fidelity(rows), store.dir / f"{RESULTS}_summary.csv")
-        return rows
-    return new
+    rows = run.finish(lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"]), summarize_fidelity)
+    return run.new if rows is None else rows
 
 
 def _method_record(

@@ -7,7 +7,6 @@ and sharding.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
 import time
@@ -20,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .._checks import check_int
 from ..compat import cache_kwargs
-from .common import KVAccount, Progress, ResultStore, Shard, chunks, input_device, write_csv
+from .common import HarnessRun, KVAccount, Progress, Shard, chunks, input_device, write_csv
 from .longgenbench import Example, PromptSettings, score_output
 from .methods import Method
 
@@ -145,21 +144,17 @@ def run_longgenbench(
     list[dict]
         Every record of the run when this process merged the results, else this shard's new ones.
     """
-    shard = shard or Shard()
-    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
-    store = ResultStore(out_dir, RESULTS, shard, config)
-    done = store.done(_key)
+    run = HarnessRun(out_dir, RESULTS, shard, settings, run_info, _key)
     account = KVAccount(model)
     device = input_device(model)
     eos = model.generation_config.eos_token_id
-    todo = [(i, ex, m) for i, ex in chunks(examples, shard) for m in methods if (ex.id, m.spec) not in done]
-    if len(done):
-        logger.info("resuming: %d records already in %s, %d to run on this rank", len(done), store.dir, len(todo))
-    bars = Progress(progress, len(todo), settings.max_new_tokens, f"[rank {shard.rank}] examples x methods")
+    todo = [(i, ex, m) for i, ex in chunks(examples, run.shard) for m in methods if not run.is_done(ex.id, m.spec)]
+    if run.done:
+        logger.info("resuming: %d records already in %s, %d to run on this rank", len(run.done), out_dir, len(todo))
     right = seen = 0
-    new = []
     prepared: dict[str, tuple[Example, dict[str, torch.Tensor]]] = {}
-    try:
+    label = f"[rank {run.shard.rank}] examples x methods"
+    with run.progress(progress, len(todo), settings.max_new_tokens, label) as bars:
         for index, example, method in todo:
             if example.id not in prepared:
                 prepared.clear()
@@ -168,17 +163,11 @@ def run_longgenbench(
             ex, inputs = prepared[example.id]
             bars.start(f"{example.id} {method.spec}")
             record = _generate_and_score(model, tokenizer, ex, index, inputs, method, settings, account, bars, eos)
-            store.append(record)
-            new.append(record)
+            run.keep(record)
             right, seen = right + record["correct"], seen + ex.k
             bars.done(acc=f"{right}/{seen}")
-    finally:
-        bars.close()
-    if store.finish(_key, _order([m.spec for m in methods])):
-        rows = store.records()
-        write_csv(summarize_longgenbench(rows), store.dir / f"{RESULTS}_summary.csv")
-        return rows
-    return new
+    rows = run.finish(_order([m.spec for m in methods]), summarize_longgenbench)
+    return run.new if rows is None else rows
 
 
 def _generate_and_score(

@@ -30,7 +30,7 @@ import torch
 
 from .._checks import check_int
 from ..testbed import DEFAULT_MIX, KINDS, TRAINED, evaluate_caches, output_length, prompt_length
-from .common import Progress, ResultStore, Shard, read_results, write_csv
+from .common import HarnessRun, Progress, Shard, read_results, write_csv
 from .gold import method_family
 from .methods import Method, gold_grid, parse_method
 
@@ -167,20 +167,16 @@ def run_testbed(
         Every record of the directory (this run's and earlier ones), once every rank is done and
         this process merged the parts and wrote the report; ``None`` in the other ranks.
     """
-    shard = shard or Shard()
-    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(info or {})}
-    store = ResultStore(out_dir, RESULTS, shard, config)
-    done = store.done(_key)
+    run = HarnessRun(out_dir, RESULTS, shard, settings, info, _key)
     layers = model.config.num_hidden_layers
     device = next(model.parameters()).device.type  # kept with each record (runs may span devices)
     by_name: dict[str, Method | None] = {REFERENCE: None, **{m.spec: m for m in methods}}
     todo = [
         (scale, name, batch)
         for i, (scale, name, batch) in enumerate(_runs(settings, list(by_name)))
-        if shard.owns(i) and any((name, scale, s) not in done for s in batch)
+        if run.shard.owns(i) and any(not run.is_done(name, scale, s) for s in batch)
     ]
-    bars = Progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed")
-    try:
+    with run.progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed") as bars:
         for scale, name, batch in todo:
             n_items = settings.items_at(scale)
             prompt = prompt_length(settings.n_bindings, n_items)
@@ -193,7 +189,7 @@ def run_testbed(
             result = evaluate_caches(
                 model,
                 tokenizer,
-                [s for s in batch if (name, scale, s) not in done],
+                [s for s in batch if not run.is_done(name, scale, s)],
                 make,
                 n_bindings=settings.n_bindings,
                 n_items=n_items,
@@ -202,11 +198,9 @@ def run_testbed(
                 generate_kwargs={"streamer": _Ticks(bars)},
             )
             for seed in result.seeds:
-                store.append(_record(name, scale, n_items, prompt, seed, layers, device))
+                run.keep(_record(name, scale, n_items, prompt, seed, layers, device))
             bars.done(accuracy=f"{result.accuracy:.3f}")
-    finally:
-        bars.close()
-    if not store.finish(_key, _order):
+    if run.finish(_order) is None:
         return None
     rows = load_records(out_dir)
     write_report(rows, out_dir, settings.position_bins)

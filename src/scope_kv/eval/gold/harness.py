@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from ...accounting import bytes_per_entry
-from ..common import Progress, ResultStore, Shard, input_device, write_csv
+from ..common import HarnessRun, Progress, Shard, input_device
 from ..methods import Method
 from .data import REFERENCE, RESULTS, GoldBatch, GoldItem, GoldSettings
 from .forcing import GoldReference, full_reference, teacher_force
@@ -61,22 +61,17 @@ def run_gold(
         Every record when this process merged the results, else this shard's new ones. The
         full cache's records carry the method name ``"reference"`` (written by rank 0).
     """
-    shard = shard or Shard()
-    config = {"harness": RESULTS, **dataclasses.asdict(settings), **(run_info or {})}
-    store = ResultStore(out_dir, RESULTS, shard, config)
-    done = store.done(_key)
+    run = HarnessRun(out_dir, RESULTS, shard, settings, run_info, _key)
     device, pad_id = input_device(model), _pad_id(model, tokenizer)
-    owned = [m for i, m in enumerate(methods) if shard.owns(i)]
+    owned = [m for i, m in enumerate(methods) if run.shard.owns(i)]
     size = settings.batch_size or len(items)
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     describe = _Describe(bytes_per_entry(model), layers, _positions(model, items))
-    bars = _bars(progress, batches, owned, settings, shard)
-    new: list[dict[str, Any]] = []
-    try:
+    with _bars(run, progress, batches, owned, settings) as bars:
         for group_items in batches:
-            todo = [m for m in owned if any((it.example.id, m.spec) not in done for it in group_items)]
-            want_ref = shard.is_main and any((it.example.id, REFERENCE) not in done for it in group_items)
+            todo = [m for m in owned if any(not run.is_done(it.example.id, m.spec) for it in group_items)]
+            want_ref = run.shard.is_main and any(not run.is_done(it.example.id, REFERENCE) for it in group_items)
             if not todo and not want_ref:
                 continue
             batch = GoldBatch.of(group_items, pad_id, device)
@@ -86,43 +81,33 @@ def run_gold(
             ref_seconds = time.perf_counter() - start
             bars.done()
             if want_ref:
-                refs = _reference_records(group_items, batch, reference, ref_seconds, done, describe, settings)
-                new += _store_new(store, done, refs)
+                for record in _reference_records(group_items, batch, reference, ref_seconds, describe, settings):
+                    if not run.is_done(record["example"], REFERENCE):
+                        run.keep(record)
             for method in todo:
                 for rows, resolved in _groups(method, batch.prompt_tokens, settings):
-                    if all((group_items[r].example.id, method.spec) in done for r in rows):
+                    if all(run.is_done(group_items[r].example.id, method.spec) for r in rows):
                         continue
                     records = _method_pass(
                         model, method, batch, group_items, rows, resolved, reference, settings, bars, describe
                     )
-                    new += _store_new(store, done, records)  # kept as each pass ends (resumable)
-    finally:
-        bars.close()
+                    for record in records:  # kept as each pass ends (resumable)
+                        if not run.is_done(record["example"], method.spec):
+                            run.keep(record)
     rank = {n: i for i, n in enumerate([REFERENCE, *(m.spec for m in methods)])}
-    if store.finish(_key, lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"])):
-        rows_all = store.records()
-        write_csv(summarize_gold(rows_all), store.dir / f"{RESULTS}_summary.csv")
-        return rows_all
-    return new
-
-
-def _store_new(store: ResultStore, done: set[Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Append the records not done yet to the store; returns them."""
-    fresh = [r for r in records if _key(r) not in done]
-    for record in fresh:
-        store.append(record)
-    return fresh
+    rows_all = run.finish(lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"]), summarize_gold)
+    return run.new if rows_all is None else rows_all
 
 
 def _bars(
-    progress: bool, batches: list[list[GoldItem]], owned: list[Method], settings: GoldSettings, shard: Shard
-) -> Progress:
+    run: HarnessRun, progress: bool, batches: list[list[GoldItem]], owned: list[Method], settings: GoldSettings
+) -> AbstractContextManager[Progress]:
     """Progress over passes (one reference pass per batch, then one per method group) and tokens."""
     passes = sum(
         1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
     )
     tokens = max(int(it.gold_ids.numel()) for b in batches for it in b)
-    return Progress(progress, passes, tokens, f"[rank {shard.rank}] passes")
+    return run.progress(progress, passes, tokens, f"[rank {run.shard.rank}] passes")
 
 
 def _reference_records(
@@ -130,15 +115,12 @@ def _reference_records(
     batch: GoldBatch,
     reference: Any,
     seconds: float,
-    done: set[Any],
     describe: _Describe,
     settings: GoldSettings,
 ) -> list[dict[str, Any]]:
-    """The full cache's records of one batch (those not done yet); its time shared over the rows."""
+    """The full cache's records of one batch; its time shared over the rows."""
     records = []
     for row, item in enumerate(group_items):
-        if (item.example.id, REFERENCE) in done:
-            continue
         base = describe(item, REFERENCE, None, batch.prompt_tokens[row])
         record = gold_record(base, row, item, None, reference, row, settings)
         record["seconds"] = round(seconds / batch.rows, 4)
