@@ -385,8 +385,11 @@ class ScopeLayer(CacheLayerMixin):
             self.own_mask = True  # a hole: transformers' mask cannot describe the slots
 
     def _compact_holes(self, scores: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> None:
-        """Drop the invalid slots behind valid ones (:meth:`scope_kv.masks.RowValidity.compact`)."""
-        self.length = self.prefill_length = self.rows.compact(self.keys, self.values, self.length, scores, counts)
+        """Drop the invalid slots behind valid ones (:meth:`scope_kv.masks.RowValidity.hole_choice`)."""
+        scores, counts, lead = self.rows.hole_choice(self.keys.shape[1], self.length, scores, counts)
+        self.length, start = keep_top_(self.keys, self.values, self.length, scores, counts, lead)
+        self.rows.set_start(start)
+        self.prefill_length = self.length
 
     def observe_input(
         self, hidden_states: torch.Tensor | None, position_embeddings: Any, position_ids: torch.Tensor | None = None

@@ -24,11 +24,10 @@ from typing import Any
 import torch
 from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_mask
 
-from .selection import keep_top_
-
 __all__ = [
     "MaskFormat",
     "RowValidity",
+    "causal_allowed",
     "additive_key_bias",
     "decode_key_mask",
     "head_mask",
@@ -160,29 +159,37 @@ class RowValidity:
         self.holes = valid
         return True
 
-    def compact(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        length: int,
-        scores: torch.Tensor | None = None,
-        counts: torch.Tensor | None = None,
-    ) -> int:
-        """Drop the holes from storage: per row, the kept entries move to the end of ``[0, n)`` in
-        order and the filler in front of them becomes ``start`` (:func:`scope_kv.selection.keep_top_`);
-        returns ``n``. ``scores`` / ``counts``: a prefill compressor's choice among the valid slots
-        (default: keep every valid slot)."""
+    def hole_choice(
+        self, kv_heads: int, length: int, scores: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What compacting the holes away keeps: ``(scores, counts, lead)`` for
+        :func:`scope_kv.selection.keep_top_` (invalid slots scored ``-inf``; per row, the valid
+        slots, or a prefill compressor's ``scores`` / ``counts`` among them; the leading invalid
+        slots). The kept entries then move to the end of ``[0, n)`` in order, and the filler in
+        front of them becomes ``start`` (:meth:`set_start`)."""
         valid = self.holes
         assert valid is not None
         real = valid.sum(-1)
         counts = real if counts is None else torch.minimum(counts, real)
         if scores is None:
-            scores = torch.zeros(valid.shape[0], keys.shape[1], length, device=valid.device)
+            scores = torch.zeros(valid.shape[0], kv_heads, length, device=valid.device)
         scores = scores.float().masked_fill(~valid[:, None, :length], float("-inf"))
-        lead = leading_invalid(valid, valid.shape[0], valid.device)
-        length, start = keep_top_(keys, values, length, scores, counts, lead)
-        self.set_start(start)
-        return length
+        return scores, counts, leading_invalid(valid, valid.shape[0], valid.device)
+
+
+def causal_allowed(
+    start: torch.Tensor | None, first_slot: int, q_len: int, length: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """``(batch, q_len, length)`` boolean: which held slots each of a block of queries may see.
+
+    Query ``i`` sits at slot ``first_slot + i`` and sees slots ``start[b] <= j <= first_slot + i``
+    (``start``: leading invalid slots per row; ``None``: every slot valid)."""
+    slots = torch.arange(length, device=device)
+    positions = first_slot + torch.arange(q_len, device=device)
+    allowed = slots[None, :] <= positions[:, None]  # (q, length)
+    if start is None:
+        return allowed[None].expand(batch, q_len, length)
+    return allowed[None] & (slots[None, None, :] >= start[:, None, None])
 
 
 def _causal(valid: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .masks import causal_allowed
+
 __all__ = [
     "Cut",
     "attention_scores",
@@ -123,14 +125,7 @@ def causal_probs(
     logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    slots = torch.arange(length, device=keys.device)
-    positions = first_slot + torch.arange(q_len, device=keys.device)
-    allowed = slots[None, :] <= positions[:, None]  # (q, length)
-    if start is not None:
-        allowed = allowed[None] & (slots[None, None, :] >= start[:, None, None])  # (batch, q, length)
-    else:
-        allowed = allowed[None].expand(batch, q_len, length)
-    allowed = allowed[:, None, None]  # (batch, 1, 1, q, length)
+    allowed = causal_allowed(start, first_slot, q_len, length, batch, keys.device)[:, None, None]
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
