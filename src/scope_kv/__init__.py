@@ -18,6 +18,7 @@ from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
 from .layer import ScopeLayer
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
+from .rkv import RKV, UnifiedRKV
 from .spec import make_cache
 from .step import AttentionStep
 
@@ -31,12 +32,14 @@ __all__ = [
     "H2O",
     "PrefillCompressor",
     "PyramidKV",
+    "RKV",
     "ScopeCache",
     "ScopeLayer",
     "Slide",
     "SnapKV",
     "StreamingLLM",
     "UnifiedH2O",
+    "UnifiedRKV",
     "UnifiedStreamingLLM",
     "make_cache",
     "__version__",

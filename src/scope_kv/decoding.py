@@ -86,6 +86,12 @@ class DecodingStrategy:
         return self.budget + self.slack + 1
 
     @property
+    def query_window(self) -> int:
+        """How many of the newest queries the strategy scores from: a layer then keeps them and hands
+        them over as :attr:`AttentionStep.window` (0: the current query only, SCOPE's)."""
+        return 0
+
+    @property
     def bounded(self) -> bool:
         """Whether :attr:`max_held` bounds the pool (False for an uncapped schedule: then it is only
         the storage reserved up front)."""

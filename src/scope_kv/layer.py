@@ -35,6 +35,7 @@ from .prefill.base import PrefillCompressor, PrefillMemo
 from .selection import Cut, compact_, keep_top_, select_heavy
 from .step import AttentionStep
 from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized
+from .window import QueryWindow
 
 __all__ = ["ScopeLayer"]
 
@@ -129,6 +130,8 @@ class ScopeLayer(CacheLayerMixin):
         # padding (class notes)
         self.rows = RowValidity()  # which held slots are real entries (pads, filler, holes)
         self.own_mask = False
+        # the newest queries, for a strategy that scores from a window of them
+        self.window = QueryWindow(0 if self.decoding is None else self.decoding.query_window)
         # prefill compression
         self._prefill_open = False  # a prefill ran and its compression is still to do
         # what the prefill compressor gathers while the prompt runs (its own memo type), and the
@@ -198,8 +201,10 @@ class ScopeLayer(CacheLayerMixin):
         else:
             # A prefill forward (the first, a chunk, or a new turn's prompt). Whatever the previous
             # turn's decoding pool held joins the prefill pool, and the schedule starts afresh.
-            headroom = 0 if self.decoding is None else self.decoding.max_held
-            self.reserve(self.length + q + headroom)
+            if self.decoding is not None and self.decoding.evicts_prompt:  # one pool of at most max_held
+                self.reserve(max(self.length + q + 1, self.decoding.max_held))
+            else:
+                self.reserve(self.length + q + (0 if self.decoding is None else self.decoding.max_held))
         end = self.length + q
         self.keys[:, :, self.length : end].copy_(key_states)
         self.values[:, :, self.length : end].copy_(value_states)
@@ -262,6 +267,7 @@ class ScopeLayer(CacheLayerMixin):
         """Apply a batch re-indexing to every per-row tensor: K/V, ``start``, the ring, the memo."""
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.rows.map_batch(fn)
+        self.window.map_batch(fn)
         self.positions.map_batch(fn)
         self.ring.map_batch(fn)
         if self._memo is not None:
@@ -346,6 +352,11 @@ class ScopeLayer(CacheLayerMixin):
             # or filler and layers different lengths: the mask transformers built no longer
             # describes this layer's slots, so the layer supplies its own (docs/method.md §8).
             attention_mask = self.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
+        if self.window.size:
+            q = query.shape[2]
+            prefill = self._pending == "prefill"
+            valid = self.valid_slots()[:, -q:] if prefill else torch.ones_like(query[:, 0, :, 0], dtype=torch.bool)
+            self.window.observe(query, valid)  # (a prefill's queries on padding or holes are not real)
         return AttentionStep(
             module,
             query,
@@ -357,6 +368,8 @@ class ScopeLayer(CacheLayerMixin):
             softcap=softcap,
             head_valid=self.head_valid(),
             arrival=self.arrival(),
+            window=self.window.queries,
+            window_valid=self.window.valid,
         )
 
     def observe_prefill_mask(self, attention_mask: torch.Tensor | None) -> None:
@@ -492,10 +505,11 @@ class ScopeLayer(CacheLayerMixin):
         """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""
         start = self.rows.starts(self.keys.shape[0], self.keys.device)
         held = self.length - start  # (batch,) valid entries per row
-        select, self.skipped = decoding.plan(int(held.max()), t, self.skipped)
-        if not select:
-            return
-        counts = held.clamp(max=decoding.budget_at(t))
+        rows = held.tolist()
+        # each row's pool is planned on its own (as the static layout plans each pool)
+        select = torch.tensor([decoding.plan(n, t, self.skipped)[0] for n in rows], device=held.device)
+        self.skipped = decoding.plan(max(rows), t, self.skipped)[1]
+        counts = torch.where(select, held.clamp(max=decoding.budget_at(t)), held)
         if bool((counts == held).all()):
             return
         self.selections += 1

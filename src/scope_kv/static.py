@@ -316,6 +316,8 @@ class StaticScopeLayer(ScopeLayer):
             batch, kv_heads, prompt, total - prompt, self.start, self.seen, self.keys.device
         )
         mark_static_addresses(self.keys, self.values)
+        if self.window.queries is not None and self.window.valid is not None:
+            mark_static_addresses(self.window.queries, self.window.valid)
         self.length = total
         self._splits = default_splits(batch, kv_heads, total, self.keys.device)
 

@@ -52,6 +52,11 @@ class AttentionStep:
     arrival : Tensor or None
         ``(batch, kv_heads, length)`` int64 order in which the slots' entries arrived, when slot
         order is not arrival order (the static layout); ``None``: slot ``j`` arrived ``j``-th.
+    window : Tensor or None
+        ``(batch, q_heads, w, dim)`` the newest ``w`` queries the layer saw, this forward's last
+        (oldest first), for a strategy with a :attr:`~scope_kv.DecodingStrategy.query_window`.
+    window_valid : Tensor or None
+        ``(batch, w)`` boolean: which of them are real tokens (not padding, not yet seen).
     """
 
     module: torch.nn.Module
@@ -65,6 +70,8 @@ class AttentionStep:
     lse: torch.Tensor | None = None
     head_valid: torch.Tensor | None = None
     arrival: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    window_valid: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:

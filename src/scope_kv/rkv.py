@@ -1,0 +1,212 @@
+"""R-KV on SCOPE's split, and as a unified baseline (Cai et al., 2025; docs/methods.md).
+
+R-KV keeps the entries that are important and not redundant. Importance is the attention the
+newest ``recent`` queries (the observation window) pay to each candidate; redundancy is how
+similar a candidate's key is to the other held keys. Selection runs once the pool has grown a
+``buffer`` past its budget, and cuts it back to the budget.
+
+:class:`RKV` holds SCOPE's decoding pool to its budget this way and keeps the prompt whole;
+:class:`UnifiedRKV` is R-KV as its authors run it, one budget over prompt and output together.
+The rule itself is :func:`rkv_scores`; docs/methods.md says where it follows the paper (§3.1-§3.4)
+and where it departs from the authors' code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ._checks import check_int, spec_options
+from .decoding import DecodingStrategy
+
+if TYPE_CHECKING:
+    from .step import AttentionStep
+
+__all__ = ["RKV", "UnifiedRKV", "rkv_scores"]
+
+
+def rkv_scores(
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    candidates: torch.Tensor,
+    window: torch.Tensor,
+    window_valid: torch.Tensor,
+    scaling: float,
+    mix: float,
+    kernel: int,
+    threshold: float,
+) -> torch.Tensor:
+    """R-KV's score of a region's entries (higher is kept), in float32.
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(batch, kv_heads, n, dim)`` the region's keys in arrival order (oldest first).
+    valid : Tensor
+        ``(batch, kv_heads, n)`` bool: real entries (the rest is ignored).
+    candidates : Tensor
+        ``(batch, kv_heads, n)`` bool: the entries that may be evicted (valid, older than the window).
+    window : Tensor
+        ``(batch, q_heads, w, dim)`` the observation window's queries.
+    window_valid : Tensor
+        ``(batch, w)`` bool: which window queries are real tokens.
+    scaling : float
+        The model's softmax scale.
+    mix : float
+        ``lambda``: the score is ``mix * importance - (1 - mix) * redundancy``.
+    kernel : int
+        Width of the max-pooling of importance over neighbouring candidates (odd).
+    threshold : float
+        Cosine similarity above which a key counts as a look-alike of another.
+
+    Returns
+    -------
+    Tensor
+        ``(batch, kv_heads, n)``; only the candidates' values mean anything.
+    """
+    batch, kv_heads, n, dim = keys.shape
+    group = window.shape[1] // kv_heads
+    k = keys.float()
+    # importance: each window query's attention over the candidates (logits maxed over the KV
+    # head's query group before the softmax), averaged over the window, max-pooled along arrival
+    q = window.float().reshape(batch, kv_heads, group, -1, dim)
+    logits = torch.matmul(q, k[:, :, None].transpose(-1, -2)).amax(2) * scaling  # (batch, kv_heads, w, n)
+    logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    rows = window_valid[:, None, :, None].to(probs.dtype)
+    importance = (probs * rows).sum(2) / rows.sum(2).clamp(min=1.0)
+    importance = importance.masked_fill(~candidates, float("-inf"))
+    importance = torch.nn.functional.max_pool1d(
+        importance.reshape(batch * kv_heads, 1, n), kernel, stride=1, padding=kernel // 2
+    ).reshape(batch, kv_heads, n)
+    importance = importance.masked_fill(~candidates, 0.0)  # (finite everywhere: only candidates count)
+    # redundancy: mean cosine similarity to the other held keys, where each key's newest look-alike
+    # does not count it (so the newest of near-duplicates stays), softmax over the held entries
+    unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = torch.matmul(unit, unit.transpose(-1, -2))  # (batch, kv_heads, n, n): row r, column c
+    pair = valid[..., :, None] & valid[..., None, :]
+    pair &= ~torch.eye(n, dtype=torch.bool, device=keys.device)
+    sim = sim.masked_fill(~pair, 0.0)
+    alike = sim > threshold
+    newest = torch.where(alike, torch.arange(n, device=keys.device), -1).amax(-1, keepdim=True)  # (.., n, 1)
+    sim = sim.masked_fill(torch.arange(n, device=keys.device) == newest, 0.0)
+    mean = sim.sum(-2) / valid.sum(-1, keepdim=True).clamp(min=1)
+    redundancy = torch.softmax(mean.masked_fill(~valid, float("-inf")), dim=-1)
+    return mix * importance - (1.0 - mix) * redundancy
+
+
+def _region_scores(strategy: RKV, step: AttentionStep, first: int, last: int) -> torch.Tensor:
+    """:func:`rkv_scores` of the slots ``[first, last)``, over the region ``[first, length)`` (the
+    candidates and the window entries after them), in either layout."""
+    assert step.window is not None and step.window_valid is not None  # the layer keeps them (query_window)
+    batch, kv_heads, length = step.keys.shape[0], step.keys.shape[1], step.length
+    keys = step.keys[:, :, first:]
+    valid = step.valid
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device)
+    if valid.dim() == 2:
+        valid = valid[:, None].expand(batch, kv_heads, length)
+    valid = valid[..., first:]
+    arrival = step.arrival_order(first, length)
+    # arrival order, invalid slots last; the newest `recent` real entries are the window
+    order = torch.argsort(arrival.masked_fill(~valid, torch.iinfo(arrival.dtype).max), dim=-1, stable=True)
+    keys = keys.gather(2, order[..., None].expand_as(keys))
+    valid = valid.gather(-1, order)
+    index = torch.arange(length - first, device=keys.device)
+    candidates = valid & (index < valid.sum(-1, keepdim=True) - strategy.recent)
+    if step.arrival is None:  # slot order is arrival order: the candidates are [first, last)
+        candidates &= index < last - first
+    scores = rkv_scores(
+        keys,
+        valid,
+        candidates,
+        step.window,
+        step.window_valid,
+        step.scaling,
+        strategy.mix,
+        strategy.kernel,
+        strategy.threshold,
+    )
+    return torch.empty_like(scores).scatter_(-1, order, scores)[..., : last - first]
+
+
+@dataclass(frozen=True)
+class RKV(DecodingStrategy):
+    """R-KV's selection on SCOPE's decoding pool; the prompt is kept whole.
+
+    Once the pool holds ``budget + buffer`` entries, keep the newest ``recent`` (the observation
+    window, whose queries score the rest) and the ``budget - recent`` best of the others by
+    :func:`rkv_scores`.
+
+    Parameters
+    ----------
+    budget : int
+        Decoding-pool entries kept per layer and KV head after a selection (R-KV's ``B_budget``).
+    recent : int
+        The observation window ``alpha``: the newest entries, always kept, whose queries score the others.
+    buffer : int
+        How far the pool grows past the budget before the next selection (``B_buffer``).
+    mix : float
+        ``lambda`` in ``lambda * importance - (1 - lambda) * redundancy``.
+    kernel : int
+        Odd width of the max-pooling of importance over neighbouring entries.
+    threshold : float
+        Cosine similarity above which two keys are look-alikes.
+    """
+
+    recent: int = 8
+    buffer: int = 128
+    mix: float = 0.1
+    kernel: int = 7
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        check_int(f"{cls}.buffer", self.buffer, 1)
+        check_int(f"{cls}.kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"{cls}.kernel must be odd (a window centred on each entry), got {self.kernel}.")
+        for name, value, low in (("mix", self.mix, 0.0), ("threshold", self.threshold, -1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 1.0:
+                raise ValueError(f"{cls}.{name} must be a number in [{low:g}, 1], got {value!r}.")
+
+    @property
+    def slack(self) -> int:
+        return self.buffer - 1  # the pool grows to budget + buffer - 1 between selections
+
+    @property
+    def query_window(self) -> int:
+        return self.recent
+
+    def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
+        return n_decoding >= self.budget + self.buffer, skipped
+
+    def plan_tensor(
+        self, n_decoding: torch.Tensor, t: torch.Tensor, skipped: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return n_decoding >= self.budget + self.buffer, skipped
+
+    def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
+        return _region_scores(self, step, first, last)
+
+    def describe(self) -> str:
+        return f"rkv:{self.budget}/{self.recent}{self._options()}"
+
+    def _options(self) -> str:
+        return spec_options(self, ("buffer", "mix", "kernel", "threshold"))
+
+
+@dataclass(frozen=True)
+class UnifiedRKV(RKV):
+    """R-KV as its authors run it: one budget over prompt and output entries together.
+
+    Once a layer holds ``budget + buffer`` entries, keep the newest ``recent`` and the best
+    ``budget - recent`` of all the others, prompt included (parameters as :class:`RKV`)."""
+
+    evicts_prompt: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        return f"unified-rkv:{self.budget}/{self.recent}{self._options()}"
