@@ -119,16 +119,12 @@ class ScopeLayer(CacheLayerMixin):
         self.keys: torch.Tensor = torch.empty(0, 0, 0, 0)  # (batch, kv_heads, capacity, dim) once initialised
         self.values: torch.Tensor = torch.empty(0, 0, 0, 0)
         self.is_initialized = False
-        # lengths (module docstring)
-        self.seen = 0
-        self.length = 0
-        self.prefill_length = 0
+        self.seen = self.length = self.prefill_length = 0  # lengths (module docstring)
         # the decoding schedule, restarted by every prefill forward
         self.step = 0  # decoding forwards completed since the last prefill: SCOPE's t
         self.skipped = 0  # discontinuous: eligible steps skipped since the last selection
         self.selections = 0  # selections run since the last prefill (for reports)
-        # padding (class notes)
-        self.rows = RowValidity()  # which held slots are real entries (pads, filler, holes)
+        self.rows = RowValidity()  # which held slots are real entries (pads, filler, holes: class notes)
         self.own_mask = False
         # the newest queries, for a strategy that scores from a window of them
         self.window = QueryWindow(0 if self.decoding is None else self.decoding.query_window)
@@ -189,7 +185,9 @@ class ScopeLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         decode = self.length > 0 and q == 1
         if not decode:
-            self._unrotate(self.length)  # a new turn: the pool joins the prefill pool in arrival order
+            self.ring.unrotate(
+                self.keys, self.values, self.length
+            )  # a new turn joins the prefill pool in arrival order
         if decode and self._prefill_open:
             # Prefill is known to be over only now (chunked prefill looks like any prefill forward).
             # Compressing here, before this step's entry is appended, is safe although transformers
@@ -352,11 +350,8 @@ class ScopeLayer(CacheLayerMixin):
             # or filler and layers different lengths: the mask transformers built no longer
             # describes this layer's slots, so the layer supplies its own (docs/method.md §8).
             attention_mask = self.attention_mask(backend, query.shape[2], query.dtype, query.shape[1])
-        if self.window.size:
-            q = query.shape[2]
-            prefill = self._pending == "prefill"
-            valid = self.valid_slots()[:, -q:] if prefill else torch.ones_like(query[:, 0, :, 0], dtype=torch.bool)
-            self.window.observe(query, valid)  # (a prefill's queries on padding or holes are not real)
+        if self.window.size:  # (a prefill's queries on padding or holes are not real tokens)
+            self.window.observe(query, self.valid_slots()[:, -query.shape[2] :] if self._pending == "prefill" else None)
         return AttentionStep(
             module,
             query,
@@ -453,14 +448,15 @@ class ScopeLayer(CacheLayerMixin):
         cut = self._plan(decoding, t)
         fused = cut is not None and cut.evicts_one and step.lse is not None and decoding.default_scores
         if not fused:
-            self._unrotate(self.length - 1)  # the ring layout holds only while each step evicts one
+            self.ring.unrotate(self.keys, self.values, self.length - 1)  # back to arrival order: O(recent)
         if cut is None:
             return
         if fused:
             self._evict_one(step, cut)
             return
-        scores = decoding.score(step, cut.first, cut.candidates_end)
-        self._compact(cut, scores)
+        # keep the `cut.keep` best-scored candidates and the newest `cut.recent`, in place
+        heavy = select_heavy(decoding.score(step, cut.first, cut.candidates_end), cut.keep)
+        self.length = compact_(self.keys, self.values, cut.first, cut.end, heavy, cut.recent)
 
     def _plan(self, decoding: DecodingStrategy, t: int) -> Cut | None:
         """Whether decode step ``t`` cuts the decoding pool, and to what (``None``: it keeps all)."""
@@ -474,11 +470,6 @@ class ScopeLayer(CacheLayerMixin):
         if keep >= n_decoding - recent:
             return None  # the pool is exactly at budget: nothing to evict
         return Cut(self.prefill_length, self.length, keep, recent)
-
-    def _compact(self, cut: Cut, scores: torch.Tensor) -> None:
-        """Keep the ``cut.keep`` best-scored candidates and the newest ``cut.recent``, in place."""
-        heavy = select_heavy(scores, cut.keep)
-        self.length = compact_(self.keys, self.values, cut.first, cut.end, heavy, cut.recent)
 
     def _evict_one(self, step: AttentionStep, cut: Cut) -> None:
         """Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest and
@@ -496,10 +487,6 @@ class ScopeLayer(CacheLayerMixin):
             step.scaling,
             self.batch_evictions,
         )
-
-    def _unrotate(self, ring_end: int) -> None:
-        """Back to arrival order (the reference layout) after evict-one steps; O(recent)."""
-        self.ring.unrotate(self.keys, self.values, ring_end)
 
     def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
         """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""

@@ -35,10 +35,13 @@ class QueryWindow:
         if self.queries is not None and self.valid is not None:
             self.queries, self.valid = fn(self.queries), fn(self.valid)
 
-    def observe(self, query: torch.Tensor, valid: torch.Tensor) -> None:
-        """A forward's ``(batch, q_heads, q, dim)`` queries and which are real tokens, ``(batch, q)``."""
+    def observe(self, query: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """A forward's ``(batch, q_heads, q, dim)`` queries and which are real tokens, ``(batch, q)``
+        (``None``: all of them)."""
         if not self.size:
             return
+        if valid is None:
+            valid = torch.ones_like(query[:, 0, :, 0], dtype=torch.bool)
         if self.queries is None or self.valid is None:
             batch, q_heads, _, dim = query.shape
             self.queries = query.new_zeros(batch, q_heads, self.size, dim)
