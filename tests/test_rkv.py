@@ -143,5 +143,5 @@ def test_specs_round_trip(spec):
 
 def test_a_prompt_relative_unified_budget():
     model = make_model("llama")
-    cache = make_cache(model, "unified-rkv:prompt+6/3", prompt_tokens=PROMPT)
-    assert cache.decoding == UnifiedRKV(PROMPT + 6, 3)
+    cache = make_cache(model, "unified-rkv:prompt+6/3,buffer=4", prompt_tokens=PROMPT)
+    assert cache.decoding == UnifiedRKV(PROMPT + 6, 3, buffer=4)

@@ -148,7 +148,8 @@ def test_uncapped_schedules():
         ("adaptive:8/3,T=20,t=4000", "max_new_tokens is set twice"),
         ("snapkv:64,window=4,window=8", "window is set twice"),
         ("slide:64/32,fast", "static, per_query_head or uncapped"),
-        ("unified-h2o:prompt+64/32,recent=3", "no other settings"),
+        ("unified-h2o:prompt+64/32,recent=3", "recent is set by 'unified-h2o:prompt\\+64/32'.*drop recent="),
+        ("slide:64/32,budget=3", "budget is set by 'slide:64/32'"),
     ],
 )
 def test_bad_options_say_what_to_write(text, match):

@@ -139,6 +139,10 @@ class _PerPrompt:
     cls: type[DecodingStrategy]
     share: PromptShare
     recent: int
+    settings: tuple[tuple[str, Any], ...] = ()  # the strategy's other settings (e.g. R-KV's buffer)
+
+    def build(self, prompt_tokens: int) -> DecodingStrategy:
+        return self.cls(self.share.of(prompt_tokens), self.recent, **dict(self.settings))
 
 
 PromptTokens = int | Sequence[int] | torch.Tensor | None
@@ -212,7 +216,7 @@ class CacheSpec:
             return self.decoding
         if prompt_tokens is None:
             raise SpecError(self._needs_prompt())
-        return self.per_prompt.cls(self.per_prompt.share.of(prompt_tokens), self.per_prompt.recent)
+        return self.per_prompt.build(prompt_tokens)
 
     def _needs_prompt(self) -> str:
         return (
@@ -359,6 +363,9 @@ def _build_decoding(name: str, budgets: str, kwargs: dict, spec: str, max_new_to
         )
     cls = DECODING_KINDS[name]
     budget, recent = numbers
+    for key in ("budget", "recent"):
+        if key in kwargs:
+            raise SpecError(f"{spec!r}: {key} is set by '{name}:{budgets}' (budget / recent); drop {key}=.")
     if isinstance(recent, PromptShare):
         raise SpecError(f"{spec!r}: only the budget may be set from the prompt, not the recent window.")
     if "cap_budget" in kwargs and name not in _SCHEDULED:
@@ -371,13 +378,12 @@ def _build_decoding(name: str, budgets: str, kwargs: dict, spec: str, max_new_to
                 f"{spec!r}: prompt-relative budgets are for the unified baselines; {name}'s budget counts generated "
                 "tokens only (it keeps the prompt whole)."
             )
-        if kwargs:
-            raise SpecError(f"{spec!r}: a prompt-relative {name} budget takes no other settings.")
-        try:
-            cls(max(budget.extra, recent + 1), recent)  # validate the settings once, at parse time
+        per_prompt = _PerPrompt(cls, budget, recent, tuple(sorted(kwargs.items())))
+        try:  # validate the settings once, at parse time
+            cls(max(budget.extra, recent + 1), recent, **kwargs)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{spec!r}: {exc}") from exc
-        return _PerPrompt(cls, budget, recent)
+        return per_prompt
     if name in _SCHEDULED and "max_new_tokens" not in kwargs and "delta" not in kwargs:
         if max_new_tokens is None:
             raise SpecError(
