@@ -30,6 +30,7 @@ from scope_kv.eval import (
     teacher_force,
 )
 from scope_kv.eval.gold import GoldBatch, method_family, plan_tokens
+from scope_kv.eval.gold.records import budget_of
 from scope_kv.eval.methods import MethodSpecError
 
 GOLD_TOKENS = 40
@@ -280,17 +281,21 @@ def test_prompt_shares_in_method_specs():
 
 def test_default_grid_is_the_equal_memory_comparison():
     grid = gold_grid()
-    assert len(grid) == 21 and len(set(grid)) == 21
+    assert len(grid) == 27 and len(set(grid)) == 27
     for b in (128, 256, 512):
         r = b // 2
         assert {f"slide:{b}/{r}", f"adaptive:{b}/{r}", f"discontinuous:{b}/{r}", f"unified-h2o:prompt+{b}/{r}",
                 f"unified-streamingllm:prompt+{b}/{r}", f"snapkv:prompt/4+slide:{b}/{r}",
                 f"unified-h2o:prompt/4+{b}/{r}"} <= set(grid)
+        buffer = min(128, b // 4)
+        assert {f"rkv:{b - buffer}/8,buffer={buffer}", f"unified-rkv:prompt+{b - buffer}/8,buffer={buffer}"} <= set(grid)
     methods, errors = parse_methods(grid, 4096)
-    assert not errors and len(methods) == 21
+    assert not errors and len(methods) == 27
+    assert {budget_of(m) for m in methods} == {128, 256, 512}  # R-KV compared at budget + buffer
     assert {method_family(s) for s in grid} == {
         "slide:B/r", "adaptive:B/r", "discontinuous:B/r", "unified-h2o:prompt+B/r",
-        "unified-streamingllm:prompt+B/r", "snapkv:prompt/4+slide:B/r", "unified-h2o:prompt/4+B/r"}
+        "unified-streamingllm:prompt+B/r", "snapkv:prompt/4+slide:B/r", "unified-h2o:prompt/4+B/r",
+        "rkv:B/r,buffer=b", "unified-rkv:prompt+B/r,buffer=b"}
     with pytest.raises(ValueError, match="even"):
         gold_grid((127,))
 

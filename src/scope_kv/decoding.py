@@ -86,6 +86,13 @@ class DecodingStrategy:
         return self.budget + self.slack + 1
 
     @property
+    def memory_budget(self) -> int:
+        """The decoding budget ``B`` this strategy is compared at, at equal memory (the grids'
+        groups): the most entries it holds between steps, less the ``slack`` of a schedule that
+        skips selections (discontinuous is compared at its ``B``)."""
+        return self.budget
+
+    @property
     def query_window(self) -> int:
         """How many of the newest queries the strategy scores from: a layer then keeps them and hands
         them over as :attr:`AttentionStep.window` (0: the current query only, SCOPE's)."""

@@ -181,6 +181,10 @@ class RKV(DecodingStrategy):
     def query_window(self) -> int:
         return self.recent
 
+    @property
+    def memory_budget(self) -> int:
+        return self.budget + self.buffer  # what it holds just before a selection
+
     def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
         return n_decoding >= self.budget + self.buffer, skipped
 

@@ -179,7 +179,10 @@ def gold_grid(budgets: Sequence[int] = (128, 256, 512), prefill_divisor: int = 4
 
     * SCOPE on the whole prompt, ``P + B`` entries: ``slide``, ``adaptive``, ``discontinuous``;
     * the unified baselines at the same ``P + B``: ``unified-h2o``, ``unified-streamingllm``;
-    * SnapKV(``C``) + slide(``B``) against unified H2O at ``C + B``.
+    * SnapKV(``C``) + slide(``B``) against unified H2O at ``C + B``;
+    * R-KV on the split and unified (``rkv``, ``unified-rkv:prompt+...``), whose pool grows by a
+      buffer ``b = min(128, B / 4)`` between selections: budget ``B - b``, so it too holds at most
+      ``B`` generated (``P + B`` in all) entries; observation window ``min(8, (B - b) / 2)``.
 
     The full cache is the harness's reference (one teacher-forced forward), so it is not listed.
     """
@@ -191,4 +194,7 @@ def gold_grid(budgets: Sequence[int] = (128, 256, 512), prefill_divisor: int = 4
         specs += [f"slide:{b}/{r}", f"adaptive:{b}/{r}", f"discontinuous:{b}/{r}"]
         specs += [f"unified-h2o:prompt+{b}/{r}", f"unified-streamingllm:prompt+{b}/{r}"]
         specs += [f"snapkv:prompt/{prefill_divisor}+slide:{b}/{r}", f"unified-h2o:prompt/{prefill_divisor}+{b}/{r}"]
+        buffer = min(128, b // 4)
+        budget, window = b - buffer, min(8, (b - buffer) // 2)
+        specs += [f"rkv:{budget}/{window},buffer={buffer}", f"unified-rkv:prompt+{budget}/{window},buffer={buffer}"]
     return specs

@@ -17,8 +17,8 @@ from .forcing import GoldReference, TokenStats
 # -- records ------------------------------------------------------------------------------------
 def method_family(spec: str) -> str:
     """A method's name without its decoding budget and recent window (``slide:128/64`` ->
-    ``slide:B/r``): one colour per family in the plots, one budget group per ``B``."""
-    return re.sub(r"\d+/\d+(?=,|$)", "B/r", spec)
+    ``slide:B/r``; an R-KV buffer becomes ``b``): one colour per family in the plots."""
+    return re.sub(r"(?<=buffer=)\d+", "b", re.sub(r"\d+/\d+(?=,|$)", "B/r", spec))
 
 
 def budget_of(method: Method | None) -> int | None:
@@ -26,8 +26,8 @@ def budget_of(method: Method | None) -> int | None:
     if method is None:
         return None
     if method.per_prompt is not None:
-        return method.per_prompt.share.extra
-    return getattr(method.decoding, "budget", None)
+        return method.per_prompt.build(0).memory_budget  # (a share of no prompt: its extra tokens)
+    return None if method.decoding is None else method.decoding.memory_budget
 
 
 def entries_bound(method: Method | None, prompt: int, gold: int, resolved_prompt: int, layers: int) -> int:
