@@ -81,13 +81,7 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
         decode = True
     kept = state.kept[layer]
 
-    if attention_mask is not None:
-        allowed = attention_mask[:, :, :, :length].to(torch.bool).expand(batch, 1, q_len, length)
-    else:
-        i = torch.arange(q_len)[:, None]
-        j = torch.arange(length)[None, :]
-        allowed = (j <= length - q_len + i)[None, None].expand(batch, 1, q_len, length)
-    allowed = allowed & kept.repeat_interleave(q_heads // owners, dim=1)[:, :, None, :]  # (batch, q_heads, q, L)
+    allowed = allowed_slots(attention_mask, batch, q_len, length) & kept.repeat_interleave(q_heads // owners, dim=1)[:, :, None, :]  # (batch, q_heads, q, L)
 
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
@@ -105,6 +99,15 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
         else:
             _select(state, layer, probs[:, :, -1, :], key.float(), group)
     return out, None
+
+
+def allowed_slots(attention_mask, batch: int, q_len: int, length: int) -> torch.Tensor:
+    """``(batch, 1, q_len, length)`` bool: what each query may attend (the model's 4-D mask, else causal)."""
+    if attention_mask is not None:
+        return attention_mask[:, :, :, :length].to(torch.bool).expand(batch, 1, q_len, length)
+    i = torch.arange(q_len)[:, None]
+    j = torch.arange(length)[None, :]
+    return (j <= length - q_len + i)[None, None].expand(batch, 1, q_len, length)
 
 
 def _select(state: OracleState, layer: int, probs: torch.Tensor, keys: torch.Tensor, group: int) -> None:
@@ -177,21 +180,29 @@ def forced_decode(model, cache, input_ids, attention_mask, steps, tokens=None, o
 
 def oracle_logits(model, rule: Rule | None, input_ids, attention_mask, tokens):
     """Teacher-force ``tokens`` through a copy of ``model`` whose attention obeys the spec's rule."""
-    if ORACLE_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(ORACLE_NAME, _oracle_attention)
-        AttentionMaskInterface.register(ORACLE_NAME, sdpa_mask)
-    oracle = copy.deepcopy(model)
-    oracle.set_attn_implementation(ORACLE_NAME)
     state = OracleState(rule)
+    return reference_logits(model, ORACLE_NAME, _oracle_attention, _STATE_KWARG, state, input_ids, attention_mask,
+                            tokens), state
 
-    def hand_state(module, args, kwargs):  # through the call's kwargs, as the library hands its layer
-        return args, {**kwargs, _STATE_KWARG: state}
+
+def reference_logits(model, name, attention, state_kwarg, state, input_ids, attention_mask, tokens):
+    """Teacher-force ``tokens`` through a copy of ``model`` whose attention is ``attention``
+    (registered as ``name``), handed ``state`` through the call's kwargs under ``state_kwarg``, as
+    the library hands its layer; returns the logits of every forward."""
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation(name)
+
+    def hand_state(module, args, kwargs):
+        return args, {**kwargs, state_kwarg: state}
 
     # the attention modules: the innermost modules that carry a layer_idx (any architecture)
-    indexed = [m for m in oracle.modules() if getattr(m, "layer_idx", None) is not None]
+    indexed = [m for m in reference.modules() if getattr(m, "layer_idx", None) is not None]
     for module in indexed:
         if not any(c is not module and getattr(c, "layer_idx", None) is not None for c in module.modules()):
             module.register_forward_pre_hook(hand_state, with_kwargs=True)
-    cache = DynamicCache(config=oracle.config)
-    _, logits = forced_decode(oracle, cache, input_ids, attention_mask, tokens.shape[1], tokens=tokens)
-    return logits, state
+    cache = DynamicCache(config=reference.config)
+    _, logits = forced_decode(reference, cache, input_ids, attention_mask, tokens.shape[1], tokens=tokens)
+    return logits

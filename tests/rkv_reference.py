@@ -9,16 +9,13 @@ nothing is imported from ``scope_kv`` except to drive the run under test.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from oracle import forced_decode
+from oracle import allowed_slots, reference_logits
 
 NAME = "scope_test_rkv_reference"
 _STATE = "scope_rkv_reference_state"
@@ -56,11 +53,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     kv_heads, length = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
-    if attention_mask is not None:
-        allowed = attention_mask[:, :, :, :length].to(torch.bool).expand(batch, 1, q_len, length)
-    else:
-        i, j = torch.arange(q_len)[:, None], torch.arange(length)[None, :]
-        allowed = (j <= length - q_len + i)[None, None].expand(batch, 1, q_len, length)
+    allowed = allowed_slots(attention_mask, batch, q_len, length)
     real = allowed[:, 0, -1, :]  # the last query sees every real entry
     if q_len > 1:  # prefill: every real entry kept
         state.kept[layer] = real[:, None, :].expand(batch, kv_heads, length).clone()
@@ -141,20 +134,5 @@ def _redundancy(keys, region, threshold):
 
 def rkv_reference_logits(model, rule: RKVRule, input_ids, attention_mask, tokens):
     """Teacher-force ``tokens`` through a copy of ``model`` whose attention obeys R-KV's rule."""
-    if NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(NAME, _attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-    reference = copy.deepcopy(model)
-    reference.set_attn_implementation(NAME)
     state = _State(rule)
-
-    def hand_state(module, args, kwargs):
-        return args, {**kwargs, _STATE: state}
-
-    indexed = [m for m in reference.modules() if getattr(m, "layer_idx", None) is not None]
-    for module in indexed:
-        if not any(c is not module and getattr(c, "layer_idx", None) is not None for c in module.modules()):
-            module.register_forward_pre_hook(hand_state, with_kwargs=True)
-    cache = DynamicCache(config=reference.config)
-    _, logits = forced_decode(reference, cache, input_ids, attention_mask, tokens.shape[1], tokens=tokens)
-    return logits, state
+    return reference_logits(model, NAME, _attention, _STATE, state, input_ids, attention_mask, tokens), state
