@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RKV", "UnifiedRKV", "rkv_scores"]
 
+_ROWS = 256  # rows of the similarity matrix computed at once (bounds the transient memory)
+
 
 def rkv_scores(
     keys: torch.Tensor,
@@ -84,15 +86,21 @@ def rkv_scores(
     importance = importance.masked_fill(~candidates, 0.0)  # (finite everywhere: only candidates count)
     # redundancy: mean cosine similarity to the other held keys, where each key's newest look-alike
     # does not count it (so the newest of near-duplicates stays), softmax over the held entries
-    unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
-    sim = torch.matmul(unit, unit.transpose(-1, -2))  # (batch, kv_heads, n, n): row r, column c
-    pair = valid[..., :, None] & valid[..., None, :]
-    pair &= ~torch.eye(n, dtype=torch.bool, device=keys.device)
-    sim = sim.masked_fill(~pair, 0.0)
-    alike = sim > threshold
-    newest = torch.where(alike, torch.arange(n, device=keys.device), -1).amax(-1, keepdim=True)  # (.., n, 1)
-    sim = sim.masked_fill(torch.arange(n, device=keys.device) == newest, 0.0)
-    mean = sim.sum(-2) / valid.sum(-1, keepdim=True).clamp(min=1)
+    unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8) * valid[..., None]  # invalid entries: zero vectors
+    # each column's similarity summed over the other rows: (the sum of every unit key) . key - key . key
+    total = unit.sum(-2, keepdim=True)  # (batch, kv_heads, 1, dim)
+    column = (unit * total).sum(-1) - unit.square().sum(-1)
+    index = torch.arange(n, device=keys.device)
+    for lo in range(0, n, _ROWS):  # less each row's newest look-alike, a block of rows at a time
+        rows = index[lo : lo + _ROWS]
+        sim = torch.matmul(unit[..., lo : lo + _ROWS, :], unit.transpose(-1, -2))  # (batch, kv_heads, rows, n)
+        alike = (sim > threshold) & valid[..., None, :] & valid[..., lo : lo + _ROWS, None]
+        alike &= index != rows[:, None]
+        newest = torch.where(alike, index, -1).amax(-1)  # (batch, kv_heads, rows); -1: none
+        found = newest >= 0
+        own = sim.gather(-1, newest.clamp(min=0)[..., None]).squeeze(-1) * found
+        column.scatter_add_(-1, newest.clamp(min=0), -own)
+    mean = column / valid.sum(-1, keepdim=True).clamp(min=1)
     redundancy = torch.softmax(mean.masked_fill(~valid, float("-inf")), dim=-1)
     return mix * importance - (1.0 - mix) * redundancy
 
