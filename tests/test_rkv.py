@@ -145,3 +145,28 @@ def test_a_prompt_relative_unified_budget():
     model = make_model("llama")
     cache = make_cache(model, "unified-rkv:prompt+6/3,buffer=4", prompt_tokens=PROMPT)
     assert cache.decoding == UnifiedRKV(PROMPT + 6, 3, buffer=4)
+
+
+@pytest.mark.parametrize("strategy", [RKV(10_000, 8), UnifiedRKV(10_000, 8)], ids=["rkv", "unified-rkv"])
+def test_a_budget_that_evicts_nothing_gives_dynamic_cache_tokens_with_beams_and_padding(strategy):
+    from transformers import DynamicCache
+
+    from conftest import left_pad
+    from scope_kv.compat import cache_kwargs
+
+    model = make_model("qwen3")
+    g = torch.Generator().manual_seed(4)
+    ids, mask = left_pad([torch.randint(3, 128, (n,), generator=g) for n in (14, 9)])
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=2, pad_token_id=0)
+    reference = model.generate(ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(ScopeCache(model, decoding=strategy)), **kwargs)
+    assert torch.equal(out, reference)
+
+
+def test_per_query_head_selection_runs_and_stays_bounded():
+    model = make_model("llama")
+    ids = _prompt(batch=2)
+    cache = ScopeCache(model, decoding=RKV(6, 3, buffer=4), per_query_head=True)
+    forced_decode(model, cache, ids, torch.ones_like(ids), STEPS)
+    for layer in cache.layers:
+        assert layer.selections > 0 and layer.length - layer.prefill_length <= 6 + 4 - 1
