@@ -1,4 +1,4 @@
-"""R-KV on SCOPE's split and as a unified baseline: the brute-force reference (tests/rkv_reference.py)
+"""R-KV on SCOPE's split and as a unified baseline: the brute-force reference (tests/window_reference.py)
 on every tiny architecture, padded batches and masked spans included; the rule's parts; settings."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_model
 from oracle import forced_decode
-from rkv_reference import RKVRule, rkv_reference_logits
+from window_reference import RKVRule, rkv_reference_logits
 from scope_kv import RKV, ScopeCache, ScopeLayer, UnifiedRKV, make_cache
 from scope_kv.rkv import rkv_scores
 from scope_kv.spec import parse_spec

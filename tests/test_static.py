@@ -16,7 +16,7 @@ from transformers import CompileConfig
 
 from conftest import make_model
 from test_extension import KeyNormSlide
-from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM, RKV, UnifiedRKV
+from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM, RKV, UnifiedRKV, MorphKV, UnifiedMorphKV
 from scope_kv.compat import cache_kwargs
 
 PROMPT, NEW = 24, 40
@@ -63,6 +63,8 @@ CASES = [
     pytest.param(lambda: Slide(8, 3), lambda: SnapKV(12, window=4), id="snapkv+slide"),
     pytest.param(lambda: RKV(8, 3, buffer=4), None, id="rkv"),
     pytest.param(lambda: UnifiedRKV(20, 4, buffer=5), None, id="unified-rkv"),
+    pytest.param(lambda: MorphKV(8, 3), None, id="morphkv"),
+    pytest.param(lambda: UnifiedMorphKV(20, 4, fusion="sum"), None, id="unified-morphkv"),
 ]
 
 
@@ -398,7 +400,7 @@ def test_a_unified_baseline_is_bounded_in_the_static_layout_as_in_the_dynamic_on
 BOUND_CASES = [
     "slide:8/3", "adaptive:12/5,T=40", "discontinuous:12/5,T=40", "snapkv:12,window=4+slide:8/3",
     "unified-h2o:20/4", "unified-streamingllm:20/4", "slide:8/3,per_query_head", "rkv:8/3,buffer=4",
-    "unified-rkv:20/4,buffer=5",
+    "unified-rkv:20/4,buffer=5", "morphkv:8/3", "unified-morphkv:20/4",
 ]
 
 

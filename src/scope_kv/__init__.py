@@ -17,6 +17,7 @@ or, from the method strings ``scope-kv eval`` reads (grammar: :mod:`scope_kv.spe
 from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
 from .layer import ScopeLayer
+from .morphkv import MorphKV, UnifiedMorphKV
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
 from .rkv import RKV, UnifiedRKV
 from .spec import make_cache
@@ -30,6 +31,7 @@ __all__ = [
     "DecodingStrategy",
     "Discontinuous",
     "H2O",
+    "MorphKV",
     "PrefillCompressor",
     "PyramidKV",
     "RKV",
@@ -39,6 +41,7 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "UnifiedH2O",
+    "UnifiedMorphKV",
     "UnifiedRKV",
     "UnifiedStreamingLLM",
     "make_cache",

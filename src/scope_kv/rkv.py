@@ -20,6 +20,7 @@ import torch
 
 from ._checks import check_int, spec_options
 from .decoding import DecodingStrategy
+from .window import score_in_arrival_order
 
 if TYPE_CHECKING:
     from .step import AttentionStep
@@ -105,41 +106,6 @@ def rkv_scores(
     return mix * importance - (1.0 - mix) * redundancy
 
 
-def _region_scores(strategy: RKV, step: AttentionStep, first: int, last: int) -> torch.Tensor:
-    """:func:`rkv_scores` of the slots ``[first, last)``, over the region ``[first, length)`` (the
-    candidates and the window entries after them), in either layout."""
-    assert step.window is not None and step.window_valid is not None  # the layer keeps them (query_window)
-    batch, kv_heads, length = step.keys.shape[0], step.keys.shape[1], step.length
-    keys = step.keys[:, :, first:]
-    valid = step.valid
-    if valid is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device)
-    if valid.dim() == 2:
-        valid = valid[:, None].expand(batch, kv_heads, length)
-    valid = valid[..., first:]
-    arrival = step.arrival_order(first, length)
-    # arrival order, invalid slots last; the newest `recent` real entries are the window
-    order = torch.argsort(arrival.masked_fill(~valid, torch.iinfo(arrival.dtype).max), dim=-1, stable=True)
-    keys = keys.gather(2, order[..., None].expand_as(keys))
-    valid = valid.gather(-1, order)
-    index = torch.arange(length - first, device=keys.device)
-    candidates = valid & (index < valid.sum(-1, keepdim=True) - strategy.recent)
-    if step.arrival is None:  # slot order is arrival order: the candidates are [first, last)
-        candidates &= index < last - first
-    scores = rkv_scores(
-        keys,
-        valid,
-        candidates,
-        step.window,
-        step.window_valid,
-        step.scaling,
-        strategy.mix,
-        strategy.kernel,
-        strategy.threshold,
-    )
-    return torch.empty_like(scores).scatter_(-1, order, scores)[..., : last - first]
-
-
 @dataclass(frozen=True)
 class RKV(DecodingStrategy):
     """R-KV's selection on SCOPE's decoding pool; the prompt is kept whole.
@@ -202,7 +168,21 @@ class RKV(DecodingStrategy):
         return n_decoding >= self.budget + self.buffer, skipped
 
     def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
-        return _region_scores(self, step, first, last)
+        def rule(keys: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+            assert step.window is not None and step.window_valid is not None  # kept by the layer (query_window)
+            return rkv_scores(
+                keys,
+                valid,
+                candidates,
+                step.window,
+                step.window_valid,
+                step.scaling,
+                self.mix,
+                self.kernel,
+                self.threshold,
+            )
+
+        return score_in_arrival_order(step, first, last, self.recent, rule)
 
     def describe(self) -> str:
         return f"rkv:{self.budget}/{self.recent}{self._options()}"

@@ -10,7 +10,7 @@ Grammar (whitespace is ignored; names are case-insensitive)::
     decoding  := "full" [options]
                | ("slide" | "adaptive" | "discontinuous") ":" B "/" r [options]
                | ("unified-h2o" | "unified-streamingllm") ":" N "/" r [options]
-               | "rkv" ":" B "/" alpha [options] | "unified-rkv" ":" N "/" alpha [options]
+               | ("rkv" | "morphkv") ":" B "/" r [options] | ("unified-rkv" | "unified-morphkv") ":" N "/" r [options]
     prefill   := ("snapkv" | "pyramidkv" | "h2o" | "streamingllm") ":" C [options]
     N         := tokens | "prompt" ["+" tokens] | "prompt/" D "+" tokens
     C         := tokens | "prompt/" D ["+" tokens]           (not pyramidkv)
@@ -34,7 +34,8 @@ Options:
   ``delta=15`` for adaptive / discontinuous (otherwise they are planned for the ``max_new_tokens``
   given to :func:`make_cache`), ``cap_budget=false``; ``window=8,kernel=7,pooling=max`` for SnapKV
   and PyramidKV, ``beta=20`` for PyramidKV, ``recent=8`` for H2O, ``sinks=4`` for StreamingLLM,
-  ``buffer=128,mix=0.1,kernel=7,threshold=0.5`` for R-KV (``alpha`` is its observation window).
+  ``buffer=128,mix=0.1,kernel=7,threshold=0.5`` for R-KV, ``fusion=sum`` for MorphKV (for both, ``r``
+  is the window of recent entries whose queries score the rest).
   Values are integers, decimals, ``true`` / ``false``, ``none`` or words.
 * ``uncapped`` is ``cap_budget=false`` (adaptive / discontinuous grow their budget past ``B``, as
   the authors' research code does).
@@ -55,6 +56,7 @@ Examples::
     unified-h2o:prompt+512/256             decoding=UnifiedH2O(prompt_tokens + 512, 256)
     rkv:512/8,buffer=128                   decoding=RKV(512, 8, buffer=128)
     unified-rkv:prompt+512/8               decoding=UnifiedRKV(prompt_tokens + 512, 8)
+    morphkv:512/32,fusion=sum              decoding=MorphKV(512, 32, fusion="sum")
     slide:512/256,static                   ScopeCache(model, decoding=Slide(512, 256), static=True)
 """
 
@@ -69,6 +71,7 @@ import torch
 
 from .cache import ScopeCache
 from .decoding import Adaptive, DecodingStrategy, Discontinuous, Slide, UnifiedH2O, UnifiedStreamingLLM
+from .morphkv import MorphKV, UnifiedMorphKV
 from .prefill import H2O, PrefillCompressor, PyramidKV, SnapKV, StreamingLLM
 from .prompt_share import SHARED_PREFILL, PromptShare, SharedBudget, share_text
 from .rkv import RKV, UnifiedRKV
@@ -93,6 +96,8 @@ DECODING_KINDS: dict[str, type[DecodingStrategy]] = {
     "unified-streamingllm": UnifiedStreamingLLM,
     "rkv": RKV,
     "unified-rkv": UnifiedRKV,
+    "morphkv": MorphKV,
+    "unified-morphkv": UnifiedMorphKV,
 }
 PREFILL_KINDS: dict[str, type[PrefillCompressor]] = {
     "snapkv": SnapKV,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["QueryWindow"]
+if TYPE_CHECKING:
+    from .step import AttentionStep
+
+__all__ = ["QueryWindow", "score_in_arrival_order"]
 
 
 class QueryWindow:
@@ -48,3 +52,39 @@ class QueryWindow:
             self.valid = torch.zeros(batch, self.size, dtype=torch.bool, device=query.device)
         self.queries.copy_(torch.cat([self.queries, query.to(self.queries.dtype)], dim=2)[:, :, -self.size :])
         self.valid.copy_(torch.cat([self.valid, valid], dim=1)[:, -self.size :])
+
+
+def score_in_arrival_order(
+    step: AttentionStep,
+    first: int,
+    last: int,
+    recent: int,
+    rule: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Scores of the slots ``[first, last)`` by a ``rule`` that reads the whole region ``[first, length)``
+    oldest first, in either layout.
+
+    ``rule(keys, valid, candidates)`` receives the region's ``(batch, kv_heads, n, dim)`` keys in
+    arrival order (invalid slots last), which are real entries, and which are candidates (real, and
+    older than the newest ``recent``); it returns ``(batch, kv_heads, n)`` scores, which go back to
+    slot order here. (In the default layout slot order is arrival order and the candidates are
+    ``[first, last)``; in the static layout slots are in any order.)
+    """
+    batch, kv_heads, length = step.keys.shape[0], step.keys.shape[1], step.length
+    keys = step.keys[:, :, first:]
+    valid = step.valid
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=keys.device)
+    if valid.dim() == 2:
+        valid = valid[:, None].expand(batch, kv_heads, length)
+    valid = valid[..., first:]
+    arrival = step.arrival_order(first, length)
+    order = torch.argsort(arrival.masked_fill(~valid, torch.iinfo(arrival.dtype).max), dim=-1, stable=True)
+    keys = keys.gather(2, order[..., None].expand_as(keys))
+    valid = valid.gather(-1, order)
+    index = torch.arange(length - first, device=keys.device)
+    candidates = valid & (index < valid.sum(-1, keepdim=True) - recent)
+    if step.arrival is None:  # slot order is arrival order: the candidates are [first, last)
+        candidates &= index < last - first
+    scores = rule(keys, valid, candidates)
+    return torch.empty_like(scores).scatter_(-1, order, scores)[..., : last - first]

@@ -1,4 +1,4 @@
-"""A brute-force reference of R-KV's rule (docs/methods.md), built on a full `DynamicCache`.
+"""Brute-force references of the window-scored rules, R-KV and MorphKV (docs/methods.md), built on a full `DynamicCache`.
 
 As the SCOPE oracle (tests/oracle.py) does, the reference never evicts: the cache holds every
 entry, attention is restricted to the entries the rule keeps (a ``kept`` mask per layer, row and
@@ -33,8 +33,21 @@ class RKVRule:
 
 
 @dataclass
+class MorphRule:
+    """MorphKV (docs/methods.md): every step at budget, the newest ``window`` and the best
+    ``budget - window`` others by the window queries' attention (group-summed logits, softmax over
+    the candidates, fused by max or sum)."""
+
+    budget: int
+    window: int
+    fusion: str = "max"
+    unified: bool = False
+    buffer: int = 0  # (selects whenever the pool holds `budget`)
+
+
+@dataclass
 class _State:
-    rule: RKVRule
+    rule: RKVRule | MorphRule
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, L) bool
     region: dict[int, int] = field(default_factory=dict)  # layer -> first position the rule may evict
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, q_heads, L, dim)
@@ -90,10 +103,15 @@ def _select(state: _State, layer: int, keys: torch.Tensor, group: int, scaling: 
             if len(region) < rule.budget + rule.buffer:
                 continue
             candidates = region[: len(region) - rule.window]
-            importance = _importance(queries[b, h * group : (h + 1) * group], keys[b, h], window, candidates,
-                                     scaling, rule.kernel)
-            redundancy = _redundancy(keys[b, h], region, rule.threshold)
-            score = {p: rule.mix * importance[p] - (1 - rule.mix) * redundancy[p] for p in candidates}
+            if len(candidates) <= rule.budget - rule.window:
+                continue  # at budget: nothing to evict
+            group_queries = queries[b, h * group : (h + 1) * group]
+            if isinstance(rule, MorphRule):
+                score = _morph(group_queries, keys[b, h], window, candidates, scaling, rule.fusion)
+            else:
+                importance = _importance(group_queries, keys[b, h], window, candidates, scaling, rule.kernel)
+                redundancy = _redundancy(keys[b, h], region, rule.threshold)
+                score = {p: rule.mix * importance[p] - (1 - rule.mix) * redundancy[p] for p in candidates}
             ranked = sorted(candidates, key=lambda p: -score[p])
             cut = rule.budget - rule.window
             state.margin = min(state.margin, score[ranked[cut - 1]] - score[ranked[cut]])
@@ -117,6 +135,21 @@ def _importance(queries, keys, window, candidates, scaling, kernel):
             for n, p in enumerate(candidates)}
 
 
+def _morph(queries, keys, window, candidates, scaling, fusion):
+    """Per candidate: each window query's softmax over the candidates of its logits summed over the
+    query group, fused over the window by max or sum."""
+    fused = {p: 0.0 for p in candidates}
+    for j in window:
+        logits = {p: sum(float(queries[g, j] @ keys[p]) for g in range(queries.shape[0])) * scaling
+                  for p in candidates}
+        top = max(logits.values())
+        total = sum(math.exp(x - top) for x in logits.values())
+        for p in candidates:
+            prob = math.exp(logits[p] - top) / total
+            fused[p] = max(fused[p], prob) if fusion == "max" else fused[p] + prob
+    return fused
+
+
 def _redundancy(keys, region, threshold):
     """Per held entry: the softmax over the region of its mean cosine similarity to the others,
     where each entry's newest look-alike (similarity above ``threshold``) does not count it."""
@@ -132,7 +165,7 @@ def _redundancy(keys, region, threshold):
     return {c: math.exp(mean[c] - top) / total for c in region}
 
 
-def rkv_reference_logits(model, rule: RKVRule, input_ids, attention_mask, tokens):
-    """Teacher-force ``tokens`` through a copy of ``model`` whose attention obeys R-KV's rule."""
+def rkv_reference_logits(model, rule: RKVRule | MorphRule, input_ids, attention_mask, tokens):
+    """Teacher-force ``tokens`` through a copy of ``model`` whose attention obeys the rule."""
     state = _State(rule)
     return reference_logits(model, NAME, _attention, _STATE, state, input_ids, attention_mask, tokens), state
