@@ -281,7 +281,7 @@ def test_prompt_shares_in_method_specs():
 
 def test_default_grid_is_the_equal_memory_comparison():
     grid = gold_grid()
-    assert len(grid) == 27 and len(set(grid)) == 27
+    assert len(grid) == 33 and len(set(grid)) == 33
     for b in (128, 256, 512):
         r = b // 2
         assert {f"slide:{b}/{r}", f"adaptive:{b}/{r}", f"discontinuous:{b}/{r}", f"unified-h2o:prompt+{b}/{r}",
@@ -289,13 +289,14 @@ def test_default_grid_is_the_equal_memory_comparison():
                 f"unified-h2o:prompt/4+{b}/{r}"} <= set(grid)
         buffer = min(128, b // 4)
         assert {f"rkv:{b - buffer}/8,buffer={buffer}", f"unified-rkv:prompt+{b - buffer}/8,buffer={buffer}"} <= set(grid)
+        assert {f"morphkv:{b}/{max(8, b // 16)}", f"unified-morphkv:prompt+{b}/{max(8, b // 16)}"} <= set(grid)
     methods, errors = parse_methods(grid, 4096)
-    assert not errors and len(methods) == 27
+    assert not errors and len(methods) == 33
     assert {budget_of(m) for m in methods} == {128, 256, 512}  # R-KV compared at budget + buffer
     assert {method_family(s) for s in grid} == {
         "slide:B/r", "adaptive:B/r", "discontinuous:B/r", "unified-h2o:prompt+B/r",
         "unified-streamingllm:prompt+B/r", "snapkv:prompt/4+slide:B/r", "unified-h2o:prompt/4+B/r",
-        "rkv:B/r,buffer=b", "unified-rkv:prompt+B/r,buffer=b"}
+        "rkv:B/r,buffer=b", "unified-rkv:prompt+B/r,buffer=b", "morphkv:B/r", "unified-morphkv:prompt+B/r"}
     with pytest.raises(ValueError, match="even"):
         gold_grid((127,))
 

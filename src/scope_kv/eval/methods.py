@@ -182,7 +182,9 @@ def gold_grid(budgets: Sequence[int] = (128, 256, 512), prefill_divisor: int = 4
     * SnapKV(``C``) + slide(``B``) against unified H2O at ``C + B``;
     * R-KV on the split and unified (``rkv``, ``unified-rkv:prompt+...``), whose pool grows by a
       buffer ``b = min(128, B / 4)`` between selections: budget ``B - b``, so it too holds at most
-      ``B`` generated (``P + B`` in all) entries; observation window ``min(8, (B - b) / 2)``.
+      ``B`` generated (``P + B`` in all) entries; observation window ``min(8, (B - b) / 2)``;
+    * MorphKV on the split and unified (``morphkv``, ``unified-morphkv:prompt+...``) at ``B``, with a
+      window of ``min(B / 2, max(8, B / 16))`` recent entries (the authors' runs: about 5 %).
 
     The full cache is the harness's reference (one teacher-forced forward), so it is not listed.
     """
@@ -197,4 +199,6 @@ def gold_grid(budgets: Sequence[int] = (128, 256, 512), prefill_divisor: int = 4
         buffer = min(128, b // 4)
         budget, window = b - buffer, min(8, (b - buffer) // 2)
         specs += [f"rkv:{budget}/{window},buffer={buffer}", f"unified-rkv:prompt+{budget}/{window},buffer={buffer}"]
+        morph = min(b // 2, max(8, b // 16))
+        specs += [f"morphkv:{b}/{morph}", f"unified-morphkv:prompt+{b}/{morph}"]
     return specs
