@@ -15,7 +15,7 @@ import torch
 
 from ._checks import spec_options
 from .decoding import DecodingStrategy
-from .window import score_in_arrival_order
+from .window import score_in_arrival_order, window_attention
 
 if TYPE_CHECKING:
     from .step import AttentionStep
@@ -57,12 +57,7 @@ def morph_scores(
     Tensor
         ``(batch, kv_heads, n)``; only the candidates' values mean anything.
     """
-    batch, kv_heads, _, dim = keys.shape
-    group = window.shape[1] // kv_heads
-    q = window.float().reshape(batch, kv_heads, group, -1, dim)
-    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)).sum(2) * scaling  # (batch, kv_heads, w, n)
-    logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = window_attention(keys, candidates, window, scaling, "sum")
     probs = probs * window_valid[:, None, :, None].to(probs.dtype)
     return probs.amax(2) if fusion == "max" else probs.sum(2)
 

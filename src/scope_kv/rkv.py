@@ -20,7 +20,7 @@ import torch
 
 from ._checks import check_int, spec_options
 from .decoding import DecodingStrategy
-from .window import score_in_arrival_order
+from .window import score_in_arrival_order, window_attention
 
 if TYPE_CHECKING:
     from .step import AttentionStep
@@ -69,15 +69,11 @@ def rkv_scores(
     Tensor
         ``(batch, kv_heads, n)``; only the candidates' values mean anything.
     """
-    batch, kv_heads, n, dim = keys.shape
-    group = window.shape[1] // kv_heads
+    batch, kv_heads, n, _ = keys.shape
     k = keys.float()
     # importance: each window query's attention over the candidates (logits maxed over the KV
     # head's query group before the softmax), averaged over the window, max-pooled along arrival
-    q = window.float().reshape(batch, kv_heads, group, -1, dim)
-    logits = torch.matmul(q, k[:, :, None].transpose(-1, -2)).amax(2) * scaling  # (batch, kv_heads, w, n)
-    logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = window_attention(keys, candidates, window, scaling, "max")  # (batch, kv_heads, w, n)
     rows = window_valid[:, None, :, None].to(probs.dtype)
     importance = (probs * rows).sum(2) / rows.sum(2).clamp(min=1.0)
     importance = importance.masked_fill(~candidates, float("-inf"))

@@ -10,7 +10,7 @@ import torch
 if TYPE_CHECKING:
     from .step import AttentionStep
 
-__all__ = ["QueryWindow", "score_in_arrival_order"]
+__all__ = ["QueryWindow", "score_in_arrival_order", "window_attention"]
 
 
 class QueryWindow:
@@ -52,6 +52,23 @@ class QueryWindow:
             self.valid = torch.zeros(batch, self.size, dtype=torch.bool, device=query.device)
         self.queries.copy_(torch.cat([self.queries, query.to(self.queries.dtype)], dim=2)[:, :, -self.size :])
         self.valid.copy_(torch.cat([self.valid, valid], dim=1)[:, -self.size :])
+
+
+def window_attention(
+    keys: torch.Tensor, candidates: torch.Tensor, window: torch.Tensor, scaling: float, group: str
+) -> torch.Tensor:
+    """Each window query's attention over the candidates, per KV head, in float32.
+
+    ``(batch, kv_heads, w, n)``: the scaled logits of the ``(batch, q_heads, w, dim)`` window queries
+    against the ``(batch, kv_heads, n, dim)`` keys, reduced over each KV head's query group (``"max"``
+    or ``"sum"``) before a softmax over the ``(batch, kv_heads, n)`` candidates only (0 elsewhere).
+    """
+    batch, kv_heads, _, dim = keys.shape
+    q = window.float().reshape(batch, kv_heads, window.shape[1] // kv_heads, -1, dim)
+    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2))  # (batch, kv_heads, group, w, n)
+    logits = (logits.amax(2) if group == "max" else logits.sum(2)) * scaling
+    logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def score_in_arrival_order(
