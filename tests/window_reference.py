@@ -119,17 +119,22 @@ def _select(state: _State, layer: int, keys: torch.Tensor, group: int, scaling: 
                 kept[b, h, p] = False
 
 
+def _window_probs(queries, keys, j, candidates, scaling, reduce):
+    """Window query ``j``'s softmax over the candidates of its logits, reduced over the query group."""
+    logits = {p: reduce(float(queries[g, j] @ keys[p]) for g in range(queries.shape[0])) * scaling
+              for p in candidates}
+    top = max(logits.values())
+    total = sum(math.exp(x - top) for x in logits.values())
+    return {p: math.exp(logits[p] - top) / total for p in candidates}
+
+
 def _importance(queries, keys, window, candidates, scaling, kernel):
     """Per candidate: the window queries' attention (logits maxed over the query group, softmax over
     the candidates), averaged over the window, then the max over the ``kernel`` nearest candidates."""
     mean = {p: 0.0 for p in candidates}
     for j in window:
-        logits = {p: max(float(queries[g, j] @ keys[p]) for g in range(queries.shape[0])) * scaling
-                  for p in candidates}
-        top = max(logits.values())
-        total = sum(math.exp(x - top) for x in logits.values())
-        for p in candidates:
-            mean[p] += math.exp(logits[p] - top) / total / len(window)
+        for p, prob in _window_probs(queries, keys, j, candidates, scaling, max).items():
+            mean[p] += prob / len(window)
     half = kernel // 2
     return {p: max(mean[candidates[i]] for i in range(max(0, n - half), min(len(candidates), n + half + 1)))
             for n, p in enumerate(candidates)}
@@ -140,12 +145,7 @@ def _morph(queries, keys, window, candidates, scaling, fusion):
     query group, fused over the window by max or sum."""
     fused = {p: 0.0 for p in candidates}
     for j in window:
-        logits = {p: sum(float(queries[g, j] @ keys[p]) for g in range(queries.shape[0])) * scaling
-                  for p in candidates}
-        top = max(logits.values())
-        total = sum(math.exp(x - top) for x in logits.values())
-        for p in candidates:
-            prob = math.exp(logits[p] - top) / total
+        for p, prob in _window_probs(queries, keys, j, candidates, scaling, sum).items():
             fused[p] = max(fused[p], prob) if fusion == "max" else fused[p] + prob
     return fused
 
