@@ -9,7 +9,7 @@ import torch
 
 from scope_kv import Discontinuous, ScopeLayer, Slide
 from scope_kv.masks import valid_slots
-from scope_kv.selection import attention_scores, compact_, select_heavy
+from scope_kv.selection import attention_scores, compact_, evicted, evicted_one, keep_top_, select_heavy
 from scope_kv.testing import attend, load_state
 
 
@@ -56,6 +56,63 @@ def test_kept_set_equals_brute_force(seed, q_heads, kv_heads):
     expected = _brute_force_keep(query, keys, valid, dim**-0.5, start, length, recent, keep)
     for (b, h), idx in expected.items():
         assert heavy[b, h].tolist() == idx
+
+
+def _rule_by_hand(scores, candidates, arrival, count):
+    """docs/method.md §9 with python loops: per pool, the `count` candidates of lowest score, among
+    equal scores the newest arrival first."""
+    gone = torch.zeros(scores.shape, dtype=torch.bool)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            slots = [j for j in range(scores.shape[2]) if candidates[b, h, j]]
+            slots.sort(key=lambda j: (float(scores[b, h, j]), -int(arrival[b, h, j])))
+            for j in slots[: int(count[b, h])]:
+                gone[b, h, j] = True
+    return gone
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_eviction_rule_for_every_layout(seed):
+    """`evicted` (any count, slots in any arrival order: the static layout) and `evicted_one` (the
+    same rule by reductions) choose what the rule written out by hand chooses, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, n = 3, 2, 17
+    scores = torch.randint(0, 4, (batch, heads, n), generator=g).float()  # many exact ties
+    candidates = torch.rand(batch, heads, n, generator=g) < 0.7
+    arrival = torch.stack([torch.randperm(n, generator=g) for _ in range(batch * heads)]).view(batch, heads, n)
+    count = torch.randint(0, 6, (batch, heads), generator=g)
+    want = _rule_by_hand(scores, candidates, arrival, count)
+    assert torch.equal(evicted(scores, count, candidates, arrival), want)
+    in_order = torch.arange(n).expand(batch, heads, n)
+    assert torch.equal(evicted(scores, count, candidates), _rule_by_hand(scores, candidates, in_order, count))
+    one = torch.ones(batch, heads, dtype=torch.long)
+    assert torch.equal(evicted_one(scores, candidates, arrival), _rule_by_hand(scores, candidates, arrival, one))
+    assert torch.equal(evicted_one(scores), _rule_by_hand(scores, torch.ones_like(candidates), in_order, one))
+    # select_heavy keeps what the rule leaves: among equal scores the older (lower) slot stays
+    kept = select_heavy(scores, n - 3)
+    left = ~_rule_by_hand(scores, torch.ones_like(candidates), in_order, torch.full((batch, heads), 3))
+    assert torch.equal(kept, left.nonzero()[:, 2].view(batch, heads, n - 3))
+
+
+def test_keep_top_moves_each_rows_kept_entries_behind_filler_in_order():
+    g = torch.Generator().manual_seed(0)
+    batch, heads, end, dim = 2, 2, 9, 3
+    keys = torch.randn(batch, heads, end, dim, generator=g)
+    values = torch.randn(batch, heads, end, dim, generator=g)
+    scores = torch.randint(0, 3, (batch, heads, end), generator=g).float()
+    scores[0, :, -1] = float("inf")  # forced to stay
+    start, counts = torch.tensor([0, 4]), torch.tensor([5, 3])
+    k0, v0 = keys.clone(), values.clone()
+    n, new_start = keep_top_(keys, values, end, scores, counts, start)
+    assert n == 5 and new_start.tolist() == [0, 2]
+    valid = (torch.arange(end)[None, :] >= start[:, None])[:, None, :].expand(batch, heads, end)
+    gone = _rule_by_hand(scores, valid, torch.arange(end).expand(batch, heads, end), (end - start - counts)[:, None].expand(batch, heads))
+    for b in range(batch):
+        for h in range(heads):
+            kept = [j for j in range(end) if valid[b, h, j] and not gone[b, h, j]]
+            assert torch.equal(keys[b, h, n - len(kept) : n], k0[b, h, kept])
+            assert torch.equal(values[b, h, n - len(kept) : n], v0[b, h, kept])
+    assert end - 1 in [j for j in range(end) if not gone[0, 0, j]]
 
 
 def test_compaction_keeps_key_value_pairs_and_order():

@@ -1,6 +1,11 @@
-"""Shared mechanics of heavy-hitter selection: scoring, top-k and in-place compaction.
+"""Shared mechanics of heavy-hitter selection: scoring, choosing what goes, in-place compaction.
 
-Every decoding strategy and prefill compressor uses these; none re-implements them.
+Every selection -- a decoding strategy's in either layout, a unified baseline's, a prefill
+compressor's -- runs the same stages: a plan says how many entries each pool loses, a score ranks
+them, :func:`evicted` (or :func:`evicted_one`, the one-entry case) chooses them by one rule (the
+lowest scores go; among equal scores the newest goes first, docs/method.md §9), and the layout
+applies the choice: the default layout compacts the kept entries (:func:`compact_`,
+:func:`compact_kept_`), the static layout clears their validity bits (:mod:`scope_kv.static`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ __all__ = [
     "Cut",
     "attention_scores",
     "causal_probs",
+    "evicted",
+    "evicted_one",
+    "kept_slots",
     "select_heavy",
     "gather_",
+    "compact_kept_",
     "compact_",
     "keep_top_",
 ]
@@ -132,13 +141,83 @@ def causal_probs(
     return probs.reshape(batch, q_heads, q_len, length)
 
 
+def _newest_first(scores: torch.Tensor, arrival: torch.Tensor | None) -> torch.Tensor:
+    """Slot indices ordered newest arrival first (``arrival=None``: slot order is arrival order)."""
+    if arrival is None:
+        n = scores.shape[-1]
+        return torch.arange(n - 1, -1, -1, device=scores.device).expand(scores.shape)
+    return torch.argsort(arrival, dim=-1, descending=True, stable=True)
+
+
+def evicted(
+    scores: torch.Tensor,
+    count: torch.Tensor | int,
+    candidates: torch.Tensor | None = None,
+    arrival: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``count`` lowest-scored candidates of each pool: the entries a selection evicts.
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``(batch, kv_heads, n)`` scores (higher is kept).
+    count : Tensor or int
+        Entries to evict per pool: an int, or a tensor broadcastable to ``(batch, kv_heads)``.
+    candidates : Tensor, optional
+        ``(batch, kv_heads, n)`` bool, or ``(batch, 1, n)``: the slots that may be evicted (default
+        all). A pool never loses more than its candidates.
+    arrival : Tensor, optional
+        ``(batch, kv_heads, n)`` order of arrival (larger is newer); default: slot order.
+
+    Returns
+    -------
+    Tensor
+        ``(batch, kv_heads, n)`` bool. Among equal scores the newest entry goes first, so the older
+        one stays (docs/method.md §9).
+    """
+    masked = scores.float()
+    if candidates is not None:  # NaN sorts after every number: the other slots rank last
+        masked = masked.masked_fill(~candidates, float("nan"))
+    # Order by arrival, newest first, then stably by score: equal scores keep newest-first order.
+    by_arrival = _newest_first(masked, arrival)
+    order = by_arrival.gather(-1, torch.argsort(masked.gather(-1, by_arrival), dim=-1, stable=True))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    count = count[..., None] if isinstance(count, torch.Tensor) else count
+    gone = rank < count
+    return gone if candidates is None else gone & candidates
+
+
+def evicted_one(
+    scores: torch.Tensor, candidates: torch.Tensor | None = None, arrival: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`evicted` with ``count = 1`` (the same rule) in reductions instead of sorts: a pool at
+    budget that grew by one entry loses one."""
+    masked = scores.float()
+    if candidates is not None:
+        masked = masked.masked_fill(~candidates, float("inf"))
+    if arrival is None:
+        arrival = torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape)
+    low = masked.amin(-1, keepdim=True)
+    pick = torch.where(masked == low, arrival, arrival.new_full((), -(2**62))).argmax(-1, keepdim=True)
+    gone = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device).scatter_(-1, pick, True)
+    return gone if candidates is None else gone & candidates.any(-1, keepdim=True)
+
+
+def kept_slots(gone: torch.Tensor, keep: int) -> torch.Tensor:
+    """``(batch, kv_heads, keep)`` ascending indices of the slots :func:`evicted` left, when every
+    pool keeps ``keep`` of them."""
+    return torch.argsort(gone.to(torch.uint8), dim=-1, stable=True)[..., :keep]
+
+
 def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores per ``(batch, kv_head)``, in ascending order.
 
     Parameters
     ----------
     scores : Tensor
-        ``(batch, kv_heads, n)`` candidate scores.
+        ``(batch, kv_heads, n)`` candidate scores, in arrival order.
     k : int
         How many to keep (``0 <= k <= n``).
 
@@ -146,18 +225,14 @@ def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     -------
     Tensor
         ``(batch, kv_heads, k)`` int64 indices into the candidate axis, sorted ascending so the
-        kept entries keep their order.
-
-    Notes
-    -----
-    Ties at the cut keep the lower index (a stable sort), the same rule as :func:`keep_top_`;
-    candidates are in arrival order, so among equal scores the older entry stays
-    (docs/method.md §9).
+        kept entries keep their order: what :func:`evicted` leaves of ``n - k`` evictions (among
+        equal scores the older entry stays, docs/method.md §9).
     """
-    if k == 0:
-        return scores.new_empty((*scores.shape[:2], 0), dtype=torch.long)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return order.sort(dim=-1).values
+    n = scores.shape[-1]
+    if k == n:
+        return torch.arange(n, device=scores.device).expand(scores.shape)
+    gone = evicted_one(scores) if k == n - 1 else evicted(scores, n - k)
+    return kept_slots(gone, k)
 
 
 def gather_(keys: torch.Tensor, values: torch.Tensor, start: int, end: int, index: torch.Tensor) -> int:
@@ -259,13 +334,32 @@ def keep_top_(
     (n, new_start) : tuple[int, Tensor]
         The new physical length and the new ``(batch,)`` leading invalid slots, ``n - counts``.
     """
-    slots = torch.arange(end, device=scores.device)
-    valid = slots[None, :] >= start[:, None]  # (batch, end)
-    scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    valid = (torch.arange(end, device=scores.device)[None, :] >= start[:, None])[:, None, :]  # (batch, 1, end)
+    gone = evicted(scores, (end - start - counts)[:, None], valid)
+    return compact_kept_(keys, values, end, valid & ~gone)
+
+
+def compact_kept_(keys: torch.Tensor, values: torch.Tensor, end: int, keep: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Move each pool's kept slots of ``[0, end)`` to the end of ``[0, n)``, in order, in place.
+
+    Parameters
+    ----------
+    keys, values : Tensor
+        ``(batch, kv_heads, capacity, dim)`` storage, modified in place.
+    end : int
+        Slots ``[0, end)`` are read.
+    keep : Tensor
+        ``(batch, kv_heads, end)`` bool; every KV head of a row keeps as many slots (rows may differ).
+
+    Returns
+    -------
+    (n, new_start) : tuple[int, Tensor]
+        ``n``, the most any row keeps (the new physical length), and ``(batch,)`` the filler slots
+        in front of each row's kept entries, ``n - kept``: invalid, masked by the layer.
+    """
+    counts = keep[:, 0].sum(-1)
     n = int(counts.max())
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]  # (batch, heads, n)
-    kept = torch.arange(n, device=scores.device)[None, None, :] < counts[:, None, None]
-    # Filler (-1) sorts first, kept slots follow in ascending order; filler then reads slot 0.
-    index = torch.where(kept, order, -1).sort(dim=-1).values.clamp_min(0)
+    # kept slots sort last, in ascending order; the `n - counts` slots before them are filler
+    index = torch.argsort(keep.to(torch.uint8), dim=-1, stable=True)[..., end - n :]
     gather_(keys, values, 0, end, index)
     return n, n - counts

@@ -38,7 +38,7 @@ from .decoding import Adaptive, DecodingStrategy
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
-from .selection import gather_
+from .selection import evicted, evicted_one, gather_
 from .step import AttentionStep
 
 __all__ = ["StaticPools", "StaticScopeLayer", "check_static_strategy", "mark_static_addresses"]
@@ -151,9 +151,9 @@ class StaticPools:
         scores = decoding.score(step, first, length).float()
         if one_at_a_time and not unified:
             # at most one entry over the budget: the pool grows by one a step, the budget never drops
-            gone = _lowest_one(scores, candidates, arrival) & (evict > 0)[..., None]
+            gone = evicted_one(scores, candidates, arrival) & (evict > 0)[..., None]
         else:
-            gone = _lowest(scores, candidates, arrival, evict)
+            gone = evicted(scores, evict, candidates, arrival)
         valid &= ~gone
         # The next entry goes to the first free slot of the region (the decoding slots; for a
         # unified baseline, any slot): there is always one, the region holds budget + slack + 1.
@@ -232,26 +232,6 @@ def check_static_strategy(decoding: DecodingStrategy) -> None:
             f"but not plan_tensor: define {name}.plan_tensor(n_decoding, t, skipped) with the same "
             "decisions as plan, or use static=False."
         )
-
-
-def _lowest_one(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tensor) -> torch.Tensor:
-    """``(batch, kv_heads, n)`` bool marking the lowest-scored candidate (ties: the newest arrival)."""
-    masked = scores.masked_fill(~candidates, float("inf"))
-    low = masked.amin(-1, keepdim=True)
-    pick = torch.where(masked == low, arrival, arrival.new_full((), -(2**62))).argmax(-1, keepdim=True)
-    return torch.zeros_like(candidates).scatter_(-1, pick, True) & candidates.any(-1, keepdim=True)
-
-
-def _lowest(scores: torch.Tensor, candidates: torch.Tensor, arrival: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The ``count[b, h]`` lowest-scored candidates (ties: the newest first), as a bool mask."""
-    masked = scores.masked_fill(~candidates, float("inf"))
-    # Order by arrival, newest first, then stably by score: equal scores keep newest-first order.
-    by_arrival = torch.argsort(arrival, dim=-1, descending=True, stable=True)
-    order = by_arrival.gather(-1, torch.argsort(masked.gather(-1, by_arrival), dim=-1, stable=True))
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    )
-    return (rank < count[..., None]) & candidates
 
 
 class StaticScopeLayer(ScopeLayer):
