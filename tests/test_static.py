@@ -25,11 +25,8 @@ PROMPT, NEW = 24, 40
 @dataclass(frozen=True)
 class HalvingSlide(Slide):
     """A strategy with a schedule of its own: ``B`` for the first 10 steps, then ``B // 2`` (the
-    budget drops, so one step evicts several entries). Overriding the schedule, on the host and on
-    the device, is all it takes (docs/architecture.md)."""
-
-    def budget_at(self, t: int) -> int:
-        return self.budget if t < 10 else self.budget // 2
+    budget drops, so one step evicts several entries). Stating the schedule once, in its device
+    form, is all it takes (docs/architecture.md): both layouts read it."""
 
     def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
         return torch.where(t < 10, self.budget, self.budget // 2)
@@ -43,9 +40,6 @@ class EvenSteps(Slide):
     @property
     def slack(self) -> int:
         return 1
-
-    def plan(self, n_decoding: int, t: int, skipped: int) -> tuple[bool, int]:
-        return n_decoding >= self.budget_at(t) and t % 2 == 0, skipped
 
     def plan_tensor(self, n_decoding: torch.Tensor, t: torch.Tensor, skipped: torch.Tensor) -> tuple:
         return (n_decoding >= self.budget_tensor(t)) & (t % 2 == 0), skipped
@@ -462,9 +456,24 @@ def test_static_layout_refuses_a_schedule_or_plan_it_cannot_run_on_the_device():
             return n_decoding >= self.budget_at(t), skipped
 
     model = make_model("llama", "sdpa")
-    with pytest.raises(ValueError, match="overrides budget_at .* but not budget_tensor: define HostOnlySchedule.budget_tensor"):
+    with pytest.raises(ValueError, match="overrides budget_at .* but not budget_tensor: state the schedule as HostOnlySchedule.budget_tensor"):
         ScopeCache(model, decoding=HostOnlySchedule(8, 3), static=True)
-    with pytest.raises(ValueError, match="overrides plan .* but not plan_tensor: define OwnPlan.plan_tensor"):
+    with pytest.raises(ValueError, match="overrides plan .* but not plan_tensor: state the plan as OwnPlan.plan_tensor"):
         ScopeCache(model, decoding=OwnPlan(8, 3), static=True)
     for strategy in (HostOnlySchedule(8, 3), OwnPlan(8, 3)):  # the default layout runs them as written
         ScopeCache(model, decoding=strategy)
+
+
+def test_a_schedule_stated_on_the_device_is_the_host_schedule_too():
+    """HalvingSlide and EvenSteps state only the device form; the host form reads it. A subclass
+    whose device form replaces a host rule it does not read is refused when it is built."""
+    assert [HalvingSlide(8, 3).budget_at(t) for t in (0, 9, 10, 50)] == [8, 8, 4, 4]
+    assert [EvenSteps(8, 3).plan(n, t, 0)[0] for n, t in ((8, 2), (8, 3), (7, 2))] == [True, False, False]
+
+    @dataclass(frozen=True)
+    class StaleHost(Adaptive):
+        def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(t, self.recent)
+
+    with pytest.raises(TypeError, match="overrides budget_tensor .* but budget_at still comes from Adaptive"):
+        StaleHost(8, 3, max_new_tokens=NEW)

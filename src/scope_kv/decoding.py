@@ -32,6 +32,29 @@ if TYPE_CHECKING:
 __all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous", "UnifiedH2O", "UnifiedStreamingLLM"]
 
 
+def _owner(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO that defines ``name``."""
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def _defines(cls: type, name: str) -> bool:
+    """Whether ``cls`` has its own ``name`` rather than :class:`DecodingStrategy`'s."""
+    return _owner(cls, name) is not DecodingStrategy
+
+
+def check_forms(cls: type) -> None:
+    """Refuse a strategy class whose device form of the schedule or plan is newer than a host form
+    that does not read it: the two layouts would run different rules."""
+    for host, device in (("budget_at", "budget_tensor"), ("plan", "plan_tensor")):
+        host_cls, device_cls = _owner(cls, host), _owner(cls, device)
+        if host_cls is not DecodingStrategy and host_cls is not device_cls and issubclass(device_cls, host_cls):
+            raise TypeError(
+                f"{cls.__name__} overrides {device} (in {device_cls.__name__}) but {host} still comes from "
+                f"{host_cls.__name__}, whose rule it replaces: override {host} in {device_cls.__name__} too, "
+                f"with the same values, so that both layouts run the same {host.split('_')[0]}."
+            )
+
+
 @dataclass(frozen=True)
 class DecodingStrategy:
     """Base of every decoding strategy.
@@ -53,6 +76,7 @@ class DecodingStrategy:
     evicts_prompt: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_forms(type(self))
         cls = type(self).__name__
         check_int(f"{cls}.budget", self.budget, 2)
         check_int(f"{cls}.recent", self.recent, 1)
@@ -64,15 +88,23 @@ class DecodingStrategy:
             )
 
     # -- schedule -----------------------------------------------------------------------
+    # A strategy states its schedule (and its plan) once. The device form, `budget_tensor`
+    # (`plan_tensor`), serves both layouts: the host form then reads it. A strategy may instead
+    # override only the host form, for the default layout (`static=True` refuses it, saying so).
     def budget_at(self, t: int) -> int:
-        """``B(t)``: decoding budget at decode step ``t`` (``t = 0`` is the first decode forward)."""
+        """``B(t)``: decoding budget at decode step ``t`` (``t = 0`` is the first decode forward).
+        By default :meth:`budget_tensor` evaluated on the host, so a schedule stated there needs
+        nothing here."""
+        if _defines(type(self), "budget_tensor"):
+            return int(self.budget_tensor(torch.tensor(t)))
         return self.budget
 
     def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """``B(t)`` computed on the device from a 0-d int64 tensor ``t``: what the static layout
         (``ScopeCache(static=True)``, :mod:`scope_kv.static`) uses, since a captured step cannot
-        ask the host. Must agree with :meth:`budget_at`; a strategy that overrides ``budget_at``
-        overrides this too to be usable with ``static=True`` (else the cache refuses it)."""
+        ask the host, and what :meth:`budget_at` reads unless it is overridden too (then the two
+        must agree). A strategy that overrides only ``budget_at`` runs in the default layout; the
+        static one refuses it."""
         return torch.full_like(t, self.budget)
 
     @property
@@ -120,7 +152,12 @@ class DecodingStrategy:
         -------
         (select, skipped) : tuple[bool, int]
             Whether to cut the pool back to ``budget_at(t)`` now, and the new skip counter.
+            By default :meth:`plan_tensor` evaluated on the host when a strategy states its plan
+            there, else SCOPE's plan: select once the pool holds ``B(t)``.
         """
+        if _defines(type(self), "plan_tensor"):
+            select, new = self.plan_tensor(torch.tensor([[n_decoding]]), torch.tensor(t), torch.tensor(skipped))
+            return bool(select.all()), int(new)
         return n_decoding >= self.budget_at(t), skipped
 
     def plan_tensor(
@@ -131,8 +168,8 @@ class DecodingStrategy:
         ``n_decoding`` is ``(batch, kv_heads)``: each pool's entries, the step's included (a unified
         baseline's pool holds the prompt too, so padded rows differ); ``t`` and ``skipped`` are 0-d
         int64. Returns ``select`` (broadcastable to ``n_decoding``: which pools are cut back to
-        ``B(t)``) and the new skip counter. A strategy that overrides ``plan`` overrides this too to
-        be usable with ``static=True`` (else the cache refuses it)."""
+        ``B(t)``) and the new skip counter. :meth:`plan` reads it unless it is overridden too; a
+        strategy that overrides only ``plan`` runs in the default layout (``static=True`` refuses it)."""
         return n_decoding >= self.budget_tensor(t), skipped
 
     # -- scoring ------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .decoding import Adaptive, DecodingStrategy
+from .decoding import Adaptive, DecodingStrategy, _owner
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
@@ -195,18 +195,14 @@ class StaticPools:
         return region[:, 0].sum(-1)
 
 
-def _owner(cls: type, name: str) -> type:
-    """The class of ``cls``'s MRO that defines ``name``."""
-    return next(c for c in cls.__mro__ if name in vars(c))
-
-
 def _device_rules(cls: type[DecodingStrategy]) -> tuple[bool, bool]:
     """(whether the strategy plans other than SCOPE's default -- then its ``plan_tensor`` runs --,
     whether a step evicts at most one entry: no slack, and a built-in schedule, constant or
     adaptive's growing one, which never lowers ``B(t)``). Read once, when the layer is built."""
     own_plan = _owner(cls, "plan_tensor") is not DecodingStrategy
     one_at_a_time = not own_plan and cls.slack is DecodingStrategy.slack
-    return own_plan, one_at_a_time and _owner(cls, "budget_at") in (DecodingStrategy, Adaptive)
+    growing = all(_owner(cls, name) in (DecodingStrategy, Adaptive) for name in ("budget_at", "budget_tensor"))
+    return own_plan, one_at_a_time and growing
 
 
 def check_static_strategy(decoding: DecodingStrategy) -> None:
@@ -222,15 +218,15 @@ def check_static_strategy(decoding: DecodingStrategy) -> None:
     if not issubclass(device_schedule, schedule):
         raise ValueError(
             f"static=True evaluates the budget schedule on the device, and {name} overrides budget_at "
-            f"(in {schedule.__name__}) but not budget_tensor: define {name}.budget_tensor(t), B(t) from a "
-            "0-d int64 tensor with the same values as budget_at, or use static=False."
+            f"(in {schedule.__name__}) but not budget_tensor: state the schedule as {name}.budget_tensor(t) "
+            "instead, B(t) from a 0-d int64 tensor (budget_at then reads it, in both layouts), or use static=False."
         )
     plan, device_plan = _owner(cls, "plan"), _owner(cls, "plan_tensor")
     if not issubclass(device_plan, plan):
         raise ValueError(
             f"static=True plans each step on the device, and {name} overrides plan (in {plan.__name__}) "
-            f"but not plan_tensor: define {name}.plan_tensor(n_decoding, t, skipped) with the same "
-            "decisions as plan, or use static=False."
+            f"but not plan_tensor: state the plan as {name}.plan_tensor(n_decoding, t, skipped) instead "
+            "(plan then reads it, in both layouts), or use static=False."
         )
 
 
