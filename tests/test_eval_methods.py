@@ -6,7 +6,7 @@ import pytest
 
 import scope_kv
 from scope_kv import Adaptive, Discontinuous, Slide
-from scope_kv.eval.methods import MethodSpecError, parse_method, parse_methods
+from scope_kv.eval.methods import MethodSpecError, never_evicts, parse_method, parse_methods
 
 
 def test_scope_strategies():
@@ -72,3 +72,26 @@ def test_prompt_relative_budget_gives_equal_memory_per_prompt():
         parse_method("slide:prompt+64/32")
     with pytest.raises(MethodSpecError, match="recent window"):
         parse_method("unified-h2o:64/prompt+3")
+
+
+@pytest.mark.parametrize(
+    "spec,prompts,idle_at,evicts_at",
+    [
+        ("unified-h2o:prompt+32/16", [100, 300], 32, 33),
+        ("unified-h2o:prompt/4+32/16", [100, 300], None, 1),  # the prompt alone is over its budget
+        ("unified-h2o:400/16", [100, 300], 100, 101),  # fixed: the longest prompt fills it first
+        # R-KV selects once the pool is `buffer` past its budget, not at the budget
+        ("unified-rkv:prompt+24/8,buffer=8", [100, 300], 31, 32),
+        ("rkv:24/8,buffer=8", None, 31, 32),
+        ("slide:24/8", None, 24, 25),
+    ],
+)
+def test_a_method_is_idle_exactly_while_its_own_plan_never_selects(spec, prompts, idle_at, evicts_at):
+    """The CLI warns about a method that evicts nothing in the run; the test asks each method's
+    own plan, on SCOPE's split and over prompt + output (unified), at the last idle length and the
+    first that evicts."""
+    method = parse_method(spec)
+    if idle_at is not None:
+        reason = never_evicts(method, idle_at, prompts)
+        assert reason is not None and reason.startswith(f"{spec} evicts nothing in this run"), reason
+    assert never_evicts(method, evicts_at, prompts) is None

@@ -39,10 +39,11 @@ MethodSpecError = SpecError
 parse_method = parse_spec
 
 
-def _scope_cuts(decoding: DecodingStrategy, decode_entries: int) -> bool:
-    """Whether SCOPE's schedule evicts a generated entry within ``decode_entries`` decode steps
-    (the layer's rule: a step that selects cuts the pool when it holds more than ``B(t)``)."""
-    held, skipped = 0, 0
+def _scope_cuts(decoding: DecodingStrategy, decode_entries: int, held: int = 0) -> bool:
+    """Whether the strategy's plan evicts an entry within ``decode_entries`` decode steps of a pool
+    that starts with ``held`` entries (SCOPE's split: 0; a unified baseline: the prompt), by the
+    layer's rule: a step that selects cuts the pool when it holds more than ``B(t)``."""
+    skipped = 0
     for t in range(decode_entries):
         held += 1
         select, skipped = decoding.plan(held, t, skipped)
@@ -109,23 +110,24 @@ def never_evicts(
             return f"{method.spec} evicts nothing in this run: {pool}, so it holds what the full cache holds; {fix}."
         what = "nothing is evicted" if prefill_idle else "only the prefill compressor can evict"
         return f"{method.spec}: its decoding strategy evicts nothing in this run ({pool}), so {what}; {fix}."
+    # A unified baseline: its own plan over prompt + output (R-KV's selects only once the pool
+    # is a buffer past the budget).
     if method.per_prompt is not None:
-        share = method.per_prompt.share
-        if share.divisor == 1:
-            if decode_entries > share.extra:
-                return None
-        elif lengths is None or any(n + decode_entries > share.of(n) for n in lengths):
+        per_prompt = method.per_prompt
+        if per_prompt.share.divisor == 1 and lengths is None:
+            lengths = [0]  # prompt + N: whether it evicts does not depend on the prompt
+        if lengths is None or any(_scope_cuts(per_prompt.build(n), decode_entries, n) for n in lengths):
             return None
         return (
-            f"{method.spec} evicts nothing in this run: prompt and {decode_entries} generated entries fit in its "
-            f"budget ({share.describe()}); {fix}."
+            f"{method.spec} evicts nothing in this run: prompt and {decode_entries} generated entries never "
+            f"take it to a selection ({per_prompt.share.describe()}); {fix}."
         )
     if decoding is not None:  # a unified baseline with a fixed budget
-        if lengths is None or max(lengths) + decode_entries > decoding.budget:
+        if lengths is None or _scope_cuts(decoding, decode_entries, max(lengths)):
             return None
         return (
             f"{method.spec} evicts nothing in this run: the longest prompt ({max(lengths)}) and {decode_entries} "
-            f"generated entries fit in its budget of {decoding.budget}; {fix}."
+            f"generated entries never take it to a selection (budget {decoding.budget}); {fix}."
         )
     if prefill_idle:  # a prefill compressor alone, every prompt within its budget
         return f"{method.spec} evicts nothing in this run: every prompt fits in the prefill budget; lower the budget."
