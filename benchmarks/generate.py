@@ -37,7 +37,7 @@ import gc
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -143,7 +143,9 @@ def run_once(model, method: str, ids: torch.Tensor, args: argparse.Namespace) ->
     return row
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every (batch, cuDNN, method) row; ``on_row`` gets the result so far after each row (a run cut
+    short by a time limit keeps what it measured)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(TINY if args.smoke else LLAMA_8B, device, dtype)
@@ -151,7 +153,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = measure_bandwidth(device)
     weights = weight_bytes_read(model)
     per_token = kv_bytes_per_token(model)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    env = dict(torch=torch.__version__, transformers=transformers.__version__,
+               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", command=" ".join(sys.argv))
+
+    def result() -> dict[str, Any]:
+        return dict(rows=list(rows), env=env, settings={k: v for k, v in vars(args).items() if k != "out"},
+                    bandwidth_bytes_per_s=bandwidth, weight_bytes=weights, kv_bytes_per_token=per_token)
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in ALL_METHODS:
@@ -185,10 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"ms/step (first window {fmt(warm['first_window_ms'], '.2f')}), cold {fmt(cold['step_ms'], '.2f')}, "
                       f"x{fmt(row['x_roofline'], '.2f')} roofline, KV {fmt((warm['kv_allocated_bytes'] or 0) / 2**20, '.0f')} MiB",
                       flush=True)
-    env = dict(torch=torch.__version__, transformers=transformers.__version__,
-               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", command=" ".join(sys.argv))
-    return dict(rows=rows, env=env, settings={k: v for k, v in vars(args).items() if k != "out"},
-                bandwidth_bytes_per_s=bandwidth, weight_bytes=weights, kv_bytes_per_token=per_token)
+                if on_row is not None:
+                    on_row(result())
+    return result()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, args.new, args.window, args.budget, args.recent, args.snap_budget = 64, 48, 8, 16, 8, 32
         if args.batches == "1,8,32":
             args.batches = "1,2"
-    result = run(args)
+    result = run(args, on_row=lambda partial: write_outputs(partial, args.out, markdown, lambda *_: False))
     write_outputs(result, args.out, markdown, plot)
     print(markdown(result))
     return 0
