@@ -32,21 +32,21 @@ if TYPE_CHECKING:
 __all__ = ["DecodingStrategy", "Slide", "Adaptive", "Discontinuous", "UnifiedH2O", "UnifiedStreamingLLM"]
 
 
-def _owner(cls: type, name: str) -> type:
+def defined_in(cls: type, name: str) -> type:
     """The class of ``cls``'s MRO that defines ``name``."""
     return next(c for c in cls.__mro__ if name in vars(c))
 
 
 def _defines(cls: type, name: str) -> bool:
     """Whether ``cls`` has its own ``name`` rather than :class:`DecodingStrategy`'s."""
-    return _owner(cls, name) is not DecodingStrategy
+    return defined_in(cls, name) is not DecodingStrategy
 
 
 def check_forms(cls: type) -> None:
     """Refuse a strategy class whose device form of the schedule or plan is newer than a host form
     that does not read it: the two layouts would run different rules."""
     for host, device in (("budget_at", "budget_tensor"), ("plan", "plan_tensor")):
-        host_cls, device_cls = _owner(cls, host), _owner(cls, device)
+        host_cls, device_cls = defined_in(cls, host), defined_in(cls, device)
         if host_cls is not DecodingStrategy and host_cls is not device_cls and issubclass(device_cls, host_cls):
             raise TypeError(
                 f"{cls.__name__} overrides {device} (in {device_cls.__name__}) but {host} still comes from "

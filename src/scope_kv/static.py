@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .decoding import Adaptive, DecodingStrategy, _owner
+from .decoding import Adaptive, DecodingStrategy, defined_in
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
@@ -199,9 +199,9 @@ def _device_rules(cls: type[DecodingStrategy]) -> tuple[bool, bool]:
     """(whether the strategy plans other than SCOPE's default -- then its ``plan_tensor`` runs --,
     whether a step evicts at most one entry: no slack, and a built-in schedule, constant or
     adaptive's growing one, which never lowers ``B(t)``). Read once, when the layer is built."""
-    own_plan = _owner(cls, "plan_tensor") is not DecodingStrategy
+    own_plan = defined_in(cls, "plan_tensor") is not DecodingStrategy
     one_at_a_time = not own_plan and cls.slack is DecodingStrategy.slack
-    growing = all(_owner(cls, name) in (DecodingStrategy, Adaptive) for name in ("budget_at", "budget_tensor"))
+    growing = all(defined_in(cls, name) in (DecodingStrategy, Adaptive) for name in ("budget_at", "budget_tensor"))
     return own_plan, one_at_a_time and growing
 
 
@@ -213,7 +213,7 @@ def check_static_strategy(decoding: DecodingStrategy) -> None:
     changes ``budget_at`` or ``plan`` without its device form would be run by a rule other than its own.
     """
     cls = type(decoding)
-    schedule, device_schedule = _owner(cls, "budget_at"), _owner(cls, "budget_tensor")
+    schedule, device_schedule = defined_in(cls, "budget_at"), defined_in(cls, "budget_tensor")
     name = cls.__name__
     if not issubclass(device_schedule, schedule):
         raise ValueError(
@@ -221,7 +221,7 @@ def check_static_strategy(decoding: DecodingStrategy) -> None:
             f"(in {schedule.__name__}) but not budget_tensor: state the schedule as {name}.budget_tensor(t) "
             "instead, B(t) from a 0-d int64 tensor (budget_at then reads it, in both layouts), or use static=False."
         )
-    plan, device_plan = _owner(cls, "plan"), _owner(cls, "plan_tensor")
+    plan, device_plan = defined_in(cls, "plan"), defined_in(cls, "plan_tensor")
     if not issubclass(device_plan, plan):
         raise ValueError(
             f"static=True plans each step on the device, and {name} overrides plan (in {plan.__name__}) "
