@@ -92,6 +92,10 @@ def test_one_eviction_rule_for_every_layout(seed):
     kept = select_heavy(scores, n - 3)
     left = ~_rule_by_hand(scores, torch.ones_like(candidates), in_order, torch.full((batch, heads), 3))
     assert torch.equal(kept, left.nonzero()[:, 2].view(batch, heads, n - 3))
+    # one entry out (Slide at budget: no sort), the same rule
+    kept = select_heavy(scores, n - 1)
+    left = ~_rule_by_hand(scores, torch.ones_like(candidates), in_order, one)
+    assert torch.equal(kept, left.nonzero()[:, 2].view(batch, heads, n - 1))
 
 
 def test_keep_top_moves_each_rows_kept_entries_behind_filler_in_order():

@@ -74,6 +74,14 @@ class DecodingStrategy:
     # Unified baselines (docs/method.md §7) evict from prompt and generated entries alike; SCOPE's
     # own strategies only ever touch the decoding pool.
     evicts_prompt: ClassVar[bool] = False
+    # Whether budget_at / plan read the device forms (decided once per class, off the decode path).
+    _schedule_on_device: ClassVar[bool] = False
+    _plan_on_device: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._schedule_on_device = _defines(cls, "budget_tensor")
+        cls._plan_on_device = _defines(cls, "plan_tensor")
 
     def __post_init__(self) -> None:
         check_forms(type(self))
@@ -95,7 +103,7 @@ class DecodingStrategy:
         """``B(t)``: decoding budget at decode step ``t`` (``t = 0`` is the first decode forward).
         By default :meth:`budget_tensor` evaluated on the host, so a schedule stated there needs
         nothing here."""
-        if _defines(type(self), "budget_tensor"):
+        if self._schedule_on_device:
             return int(self.budget_tensor(torch.tensor(t)))
         return self.budget
 
@@ -155,7 +163,7 @@ class DecodingStrategy:
             By default :meth:`plan_tensor` evaluated on the host when a strategy states its plan
             there, else SCOPE's plan: select once the pool holds ``B(t)``.
         """
-        if _defines(type(self), "plan_tensor"):
+        if self._plan_on_device:
             select, new = self.plan_tensor(torch.tensor([[n_decoding]]), torch.tensor(t), torch.tensor(skipped))
             return bool(select.all()), int(new)
         return n_decoding >= self.budget_at(t), skipped

@@ -197,12 +197,17 @@ def evicted_one(
     masked = scores.float()
     if candidates is not None:
         masked = masked.masked_fill(~candidates, float("inf"))
-    if arrival is None:
-        arrival = torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape)
-    low = masked.amin(-1, keepdim=True)
-    pick = torch.where(masked == low, arrival, arrival.new_full((), -(2**62))).argmax(-1, keepdim=True)
+    pick = _lowest_newest(masked, arrival)
     gone = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device).scatter_(-1, pick, True)
     return gone if candidates is None else gone & candidates.any(-1, keepdim=True)
+
+
+def _lowest_newest(scores: torch.Tensor, arrival: torch.Tensor | None = None) -> torch.Tensor:
+    """``(batch, kv_heads, 1)`` slot of each pool's lowest score, the newest arrival among equals."""
+    if arrival is None:  # slot order is arrival order: the last of the minima (argmin returns the first)
+        return (scores.shape[-1] - 1) - scores.flip(-1).argmin(-1, keepdim=True)
+    low = scores.amin(-1, keepdim=True)
+    return torch.where(scores == low, arrival, arrival.new_full((), -(2**62))).argmax(-1, keepdim=True)
 
 
 def kept_slots(gone: torch.Tensor, keep: int) -> torch.Tensor:
@@ -231,8 +236,10 @@ def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     if k == n:
         return torch.arange(n, device=scores.device).expand(scores.shape)
-    gone = evicted_one(scores) if k == n - 1 else evicted(scores, n - k)
-    return kept_slots(gone, k)
+    if k == n - 1:  # one entry goes (Slide at budget): the others, in order, without a sort
+        kept = torch.arange(k, device=scores.device)
+        return kept + (kept >= _lowest_newest(scores))
+    return kept_slots(evicted(scores, n - k), k)
 
 
 def gather_(keys: torch.Tensor, values: torch.Tensor, start: int, end: int, index: torch.Tensor) -> int:
