@@ -176,7 +176,8 @@ def run(args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | Non
                     torch._dynamo.reset()
                 try:
                     cold = run_once(model, method, ids, args)
-                    warm = run_once(model, method, ids, args)
+                    # --calls 1 (long outputs): the one call's last steps are far past compilation
+                    warm = run_once(model, method, ids, args) if args.calls == 2 else cold
                 except torch.cuda.OutOfMemoryError as exc:
                     rows.append(dict(method=method, batch=batch, cudnn=use_cudnn, error=f"OOM: {exc}"[:200]))
                     print(f"{method:>24} b={batch:<3} cudnn={use_cudnn}: out of memory", flush=True)
@@ -201,11 +202,12 @@ def run(args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | Non
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    timed = ("the second identical call (warm); cold = the first call" if s.get("calls", 2) == 2 else
+             "one call per method (warm = cold: its last steps come long after compilation)")
     lines = [f"# `model.generate` decode step ({result['env']['device']}, torch {result['env']['torch']}, "
              f"transformers {result['env']['transformers']})", "",
              f"Prompt {s['prompt']}, {s['new']} new tokens, budget {s['budget']}/{s['recent']}; median of the last "
-             f"{s['window']} steps of the second identical call (warm); cold = the first call. "
-             f"Command: `{result['env']['command']}`.", "",
+             f"{s['window']} steps of {timed}. Command: `{result['env']['command']}`.", "",
              "| method | batch | cuDNN SDPA | ms/step (warm) | ms/step (cold) | tokens/s | × roofline | KV held MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cudnn", choices=["on", "off", "both"], default="on", help="cuDNN SDPA backend")
     ap.add_argument("--compile-backend", default="inductor", choices=["cudagraphs", "inductor"],
                     help="torch.compile backend for the captured methods")
+    ap.add_argument("--calls", type=int, choices=[1, 2], default=2,
+                    help="generate calls per method: 2 times the second (warm shapes); 1 times the last steps "
+                         "of a single call (long outputs, where two calls do not fit the time)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short run (any device)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/generate"), help="output path stem")
     args = ap.parse_args(argv)
