@@ -189,6 +189,29 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
     assert torch.equal(out, reference)
 
 
+@pytest.mark.parametrize("prefill", [None, lambda: SnapKV(12, window=4)])
+def test_an_unpadded_batch_is_one_graph_too(prefill):
+    """No padding: transformers drops the all-ones mask and asks the cache for the query offset
+    before sizing the mask, and the first decode step enters the layout inside that sizing. Every
+    step must still hand the compiled step the same inputs (a mask or none), or the second step is
+    traced again."""
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs(pad=0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                  pad_token_id=0)
+    reference = model.generate(
+        **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), prefill=prefill() if prefill else None)), **kwargs
+    )
+    counter = _Counter()
+    cache = ScopeCache(model, decoding=Slide(8, 3), prefill=prefill() if prefill else None, static=True)
+    try:
+        out = model.generate(**cache_kwargs(cache), compile_config=_compile_config(counter.backend()), **kwargs)
+    finally:
+        torch._dynamo.reset()
+    assert counter.graphs == 1
+    assert torch.equal(out, reference)
+
+
 @pytest.mark.parametrize("strategy,prefill", CASES)
 def test_compiled_step_takes_the_cache_storage_at_fixed_addresses(strategy, prefill):
     """Every tensor the compiled decode step reads from the cache is marked as a static address.

@@ -155,12 +155,10 @@ class ScopeCache(Cache):
                 layer.prepare(query_length)
         return super().get_mask_sizes(query_length, layer_idx)
 
-    def get_query_offset(self, layer_idx: int = 0) -> int:
+    def get_query_offset(self, layer_idx: int = 0) -> Any:
         layer = self.layers[layer_idx]
         if isinstance(layer, ScopeLayer):
-            # physical: the mask describes held slots (the static layout writes the step's entry
-            # inside its buffer, so the query sits at its last slot)
-            return layer.length - 1 if layer.head_valid() is not None else layer.length
+            return layer.query_offset()
         return super().get_query_offset(layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> Any:

@@ -311,6 +311,11 @@ class ScopeLayer(CacheLayerMixin):
         outside any compiled region); ``None`` otherwise."""
         return None
 
+    def query_offset(self) -> Any:
+        """The slot of the coming forward's first query, in the physical coordinates the mask
+        describes (held slots; pads stay at the front): after every held slot."""
+        return self.length
+
     def head_valid(self) -> torch.Tensor | None:
         """``(batch, kv_heads, length)`` valid slots per KV head in the static layout (else ``None``)."""
         return None

@@ -77,6 +77,8 @@ class StaticPools:
         ``()`` int64: the discontinuous skip counter.
     seen : Tensor
         ``()`` int64: logical tokens processed.
+    last_slot : Tensor
+        ``()`` int64: ``P + D - 1``, where a decode step's query sits (:meth:`StaticScopeLayer.query_offset`).
     """
 
     prefill: int
@@ -86,6 +88,7 @@ class StaticPools:
     t: torch.Tensor
     skipped: torch.Tensor
     seen: torch.Tensor
+    last_slot: torch.Tensor
 
     @classmethod
     def build(
@@ -111,6 +114,7 @@ class StaticPools:
             t=torch.zeros((), dtype=torch.long, device=device),
             skipped=torch.zeros((), dtype=torch.long, device=device),
             seen=torch.tensor(seen, dtype=torch.long, device=device),
+            last_slot=torch.tensor(length - 1, dtype=torch.long, device=device),
         )
         mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
         return state
@@ -185,6 +189,7 @@ class StaticPools:
             t=self.t.clone(),
             skipped=self.skipped.clone(),
             seen=self.seen.clone(),
+            last_slot=torch.tensor(slots - 1, dtype=torch.long, device=self.t.device),
         )
         mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
         return state, new_keys, new_values
@@ -354,6 +359,21 @@ class StaticScopeLayer(ScopeLayer):
         if self._pools is not None and query_length == 1:
             return self.length, 0
         return super().get_mask_sizes(query_length)
+
+    def query_offset(self) -> Any:
+        """Inside the layout the step's entry is written into the fixed buffer, so the query sits at
+        its last slot. Once the layer holds entries the offset is a device tensor (as transformers'
+        static layers give it), so that every decode step's forward gets a mask: with an int the
+        mask is skipped where every held slot is behind the query, which holds from the second
+        decode step on but not always at the first (transformers asks for the offset before it
+        sizes the mask, and the sizing is what enters the layout), and a compiled step handed a
+        mask at one step and none at the next is traced twice. The first prefill (nothing held)
+        keeps an int: its causal mask is left to the kernel."""
+        if self._pools is not None:
+            return self._pools.last_slot
+        if self.length == 0:
+            return 0
+        return torch.tensor(self.length, dtype=torch.long, device=self.keys.device)
 
     def get_seq_length(self) -> Any:
         # counted on the device (an int would change between captured steps)
