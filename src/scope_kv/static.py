@@ -123,13 +123,18 @@ class StaticPools:
     def write(
         self, keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> None:
-        """Write the step's entry ``(batch, kv_heads, 1, dim)`` into each (row, KV head)'s free slot."""
-        slot = self.free[:, :, None]
-        index = slot[..., None].expand(-1, -1, 1, keys.shape[-1])
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
-        self.valid.scatter_(2, slot, True)
-        self.arrival.scatter_(2, slot, self.t.expand_as(slot))
+        """Write the step's entry ``(batch, kv_heads, 1, dim)`` into each (row, KV head)'s free slot.
+
+        Every buffer is written through one flat index per (row, KV head), ``index_put_`` on a flat
+        view: a compiler writes those entries in place, where ``scatter_`` into a graph input makes
+        it copy the whole buffer (every layer's K and V, twice a step: the KV cache's bytes)."""
+        batch, kv_heads, slots, dim = keys.shape
+        rows = torch.arange(batch * kv_heads, device=keys.device)
+        flat = (rows * slots + self.free.reshape(-1),)  # (batch * kv_heads,) slot of each (row, KV head)
+        keys.view(-1, dim).index_put_(flat, key_states.reshape(-1, dim).to(keys.dtype))
+        values.view(-1, dim).index_put_(flat, value_states.reshape(-1, dim).to(values.dtype))
+        self.valid.view(-1).index_put_(flat, torch.ones_like(rows, dtype=torch.bool))
+        self.arrival.view(-1).index_put_(flat, self.t.expand(rows.shape))
         self.seen.add_(1)
 
     def select(
