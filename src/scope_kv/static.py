@@ -69,14 +69,10 @@ class StaticPools:
     arrival : Tensor
         ``(batch, kv_heads, P + D)`` int64: the decode step each entry arrived at; prompt slot ``j``
         holds ``j - P`` (older than any generated entry, in prompt order).
-    free : Tensor
-        ``(batch, kv_heads)`` int64: the slot the next step's entry is written to.
-    t : Tensor
-        ``()`` int64: decode steps completed (SCOPE's ``t``).
-    skipped : Tensor
-        ``()`` int64: the discontinuous skip counter.
-    seen : Tensor
-        ``()`` int64: logical tokens processed.
+    counters : Tensor
+        ``(batch * kv_heads + 3,)`` int64, read through views: :attr:`free`, then :attr:`t`,
+        :attr:`skipped`, :attr:`seen`. One tensor rather than four, because a compiled step checks
+        each tensor it reads (dtype, shape, strides, address) before every replay, every layer.
     last_slot : Tensor
         ``()`` int64: ``P + D - 1``, where a decode step's query sits (:meth:`StaticScopeLayer.query_offset`).
     """
@@ -84,11 +80,36 @@ class StaticPools:
     prefill: int
     valid: torch.Tensor
     arrival: torch.Tensor
-    free: torch.Tensor
-    t: torch.Tensor
-    skipped: torch.Tensor
-    seen: torch.Tensor
+    counters: torch.Tensor
     last_slot: torch.Tensor
+
+    @property
+    def free(self) -> torch.Tensor:
+        """``(batch, kv_heads)`` int64: the slot the next step's entry is written to."""
+        return self.counters[:-3].view(self.valid.shape[:2])
+
+    @property
+    def t(self) -> torch.Tensor:
+        """``()`` int64: decode steps completed (SCOPE's ``t``)."""
+        return self.counters[-3]
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """``()`` int64: the discontinuous skip counter."""
+        return self.counters[-2]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``()`` int64: logical tokens processed."""
+        return self.counters[-1]
+
+    @staticmethod
+    def pack(
+        free: torch.Tensor, t: torch.Tensor | int, skipped: torch.Tensor | int, seen: torch.Tensor | int
+    ) -> torch.Tensor:
+        """The :attr:`counters` tensor of these values."""
+        scalars = torch.as_tensor([int(t), int(skipped), int(seen)], dtype=torch.long)
+        return torch.cat([free.reshape(-1).long(), scalars.to(free.device)])
 
     @classmethod
     def build(
@@ -110,13 +131,10 @@ class StaticPools:
             prefill=prefill,
             valid=valid[:, None, :].expand(batch, kv_heads, length).contiguous(),
             arrival=(index - prefill).expand(batch, kv_heads, length).contiguous(),
-            free=torch.full((batch, kv_heads), prefill, dtype=torch.long, device=device),
-            t=torch.zeros((), dtype=torch.long, device=device),
-            skipped=torch.zeros((), dtype=torch.long, device=device),
-            seen=torch.tensor(seen, dtype=torch.long, device=device),
+            counters=cls.pack(torch.full((batch, kv_heads), prefill, dtype=torch.long, device=device), 0, 0, seen),
             last_slot=torch.tensor(length - 1, dtype=torch.long, device=device),
         )
-        mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        mark_static_addresses(state.valid, state.arrival, state.counters)
         return state
 
     # -- one decode step ------------------------------------------------------------------
@@ -190,13 +208,10 @@ class StaticPools:
             prefill=0,
             valid=valid,
             arrival=self.arrival.gather(-1, index),
-            free=(~valid).to(torch.int8).argmax(-1),
-            t=self.t.clone(),
-            skipped=self.skipped.clone(),
-            seen=self.seen.clone(),
-            last_slot=torch.tensor(slots - 1, dtype=torch.long, device=self.t.device),
+            counters=self.pack((~valid).to(torch.int8).argmax(-1), self.t, self.skipped, self.seen),
+            last_slot=torch.tensor(slots - 1, dtype=torch.long, device=valid.device),
         )
-        mark_static_addresses(state.valid, state.arrival, state.free, state.t, state.skipped, state.seen)
+        mark_static_addresses(state.valid, state.arrival, state.counters)
         return state, new_keys, new_values
 
     def held(self, decoding_only: bool) -> torch.Tensor:
@@ -408,7 +423,8 @@ class StaticScopeLayer(ScopeLayer):
         super()._map_batch(fn)
         if self._pools is not None:
             pools = self._pools
-            pools.valid, pools.arrival, pools.free = fn(pools.valid), fn(pools.arrival), fn(pools.free)
+            pools.valid, pools.arrival = fn(pools.valid), fn(pools.arrival)
+            pools.counters = pools.pack(fn(pools.free), pools.t, pools.skipped, pools.seen)
 
     def summary(self) -> dict[str, Any]:
         row = super().summary()
