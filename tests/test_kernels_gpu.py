@@ -183,12 +183,14 @@ def _first_differences(a: torch.Tensor, b: torch.Tensor) -> list[int | None]:
 
 def test_static_layout_compiled_generate_on_cuda_matches_eager():
     """ScopeCache(static=True) under generate's compiled decoding (CUDA-graph backend) on the GPU,
-    one compiled graph, padded rows, with and without a prefill compressor:
+    one compiled graph, padded rows, with and without a prefill compressor: the same greedy tokens
+    as the eager default layout, token for token, in float32.
 
-    * float32: the same greedy tokens as the eager default layout. (In bf16 the two layouts sum
-      attention in different orders -- over compacted slots, or over every slot of a fixed buffer with
-      a mask -- and a random model's near-tied logits flip; every token after a flip differs.)
-    * bf16: the same greedy tokens as the same layout run eagerly: capture changes nothing.
+    Not in bf16: the layouts sum attention in different orders (over compacted slots, or over every
+    slot of the fixed buffer with a mask), the traced step's decomposed operators round differently
+    again, and a random model's near-tied logits flip; every token after a flip differs. (On an
+    H100 the bf16 captured run matched the eager static layout for 73-160 tokens a row, then
+    flipped.) The kept entries are compared exactly in tests/test_static.py on the CPU.
     """
     from transformers import CompileConfig
 
@@ -213,16 +215,15 @@ def test_static_layout_compiled_generate_on_cuda_matches_eager():
         assert len(seen) == 1
         return out[:, 200:]
 
-    for dtype, static_reference in ((torch.float32, False), (torch.bfloat16, True)):
-        model = _tiny_llama(4, dtype)
+    model = _tiny_llama(4, torch.float32)
+    for prefill in (None, SnapKV(96, window=8)):
         torch.manual_seed(1)
         ids = torch.randint(3, 500, (4, 200), device="cuda")
         mask = torch.ones_like(ids)
         mask[0, :17] = 0
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=160, min_new_tokens=160, do_sample=False,
                       pad_token_id=0)
-        for prefill in (None, SnapKV(96, window=8)):
-            reference = ScopeCache(model, decoding=Slide(64, 32), prefill=prefill, static=static_reference)
-            eager = model.generate(**cache_kwargs(reference), **kwargs)[:, 200:]
-            out = compiled(model, prefill, kwargs)
-            assert torch.equal(out, eager), (dtype, prefill, _first_differences(out, eager))
+        reference = ScopeCache(model, decoding=Slide(64, 32), prefill=prefill)
+        eager = model.generate(**cache_kwargs(reference), **kwargs)[:, 200:]
+        out = compiled(model, prefill, kwargs)
+        assert torch.equal(out, eager), (prefill, _first_differences(out, eager))
