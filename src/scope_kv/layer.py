@@ -99,6 +99,7 @@ class ScopeLayer(CacheLayerMixin):
         self.prefill = prefill
         self.num_layers = num_layers
         self._module_ids = module_ids
+        self._checked_module: Any = None  # the attention module last found in the model (checked once)
         # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
         # own mask) before the first decoding step appends.
         self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
@@ -425,11 +426,15 @@ class ScopeLayer(CacheLayerMixin):
         """Run what follows the ``step``'s attention (built by the scope attention function, or by
         :func:`scope_kv.testing.attend`): observe a prefill forward, or plan, score, select and compact
         a decode step."""
-        if id(step.module) not in self._module_ids:
-            raise ValueError(
-                f"layer {self.layer_idx}: this ScopeCache was built for another model. Build one "
-                "ScopeCache(model, ...) per model; a cache cannot move between models."
-            )
+        if step.module is not self._checked_module:
+            # Checked once per module, not every step: a compiled step guards every value it reads,
+            # and a set of every module's id would be compared whole, every layer, every step.
+            if id(step.module) not in self._module_ids:
+                raise ValueError(
+                    f"layer {self.layer_idx}: this ScopeCache was built for another model. Build one "
+                    "ScopeCache(model, ...) per model; a cache cannot move between models."
+                )
+            self._checked_module = step.module
         pending, self._pending, self._attended = self._pending, None, None
         if pending != "decode":
             self._after_prefill_attention(step)
