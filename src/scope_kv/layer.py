@@ -100,11 +100,9 @@ class ScopeLayer(CacheLayerMixin):
         self.num_layers = num_layers
         self._module_ids = module_ids
         self._checked_module: Any = None  # the attention module last found in the model (checked once)
-        # Layers whose prompt entries get evicted must finish the prefill (compress, switch to their
-        # own mask) before the first decoding step appends.
+        # evicting prompt entries: finish the prefill (compress, own mask) before a decode step appends
         self._evicts_prompt = prefill is not None or (decoding is not None and decoding.evicts_prompt)
-        # Per-query-head selection (docs/method.md §11): every KV head is stored once per query head
-        # of its group, so each query head keeps its own entries (costs `kv_repeat` times the memory).
+        # per-query-head selection (docs/method.md §11): each KV head stored `kv_repeat` times
         self.kv_repeat = kv_repeat
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
@@ -131,8 +129,7 @@ class ScopeLayer(CacheLayerMixin):
         self.window = QueryWindow(0 if self.decoding is None else self.decoding.query_window)
         # prefill compression
         self._prefill_open = False  # a prefill ran and its compression is still to do
-        # what the prefill compressor gathers while the prompt runs (its own memo type), and the
-        # attention module it ran in (per-layer budgets of external methods ask for it)
+        # the compressor's memo while the prompt runs, and its attention module (per-layer budgets)
         self._memo: PrefillMemo | None = None if self.prefill is None else self.prefill.new_memo()
         self._prefill_module: torch.nn.Module | None = None
         # the forward in flight: "prefill" / "decode" from update() until after_attention()
@@ -190,16 +187,15 @@ class ScopeLayer(CacheLayerMixin):
                 self.keys, self.values, self.length
             )  # a new turn joins the prefill pool in arrival order
         if decode and self._prefill_open:
-            # Prefill is known to be over only now (chunked prefill looks like any prefill forward).
-            # Compressing here, before this step's entry is appended, is safe although transformers
-            # sized this forward's mask before any layer ran: from now on the layer attends with
-            # its own mask (`own_mask`), never with that one.
+            # Prefill is known to be over only now (a chunk looks like any prefill forward). Compressing
+            # before this step's entry is appended is safe although transformers sized this forward's
+            # mask already: from now on the layer attends with its own mask (`own_mask`).
             self.finish_prefill()
         if decode:
             self.reserve(self.length + 1)
         else:
-            # A prefill forward (the first, a chunk, or a new turn's prompt). Whatever the previous
-            # turn's decoding pool held joins the prefill pool, and the schedule starts afresh.
+            # A prefill forward (the first, a chunk, a new turn's prompt): what the previous turn's
+            # decoding pool held joins the prefill pool, and the schedule starts afresh.
             if self.decoding is not None and self.decoding.evicts_prompt:  # one pool of at most max_held
                 self.reserve(max(self.length + q + 1, self.decoding.max_held))
             else:
@@ -313,8 +309,7 @@ class ScopeLayer(CacheLayerMixin):
         return None
 
     def query_offset(self) -> Any:
-        """The slot of the coming forward's first query, in the physical coordinates the mask
-        describes (held slots; pads stay at the front): after every held slot."""
+        """The physical slot of the coming forward's first query: after every held slot."""
         return self.length
 
     def head_valid(self) -> torch.Tensor | None:
@@ -426,9 +421,7 @@ class ScopeLayer(CacheLayerMixin):
         """Run what follows the ``step``'s attention (built by the scope attention function, or by
         :func:`scope_kv.testing.attend`): observe a prefill forward, or plan, score, select and compact
         a decode step."""
-        if step.module is not self._checked_module:
-            # Checked once per module, not every step: a compiled step guards every value it reads,
-            # and a set of every module's id would be compared whole, every layer, every step.
+        if step.module is not self._checked_module:  # once: compiled, a set read is compared whole each step
             if id(step.module) not in self._module_ids:
                 raise ValueError(
                     f"layer {self.layer_idx}: this ScopeCache was built for another model. Build one "
@@ -514,8 +507,7 @@ class ScopeLayer(CacheLayerMixin):
         scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
         self.length, start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
         self.rows.set_start(start)
-        # Prompt and generated entries now share one pool: no boundary is left to record.
-        self.prefill_length = 0
+        self.prefill_length = 0  # prompt and generated entries now share one pool: no boundary
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
 
     # -- prefill ----------------------------------------------------------------------------
