@@ -56,6 +56,20 @@ def test_generate_benchmark_smoke(tmp_path):
     assert rows["dynamic"]["warm"]["kv_held_bytes"] == 2 * per_entry * (settings["prompt"] + settings["new"] - 1)
 
 
+def test_generate_benchmark_one_call_per_method(tmp_path):
+    """``--calls 1`` (long outputs) times one generate call per method and says so in its table."""
+    out = tmp_path / "generate"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "1", "--out", str(out),
+           "--methods", "scope-slide", "--calls", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    (row,) = result["rows"]
+    assert row["warm"] == row["cold"] and row["step_ms"] == row["cold_step_ms"] > 0
+    assert result["settings"]["calls"] == 1
+    assert "one call per method" in out.with_suffix(".md").read_text()
+
+
 def test_profile_benchmark_smoke(tmp_path):
     """benchmarks/profile_decode.py profiles real generate calls and writes its tables, without
     counting the profiler's step markers as kernels."""
