@@ -104,12 +104,9 @@ class StaticPools:
         return self.counters[-1]
 
     @staticmethod
-    def pack(
-        free: torch.Tensor, t: torch.Tensor | int, skipped: torch.Tensor | int, seen: torch.Tensor | int
-    ) -> torch.Tensor:
-        """The :attr:`counters` tensor of these values."""
-        scalars = torch.as_tensor([int(t), int(skipped), int(seen)], dtype=torch.long)
-        return torch.cat([free.reshape(-1).long(), scalars.to(free.device)])
+    def pack(free: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        """The :attr:`counters` tensor of ``free`` and ``scalars`` (``t, skipped, seen``); no host sync."""
+        return torch.cat([free.reshape(-1).long(), scalars.to(device=free.device, dtype=torch.long)])
 
     @classmethod
     def build(
@@ -131,7 +128,9 @@ class StaticPools:
             prefill=prefill,
             valid=valid[:, None, :].expand(batch, kv_heads, length).contiguous(),
             arrival=(index - prefill).expand(batch, kv_heads, length).contiguous(),
-            counters=cls.pack(torch.full((batch, kv_heads), prefill, dtype=torch.long, device=device), 0, 0, seen),
+            counters=cls.pack(
+                torch.full((batch, kv_heads), prefill, dtype=torch.long, device=device), torch.tensor([0, 0, seen])
+            ),
             last_slot=torch.tensor(length - 1, dtype=torch.long, device=device),
         )
         mark_static_addresses(state.valid, state.arrival, state.counters)
@@ -208,7 +207,7 @@ class StaticPools:
             prefill=0,
             valid=valid,
             arrival=self.arrival.gather(-1, index),
-            counters=self.pack((~valid).to(torch.int8).argmax(-1), self.t, self.skipped, self.seen),
+            counters=self.pack((~valid).to(torch.int8).argmax(-1), self.counters[-3:]),
             last_slot=torch.tensor(slots - 1, dtype=torch.long, device=valid.device),
         )
         mark_static_addresses(state.valid, state.arrival, state.counters)
@@ -424,7 +423,7 @@ class StaticScopeLayer(ScopeLayer):
         if self._pools is not None:
             pools = self._pools
             pools.valid, pools.arrival = fn(pools.valid), fn(pools.arrival)
-            pools.counters = pools.pack(fn(pools.free), pools.t, pools.skipped, pools.seen)
+            pools.counters = pools.pack(fn(pools.free), pools.counters[-3:])
 
     def summary(self) -> dict[str, Any]:
         row = super().summary()
