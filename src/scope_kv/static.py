@@ -150,8 +150,8 @@ class StaticPools:
         flat = (rows * slots + self.free.reshape(-1),)  # (batch * kv_heads,) slot of each (row, KV head)
         keys.view(-1, dim).index_put_(flat, key_states.reshape(-1, dim).to(keys.dtype))
         values.view(-1, dim).index_put_(flat, value_states.reshape(-1, dim).to(values.dtype))
-        self.valid.view(-1).index_put_(flat, torch.ones_like(rows, dtype=torch.bool))
-        self.arrival.view(-1).index_put_(flat, self.t.expand(rows.shape))
+        self.valid.view(-1).index_put_(flat, rows.new_ones((), dtype=torch.bool))  # (0-d values broadcast)
+        self.arrival.view(-1).index_put_(flat, self.t)
         self.seen.add_(1)
 
     def select(
