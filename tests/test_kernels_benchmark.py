@@ -57,17 +57,25 @@ def test_generate_benchmark_smoke(tmp_path):
 
 
 def test_generate_benchmark_one_call_per_method(tmp_path):
-    """``--calls 1`` (long outputs) times one generate call per method and says so in its table."""
+    """``--calls 1`` (long outputs) times one generate call per method and says so in its table;
+    ``--stop-after`` ends each call early while the caches stay sized for ``--new``."""
     out = tmp_path / "generate"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "1", "--out", str(out),
-           "--methods", "scope-slide", "--calls", "1"]
+           "--methods", "scope-slide,static-compiled", "--calls", "1", "--stop-after", "30"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
-    (row,) = result["rows"]
-    assert row["warm"] == row["cold"] and row["step_ms"] == row["cold_step_ms"] > 0
-    assert result["settings"]["calls"] == 1
-    assert "one call per method" in out.with_suffix(".md").read_text()
+    rows = {r["method"]: r for r in result["rows"]}
+    for row in rows.values():
+        assert row["warm"] == row["cold"] and row["step_ms"] == row["cold_step_ms"] > 0
+        assert row["warm"]["steps"] == 29 and len(row["warm"]["block_ms"]) == 1  # 30 tokens: 29 step intervals
+    settings = result["settings"]
+    assert settings["calls"] == 1 and settings["stop_after"] == 30 and settings["new"] == 48
+    # StaticCache was still sized for the 48 new tokens (generate gives it max_length - 1 slots), not the 30 produced
+    per_entry = result["kv_bytes_per_token"]
+    assert rows["static-compiled"]["warm"]["kv_allocated_bytes"] == per_entry * (settings["prompt"] + settings["new"] - 1)
+    table = out.with_suffix(".md").read_text()
+    assert "one call per method" in table and "stopped after 30" in table
 
 
 def test_profile_benchmark_smoke(tmp_path):
