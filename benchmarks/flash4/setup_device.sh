@@ -4,7 +4,8 @@
 # while the machine is warm.
 #
 #   call 1, carry [".whl/fa4-call1"]:  bash benchmarks/flash4/setup_device.sh stage1
-#   call 2, carry [".whl/fa4-call2"]:  bash benchmarks/flash4/setup_device.sh stage2 && \
+#   call 2, carry [".whl/fa4-call1b"]: bash benchmarks/flash4/setup_device.sh add fa4-call1b
+#   call 3, carry [".whl/fa4-call2"]:  bash benchmarks/flash4/setup_device.sh stage2 && \
 #                                      export PYTHONPATH="src:$(bash benchmarks/flash4/setup_device.sh path)" && ...
 #   only if stage1 reports cuda.bindings missing, carry [".whl/fa4-cuda"] in a call before stage2:
 #                                      bash benchmarks/flash4/setup_device.sh cuda
@@ -41,6 +42,11 @@ for name in ("cuda.bindings", "cuda.pathfinder", "numpy", "typing_extensions", "
 PY
     ls -l "$DIR/wheels"
     ;;
+  add)  # one more carried folder of parts, .whl/$2
+    mkdir -p "$DIR/wheels"
+    cp ".whl/${2:?name the carried folder under .whl/}"/* "$DIR/wheels/"
+    ls -l "$DIR/wheels"
+    ;;
   cuda)
     mkdir -p "$DIR/wheels"
     cp .whl/fa4-cuda/* "$DIR/wheels/"
@@ -48,9 +54,9 @@ PY
     ;;
   stage2)
     cp .whl/fa4-call2/* "$DIR/wheels/"
-    cat "$DIR/wheels/cu13.whl.part0" "$DIR/wheels/cu13.whl.part1" > "$DIR/wheels/$CU13"
+    cat "$DIR"/wheels/cu13.whl.part? > "$DIR/wheels/$CU13"  # part0, part1, ... in order
     (cd "$DIR/wheels" && sha256sum --check --ignore-missing SHA256SUMS)
-    rm -f "$DIR/wheels/cu13.whl.part0" "$DIR/wheels/cu13.whl.part1"
+    rm -f "$DIR"/wheels/cu13.whl.part?
     install_wheels "$DIR/wheels/$CU13" "$DIR"/wheels/flash_attn_4-*.whl "$DIR"/wheels/nvidia_cutlass_dsl-*.whl \
       "$DIR"/wheels/nvidia_cutlass_dsl_libs_core-*.whl "$DIR"/wheels/nvidia_cutlass_dsl_libs_base-*.whl \
       "$DIR"/wheels/quack_kernels-*.whl "$DIR"/wheels/apache_tvm_ffi-*.whl "$DIR"/wheels/torch_c_dlpack_ext-*.whl \
@@ -65,7 +71,7 @@ print('cutlass', cutlass.__version__, '| flash_attn.cute', flash_attn.cute.flash
     path
     ;;
   *)
-    echo "usage: $0 stage1|cuda|stage2|path" >&2
+    echo "usage: $0 stage1|add FOLDER|cuda|stage2|path" >&2
     exit 2
     ;;
 esac
