@@ -15,9 +15,11 @@ Methods (``--methods``, comma-separated):
 * ``dynamic`` -- transformers' DynamicCache;
 * ``static-compiled`` -- transformers' StaticCache through ``generate``'s own compilation
   (``cache_implementation="static"``; torch.compile, mode reduce-overhead);
-* ``scope-none``, ``scope-slide``, ``scope-adaptive``, ``scope-discontinuous``, ``scope-snapkv+slide``
-  -- ScopeCache, eager;
-* ``captured-slide``, ``captured-adaptive``, ``captured-discontinuous``, ``captured-snapkv+slide``
+* ``scope-none``, ``scope-slide``, ``scope-adaptive``, ``scope-discontinuous``, ``scope-snapkv+slide``,
+  ``scope-unified-h2o``, ``scope-unified-streamingllm`` -- ScopeCache, eager (the unified baselines
+  hold ``--snap-budget`` + ``--budget`` entries over prompt and output: SnapKV + Slide's memory);
+* ``captured-slide``, ``captured-adaptive``, ``captured-discontinuous``, ``captured-snapkv+slide``,
+  ``captured-unified-h2o``, ``captured-unified-streamingllm``
   -- ScopeCache(static=True): ``generate`` compiles the decode step (``--compile-backend``:
   ``inductor`` with mode reduce-overhead, generate's own default and what a user gets, or
   ``cudagraphs``, torch.compile's CUDA-graph backend without code generation, which copies every
@@ -46,13 +48,14 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from bench_common import LLAMA_8B, TINY, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median
 from bench_common import weight_bytes_read, write_outputs
-from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV
+from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
 from scope_kv.accounting import kv_footprint
 from scope_kv.compat import cache_kwargs, output_cache
 
 ALL_METHODS = (
     "dynamic", "static-compiled", "scope-none", "scope-slide", "scope-adaptive", "scope-discontinuous",
-    "scope-snapkv+slide", "captured-slide", "captured-adaptive", "captured-discontinuous", "captured-snapkv+slide",
+    "scope-snapkv+slide", "scope-unified-h2o", "scope-unified-streamingllm", "captured-slide", "captured-adaptive",
+    "captured-discontinuous", "captured-snapkv+slide", "captured-unified-h2o", "captured-unified-streamingllm",
 )
 
 
@@ -93,6 +96,10 @@ def _strategy(name: str, args: argparse.Namespace) -> tuple[Any, Any]:
         return None, Discontinuous(b, r, max_new_tokens=max(t, b))
     if kind == "snapkv+slide":
         return SnapKV(args.snap_budget), Slide(b, r)
+    if kind == "unified-h2o":
+        return None, UnifiedH2O(args.snap_budget + b, r)
+    if kind == "unified-streamingllm":
+        return None, UnifiedStreamingLLM(args.snap_budget + b, r)
     raise ValueError(f"unknown method {name!r}")
 
 

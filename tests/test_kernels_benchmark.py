@@ -104,3 +104,25 @@ def test_profile_summary_leaves_out_the_step_markers(monkeypatch):
     row = summarise(row, top=40)
     assert row["kernel_ms_per_step"] == 8.0 and row["kernels_per_step"] == 100.0 and row["idle_share"] == 0.2
     assert [k["name"] for k in row["kernels"]] == ["gemm"]
+
+
+def test_generate_benchmark_times_the_unified_baselines_in_both_layouts(tmp_path):
+    """The unified baselines are methods of benchmarks/generate.py, eager and captured, at SnapKV +
+    Slide's memory (``--snap-budget`` + ``--budget`` entries over prompt and output)."""
+    out = tmp_path / "generate"
+    methods = ["scope-unified-h2o", "captured-unified-h2o", "scope-unified-streamingllm", "captured-unified-streamingllm"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "2", "--out", str(out),
+           "--methods", ",".join(methods), "--calls", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == methods
+    settings, per_entry = result["settings"], result["kv_bytes_per_token"]
+    assert settings["prompt"] > settings["snap_budget"] + settings["budget"]  # the prompt itself is cut
+    for name in ("unified-h2o", "unified-streamingllm"):
+        eager, captured = rows[f"scope-{name}"]["warm"], rows[f"captured-{name}"]["warm"]
+        assert eager["kv_held_bytes"] == 2 * per_entry * (settings["snap_budget"] + settings["budget"])
+        # the static layout's slots are its footprint (a free slot per row and KV head beside the budget)
+        assert eager["kv_held_bytes"] < captured["kv_held_bytes"] == captured["kv_allocated_bytes"]
+        assert captured["kv_allocated_bytes"] <= eager["kv_held_bytes"] + 2 * per_entry
