@@ -222,14 +222,14 @@ def test_pools_follow_the_device_each_layer_receives():
 
 @pytest.mark.parametrize("device_map", ["auto", "sequential", "explicit"])
 def test_eval_loader_dispatch_and_input_device(device_map):
-    """What `scope-kv eval --device-map` does to a loaded model (scope_kv.eval.common._dispatch):
+    """What `scope-kv eval --device-map` does to a loaded model (scope_kv.eval.common.spread_over_devices):
     accelerate hooks on the layers, inputs sent to the embedding's execution device, and Slide's
     tokens equal to the undispatched model's."""
-    from scope_kv.eval.common import _dispatch, input_device
+    from scope_kv.eval.common import input_device, spread_over_devices
 
     model = _model()
     mapping = {"": "cpu"} if device_map == "explicit" else device_map
-    model = _dispatch(model, mapping)
+    model = spread_over_devices(model, mapping)
     assert getattr(model.model.layers[0], "_hf_hook", None) is not None or hasattr(model, "hf_device_map")
     assert input_device(model) == torch.device("cpu")
     ids, mask = _prompt(2)
@@ -237,10 +237,10 @@ def test_eval_loader_dispatch_and_input_device(device_map):
 
 
 def test_input_device_of_an_offloaded_embedding():
-    from scope_kv.eval.common import _dispatch, input_device
+    from scope_kv.eval.common import input_device, spread_over_devices
 
     model = accelerate.cpu_offload(_model(), execution_device=torch.device("cpu"))
     assert model.get_input_embeddings().weight.device.type == "meta"
     assert input_device(model) == torch.device("cpu")
     with pytest.raises(ValueError, match="device_map must be"):
-        _dispatch(_model(), "everywhere")
+        spread_over_devices(_model(), "everywhere")

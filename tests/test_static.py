@@ -15,7 +15,6 @@ import torch
 from transformers import CompileConfig
 
 from conftest import make_model
-from test_extension import KeyNormSlide
 from scope_kv import Adaptive, Discontinuous, ScopeCache, ScopeLayer, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM, RKV, UnifiedRKV, MorphKV, UnifiedMorphKV
 from scope_kv.compat import cache_kwargs
 
@@ -45,10 +44,29 @@ class EvenSteps(Slide):
         return (n_decoding >= self.budget_tensor(t)) & (t % 2 == 0), skipped
 
 
+@dataclass(frozen=True)
+class KeyNormSlide(Slide):
+    """A scorer of its own: candidates ranked by the negated L2 norm of their key (low-norm keys
+    draw attention) instead of SCOPE's probabilities."""
+
+    def score(self, step, first: int, last: int) -> torch.Tensor:
+        return -step.keys[:, :, first:last].float().norm(dim=-1)
+
+
+@dataclass(frozen=True)
+class ShrinkingKeyNorm(KeyNormSlide):
+    """Its own scorer and its own schedule together: key-norm scores, and a budget that steps
+    down from ``B`` to ``B - 2`` after 6 steps and to ``B - 4`` after 12."""
+
+    def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return self.budget - 2 * (t >= 6).long() - 2 * (t >= 12).long()
+
+
 CASES = [
     pytest.param(lambda: HalvingSlide(8, 3), None, id="custom-schedule"),
     pytest.param(lambda: EvenSteps(8, 3), None, id="custom-plan"),
     pytest.param(lambda: KeyNormSlide(8, 3), None, id="custom-score"),
+    pytest.param(lambda: ShrinkingKeyNorm(9, 3), None, id="custom-score-and-schedule"),
     pytest.param(lambda: Slide(8, 3), None, id="slide"),
     pytest.param(lambda: Adaptive(12, 5, max_new_tokens=NEW), None, id="adaptive"),
     pytest.param(lambda: Discontinuous(12, 5, max_new_tokens=NEW), None, id="discontinuous"),

@@ -164,13 +164,13 @@ def test_the_declared_range_admits_the_tested_versions():
 
 
 def test_set_attention_implementation_switches_every_config_on_the_backend(monkeypatch):
-    from scope_kv.attention import _register
+    from scope_kv.attention import register_backend
 
     sdpa = make_model("llama", "sdpa")
-    compat.set_attention_implementation(sdpa, _register("sdpa"), "sdpa")
+    compat.set_attention_implementation(sdpa, register_backend("sdpa"), "sdpa")
     assert sdpa.config._attn_implementation == "scope_sdpa"
     flash_standin.install(monkeypatch)  # lets a CPU model take flash_attention_2
     flash = make_model("llama", "flash_attention_2")
-    compat.set_attention_implementation(flash, _register("flash_attention_2"), "flash_attention_2")
+    compat.set_attention_implementation(flash, register_backend("flash_attention_2"), "flash_attention_2")
     configs = {id(m.config): m.config for m in flash.modules() if hasattr(m, "config")}
     assert {c._attn_implementation for c in configs.values()} == {"scope_flash_attention_2"}

@@ -214,7 +214,10 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def _register(backend: str) -> str:
+def register_backend(backend: str) -> str:
+    """Register scope_kv's attention function and mask for ``backend`` with transformers'
+    ``AttentionInterface`` / ``AttentionMaskInterface`` (once) and return the name registered
+    (``scope_<backend>``), which a model is then switched to."""
     name = PREFIX + backend
     if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(name, _make_attention(backend))
@@ -248,7 +251,7 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
                 f"attn_implementation= one of {SUPPORTED_BACKENDS}."
             )
         warn_if_untested()
-        name = _register(current)
+        name = register_backend(current)
         set_attention_implementation(model, name, current)
         if model.config._attn_implementation != name:
             raise ValueError(

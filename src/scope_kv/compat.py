@@ -32,6 +32,8 @@ from packaging.version import Version
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
+from .masks import is_flash_backend
+
 __all__ = [
     "CACHE_KWARG",
     "FLOOR",
@@ -176,7 +178,7 @@ def set_attention_implementation(model: PreTrainedModel, name: str, base: str) -
     base : str
         The model's current implementation (``sdpa``, ``eager``, ``flash_attention_2/3/4``).
     """
-    if "flash" not in base:
+    if not is_flash_backend(base):
         model.set_attn_implementation(name)
         return
     if not model._can_set_attn_implementation():

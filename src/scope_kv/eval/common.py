@@ -163,7 +163,7 @@ def load_model(
         weights = torch.float32 if dtype == "auto" else _DTYPES[dtype]
         lm, tok = load_smollm2(weights, attn_implementation, gguf_path=gguf_file)
         if device_map is not None:
-            lm = _dispatch(lm, device_map)
+            lm = spread_over_devices(lm, device_map)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,7 +181,7 @@ def load_model(
     return lm, tok
 
 
-def _dispatch(model: Any, device_map: str | dict[str, Any]) -> Any:
+def spread_over_devices(model: Any, device_map: str | dict[str, Any]) -> Any:
     """Spread an already loaded model over devices (accelerate), as from_pretrained(device_map=...) would."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
