@@ -239,3 +239,62 @@ def test_prefill_window_error_suggests_a_value_that_is_accepted():
             cls(8, window=8)
         budget, window = (int(x) for x in re.search(r"budget=(\d+), window=(\d+)\)", str(info.value)).groups())
         cls(budget, window=window)
+
+
+# A value other than the default for every setting a strategy or compressor of the grammar has
+# (the walk below fails on a setting missing here, so a new one gets a round trip too).
+_OTHER_VALUE = {
+    "max_new_tokens": 4096, "delta": 15, "cap_budget": False, "buffer": 64, "mix": 0.25, "kernel": 5,
+    "threshold": 0.25, "fusion": "sum", "window": 16, "pooling": "avg", "beta": 10, "block": 128, "sinks": 2,
+    "recent": 16,
+}
+
+
+def _grammar_specs() -> list[str]:
+    """Every kind of the grammar, each of its settings changed from its default one at a time,
+    with every budget form the kind accepts."""
+    import dataclasses
+
+    from scope_kv.prompt_share import SHARED_PREFILL
+
+    texts = []
+    for kinds, budget_forms, is_decoding in (
+        (spec_module.DECODING_KINDS, None, True),
+        (spec_module.PREFILL_KINDS, None, False),
+    ):
+        for name, cls in kinds.items():
+            if is_decoding:
+                forms = ["600/32"] + (["prompt+64/32", "prompt/4+64/32"] if cls.evicts_prompt else [])
+            else:
+                forms = ["600"] + (["prompt/4", "prompt/4+64"] if name in SHARED_PREFILL else [])
+            settings = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("budget",)]
+            if is_decoding:
+                settings.remove("recent")  # written as the budget's "/r"
+            for form in forms:
+                texts.append(f"{name}:{form}")
+                for setting in settings:
+                    assert setting in _OTHER_VALUE, f"{name}.{setting}: add a value to _OTHER_VALUE"
+                    value = _OTHER_VALUE[setting]
+                    text = str(value).lower() if isinstance(value, bool) else str(value)
+                    texts.append(f"{name}:{form},{setting}={text}")
+    return texts
+
+
+def test_every_kind_and_setting_of_the_grammar_prints_a_spec_that_parses_back_to_it():
+    """parse(describe(x)) == x, walking every strategy and compressor the grammar names, each
+    setting it has, and each budget form (numbers, ``prompt+N``, ``prompt/D+N``, ``prompt/D``)."""
+    texts = _grammar_specs()
+    assert len(texts) > 60
+    for text in texts:
+        parsed = parse_spec(text, max_new_tokens=4096)
+        for part in (parsed.prefill, parsed.decoding_for(1000)):
+            if part is None:
+                continue
+            printed = part.describe()
+            again = parse_spec(printed)
+            assert part in (again.prefill, again.decoding_for(1000)), (text, printed)
+
+
+def test_a_cache_prints_itself_as_its_spec(model):
+    cache = make_cache(model, "snapkv:64,window=4+slide:16/8,static")
+    assert repr(cache) == f"ScopeCache('snapkv:64,window=4+slide:16/8,static', layers={len(cache.layers)}, managed={len(cache.layers)})"

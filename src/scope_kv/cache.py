@@ -197,11 +197,9 @@ class ScopeCache(Cache):
         return text + "".join(f",{name}" for name in flags)
 
     def __repr__(self) -> str:
+        # the spec that builds this configuration again (make_cache), as everything the library prints
         managed = sum(isinstance(layer, ScopeLayer) for layer in self.layers)
-        return (
-            f"ScopeCache(decoding={self.decoding!r}, prefill={self.prefill!r}, layers={len(self.layers)}, "
-            f"managed={managed})"
-        )
+        return f"ScopeCache({self.describe()!r}, layers={len(self.layers)}, managed={managed})"
 
 
 def _check_arguments(model: Any, decoding: Any, prefill: Any, static: Any, per_query_head: Any) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_int, spec_text
 
 if TYPE_CHECKING:
     from .step import AttentionStep
@@ -207,8 +207,22 @@ class DecodingStrategy:
         """Whether this strategy scores by SCOPE's rule (then the fused fast paths apply)."""
         return type(self).score is DecodingStrategy.score
 
+    # The spec grammar's name for this class (scope_kv.spec), declared by each class it names, and
+    # the settings its spec string writes (``key=value``, when they differ from the default).
+    spec_kind: ClassVar[str] = ""
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+
+    def spec_budget(self) -> str:
+        """The budget part of this strategy's spec string: ``B/r``."""
+        return f"{self.budget}/{self.recent}"
+
+    def spec_settings(self) -> tuple[str, ...]:
+        """The fields its spec string writes as ``key=value`` when they differ from the default."""
+        return self.spec_fields
+
     def describe(self) -> str:
-        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}"
+        """This strategy as a spec string that builds it again (:func:`scope_kv.spec.parse_spec`)."""
+        return spec_text(self)
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,8 @@ class Slide(DecodingStrategy):
 
     Memory stays flat at ``prompt + B`` entries per layer and KV head.
     """
+
+    spec_kind: ClassVar[str] = "slide"
 
 
 def _resolve_delta(cls: str, budget: int, recent: int, max_new_tokens: int | None, delta: int | None) -> int:
@@ -264,6 +280,8 @@ class Adaptive(DecodingStrategy):
         beyond it; such a pool has no static shape (``ScopeCache(static=True)`` refuses it).
     """
 
+    spec_kind: ClassVar[str] = "adaptive"
+
     max_new_tokens: int | None = None
     delta: int | None = field(default=None)
     cap_budget: bool = True
@@ -299,11 +317,9 @@ class Adaptive(DecodingStrategy):
     def bounded(self) -> bool:
         return self.cap_budget
 
-    def describe(self) -> str:
+    def spec_settings(self) -> tuple[str, ...]:
         # the schedule as it was given: the length it was planned for, or delta itself
-        plan = f",T={self.max_new_tokens}" if self.max_new_tokens is not None else f",delta={self.delta}"
-        cap = "" if self.cap_budget else ",uncapped"
-        return f"{type(self).__name__.lower()}:{self.budget}/{self.recent}{plan}{cap}"
+        return ("max_new_tokens" if self.max_new_tokens is not None else "delta", "cap_budget")
 
 
 @dataclass(frozen=True)
@@ -314,6 +330,8 @@ class Discontinuous(Adaptive):
     A step is eligible when the pool holds at least ``B(t)``. The skip counter starts at 0
     with every new generation (prefill), so the first ``delta`` eligible steps are skipped.
     """
+
+    spec_kind: ClassVar[str] = "discontinuous"
 
     @property
     def slack(self) -> int:
@@ -352,10 +370,9 @@ class UnifiedH2O(DecodingStrategy):
         Newest entries always kept.
     """
 
-    evicts_prompt: ClassVar[bool] = True
+    spec_kind: ClassVar[str] = "unified-h2o"
 
-    def describe(self) -> str:
-        return f"unified-h2o:{self.budget}/{self.recent}"
+    evicts_prompt: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -373,8 +390,7 @@ class UnifiedStreamingLLM(UnifiedH2O):
         Newest entries always kept.
     """
 
+    spec_kind: ClassVar[str] = "unified-streamingllm"
+
     def score(self, step: AttentionStep, first: int, last: int) -> torch.Tensor:
         return -step.arrival_order(first, last).float()  # the earliest entries score highest
-
-    def describe(self) -> str:
-        return f"unified-streamingllm:{self.budget}/{self.recent}"

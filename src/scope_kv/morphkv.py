@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ._checks import spec_options
 from .decoding import DecodingStrategy
 from .window import score_in_arrival_order, window_attention
 
@@ -80,6 +79,9 @@ class MorphKV(DecodingStrategy):
         ``"max"`` (the authors' setting for long outputs) or ``"sum"`` over the window's queries.
     """
 
+    spec_kind: ClassVar[str] = "morphkv"
+    spec_fields: ClassVar[tuple[str, ...]] = ("fusion",)
+
     fusion: str = "max"
 
     def __post_init__(self) -> None:
@@ -98,16 +100,12 @@ class MorphKV(DecodingStrategy):
 
         return score_in_arrival_order(step, first, last, self.recent, rule)
 
-    def describe(self) -> str:
-        return f"morphkv:{self.budget}/{self.recent}{spec_options(self, ('fusion',))}"
-
 
 @dataclass(frozen=True)
 class UnifiedMorphKV(MorphKV):
     """MorphKV as its authors run it: one budget over prompt and output entries together
     (parameters as :class:`MorphKV`; the budget is the total ``C + R``)."""
 
-    evicts_prompt: ClassVar[bool] = True
+    spec_kind: ClassVar[str] = "unified-morphkv"
 
-    def describe(self) -> str:
-        return f"unified-morphkv:{self.budget}/{self.recent}{spec_options(self, ('fusion',))}"
+    evicts_prompt: ClassVar[bool] = True

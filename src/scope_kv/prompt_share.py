@@ -7,6 +7,7 @@ row's prompt (``snapkv:prompt/4``). The spec grammar (:mod:`scope_kv.spec`) buil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -68,13 +69,15 @@ class SharedBudget:
         wanted = (real // self.share.divisor + self.share.extra).clamp(min=self.budget)
         return torch.minimum(wanted, real)
 
-    def describe(self) -> str:
-        return f"{type(self).__name__.removeprefix('Shared').lower()}:{share_text(self.share)}"
+    def spec_budget(self) -> str:
+        return share_text(self.share)
 
 
 @dataclass(frozen=True)
 class SharedSnapKV(SharedBudget, SnapKV):
     """:class:`scope_kv.SnapKV` keeping ``share.of(prompt)`` entries of each row (e.g. a quarter)."""
+
+    spec_kind: ClassVar[str] = "snapkv"
 
     share: PromptShare = field(default_factory=PromptShare)
 
@@ -83,12 +86,16 @@ class SharedSnapKV(SharedBudget, SnapKV):
 class SharedH2O(SharedBudget, H2O):
     """:class:`scope_kv.H2O` keeping ``share.of(prompt)`` entries of each row."""
 
+    spec_kind: ClassVar[str] = "h2o"
+
     share: PromptShare = field(default_factory=PromptShare)
 
 
 @dataclass(frozen=True)
 class SharedStreamingLLM(SharedBudget, StreamingLLM):
     """:class:`scope_kv.StreamingLLM` keeping ``share.of(prompt)`` entries of each row."""
+
+    spec_kind: ClassVar[str] = "streamingllm"
 
     share: PromptShare = field(default_factory=PromptShare)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ._checks import check_int, spec_options
+from ._checks import check_int
 from .decoding import DecodingStrategy
 from .window import score_in_arrival_order, window_attention
 
@@ -126,6 +126,9 @@ class RKV(DecodingStrategy):
         Cosine similarity above which two keys are look-alikes.
     """
 
+    spec_kind: ClassVar[str] = "rkv"
+    spec_fields: ClassVar[tuple[str, ...]] = ("buffer", "mix", "kernel", "threshold")
+
     recent: int = 8
     buffer: int = 128
     mix: float = 0.1
@@ -180,12 +183,6 @@ class RKV(DecodingStrategy):
 
         return score_in_arrival_order(step, first, last, self.recent, rule)
 
-    def describe(self) -> str:
-        return f"rkv:{self.budget}/{self.recent}{self._options()}"
-
-    def _options(self) -> str:
-        return spec_options(self, ("buffer", "mix", "kernel", "threshold"))
-
 
 @dataclass(frozen=True)
 class UnifiedRKV(RKV):
@@ -194,7 +191,6 @@ class UnifiedRKV(RKV):
     Once a layer holds ``budget + buffer`` entries, keep the newest ``recent`` and the best
     ``budget - recent`` of all the others, prompt included (parameters as :class:`RKV`)."""
 
-    evicts_prompt: ClassVar[bool] = True
+    spec_kind: ClassVar[str] = "unified-rkv"
 
-    def describe(self) -> str:
-        return f"unified-rkv:{self.budget}/{self.recent}{self._options()}"
+    evicts_prompt: ClassVar[bool] = True

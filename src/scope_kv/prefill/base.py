@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, spec_text
 
 __all__ = ["PrefillCompressor", "PrefillMemo", "check_int"]
 
@@ -175,5 +175,19 @@ class PrefillCompressor:
         """
         raise NotImplementedError
 
+    # The spec grammar's name for this class (scope_kv.spec), declared by each class it names, and
+    # the settings its spec string writes (``key=value``, when they differ from the default).
+    spec_kind: ClassVar[str] = ""
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+
+    def spec_budget(self) -> str:
+        """The budget part of this compressor's spec string."""
+        return str(self.budget)
+
+    def spec_settings(self) -> tuple[str, ...]:
+        """The fields its spec string writes as ``key=value`` when they differ from the default."""
+        return self.spec_fields
+
     def describe(self) -> str:
-        return f"{type(self).__name__.lower()}:{self.budget}"
+        """This compressor as a spec string that builds it again (:func:`scope_kv.spec.parse_spec`)."""
+        return spec_text(self)

@@ -13,10 +13,11 @@ layer, never the ``prompt x prompt`` matrix; the running scores are ``kv_heads x
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .._checks import check_int, spec_options
+from .._checks import check_int
 from ..selection import causal_probs
 from .base import PrefillCompressor, PrefillMemo
 
@@ -85,6 +86,9 @@ class H2O(PrefillCompressor):
         Prompt queries scored at once (memory bound ``q_heads x block x prompt`` floats).
     """
 
+    spec_kind: ClassVar[str] = "h2o"
+    spec_fields: ClassVar[tuple[str, ...]] = ("recent", "block")
+
     recent: int = 8
     block: int = 256
 
@@ -122,6 +126,3 @@ class H2O(PrefillCompressor):
         if self.recent:
             scores[..., -self.recent :] = float("inf")
         return scores
-
-    def describe(self) -> str:
-        return f"h2o:{self.budget}{spec_options(self, ('recent',))}"

@@ -15,11 +15,12 @@ prefill costs ``window x dim`` per head, not the prompt); scoring happens once, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int, spec_options
+from .._checks import check_int
 from ..selection import causal_probs
 from .base import PrefillCompressor, PrefillMemo
 
@@ -59,6 +60,9 @@ class SnapKV(PrefillCompressor):
     pooled per query head (the published per-head score); a KV head's score is the sum of its
     query group's pooled scores (see :mod:`scope_kv.prefill.base`).
     """
+
+    spec_kind: ClassVar[str] = "snapkv"
+    spec_fields: ClassVar[tuple[str, ...]] = ("window", "kernel", "pooling")
 
     window: int = 8
     kernel: int = 7
@@ -117,9 +121,6 @@ class SnapKV(PrefillCompressor):
         window = grouped.new_full((batch, kv_heads, w), float("inf"))  # the window is always kept
         return torch.cat([grouped, window], dim=-1)
 
-    def describe(self) -> str:
-        return f"snapkv:{self.budget}{spec_options(self, ('window', 'kernel', 'pooling'))}"
-
 
 @dataclass(frozen=True)
 class PyramidKV(SnapKV):
@@ -147,6 +148,9 @@ class PyramidKV(SnapKV):
     With a padded batch the rule is applied to each row's real length.
     """
 
+    spec_kind: ClassVar[str] = "pyramidkv"
+    spec_fields: ClassVar[tuple[str, ...]] = ("window", "kernel", "pooling", "beta")
+
     beta: int = 20
 
     def __post_init__(self) -> None:
@@ -173,6 +177,3 @@ class PyramidKV(SnapKV):
     ) -> torch.Tensor:
         counts = [self.layer_budget(int(n), layer_idx, num_layers) for n in real.tolist()]
         return torch.tensor(counts, dtype=torch.long, device=real.device)
-
-    def describe(self) -> str:
-        return f"pyramidkv:{self.budget}{spec_options(self, ('window', 'kernel', 'pooling', 'beta'))}"

@@ -5,10 +5,11 @@ and the most recent ``budget - sinks`` prompt tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .._checks import check_int, spec_options
+from .._checks import check_int
 from .base import PrefillCompressor, PrefillMemo
 
 __all__ = ["StreamingLLM"]
@@ -25,6 +26,9 @@ class StreamingLLM(PrefillCompressor):
     sinks : int
         First real tokens of each row always kept (``0 <= sinks < budget``).
     """
+
+    spec_kind: ClassVar[str] = "streamingllm"
+    spec_fields: ClassVar[tuple[str, ...]] = ("sinks",)
 
     sinks: int = 4
 
@@ -45,6 +49,3 @@ class StreamingLLM(PrefillCompressor):
         sink = (slots[None, :] < (start[:, None] + self.sinks)) & (slots[None, :] >= start[:, None])
         scores = scores.masked_fill(sink, float("inf"))
         return scores[:, None, :].expand(batch, heads, length)
-
-    def describe(self) -> str:
-        return f"streamingllm:{self.budget}{spec_options(self, ('sinks',))}"
