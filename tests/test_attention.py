@@ -78,3 +78,34 @@ def test_falcon_is_managed_on_a_transformers_that_routes_its_attention_and_refus
     if not routes_attention("falcon"):
         with pytest.raises(ValueError, match="does not dispatch attention through transformers' AttentionInterface"):
             ScopeCache(make_model("falcon"), decoding=Slide(8, 3))
+
+
+class _Spy:
+    """A managed layer seen through the attention routing: records what is asked of it."""
+
+    def __init__(self, layer: ScopeLayer, asked: list[str]) -> None:
+        self._layer, self._asked = layer, asked
+
+    def __getattr__(self, name: str):
+        self._asked.append(name)
+        return getattr(self._layer, name)
+
+
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_the_attention_function_makes_two_calls_into_the_layer(monkeypatch, fast_decode):
+    """Before and after the backend runs (open_step, after_attention), plus the pre-hook's look at
+    the module's input: everything else the attention needs (its mask, whether to take the grouped
+    decode attention and with which kernel, the stored heads per query head) is on the step record."""
+    model = make_model("llama", "sdpa")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    for layer in cache.layers:
+        layer.fast_decode = fast_decode
+    asked: list[str] = []
+    real = cache.managed_layer
+    monkeypatch.setattr(cache, "managed_layer", lambda idx: _Spy(real(idx), asked))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, min_new_tokens=14,
+                   do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    assert set(asked) == {"observe_input", "open_step", "after_attention"}
+    forwards = 14 * len(cache.layers)
+    assert asked.count("open_step") == asked.count("after_attention") == asked.count("observe_input") == forwards

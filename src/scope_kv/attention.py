@@ -170,15 +170,16 @@ def _make_attention(backend: str) -> Callable[..., Any]:
             module, query, key, value, attention_mask, backend, kwargs.get("scaling"), kwargs.get("softcap")
         )
         attention_mask = step.mask
-        if backend == "sdpa" and layer.wants_lse(step) and _plain_softmax(module, attention_mask, kwargs):
+        fused = step.decode
+        if backend == "sdpa" and fused is not None and _plain_softmax(module, attention_mask, kwargs):
             # Decode fast path (scope_kv.kernels): one grouped attention call that also returns the
             # log-sum-exp, from which the layer scores its candidates in O(budget).
             output, lse = grouped_decode_attention(
-                query, key, value, attention_mask, step.scaling, kernel=layer.decode_kernel, splits=layer.decode_splits
+                query, key, value, attention_mask, step.scaling, kernel=fused.kernel, splits=fused.splits
             )
             layer.after_attention(step.with_lse(lse))
             return output, None
-        viewed = _OneKVHeadPerQueryHead(module) if layer.kv_repeat > 1 else module
+        viewed = _OneKVHeadPerQueryHead(module) if step.kv_repeat > 1 else module
         output = base(viewed, query, key, value, attention_mask, **kwargs)
         layer.after_attention(step)
         return output

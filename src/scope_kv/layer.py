@@ -33,7 +33,7 @@ from .masks import RowValidity, layer_mask, valid_slots
 from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
 from .selection import Cut, compact_, keep_top_, select_heavy
-from .step import AttentionStep
+from .step import AttentionStep, DecodeAttention
 from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized
 from .window import QueryWindow
 
@@ -285,11 +285,13 @@ class ScopeLayer(CacheLayerMixin):
                 "keys it hands out, so it cannot manage this model: use DynamicCache."
             )
 
-    def wants_lse(self, step: AttentionStep) -> bool:
-        """Whether this step should run the grouped decode attention, which returns the log-sum-exp
-        the candidates are then scored from in O(budget) (docs/method.md §5)."""
-        wanted = self.fast_decode if self.fast_decode is not None else step.query.is_cuda
-        return bool(wanted) and step.q_len == 1 and self._pending == "decode"
+    def _decode_attention(self, query: torch.Tensor) -> DecodeAttention | None:
+        """The grouped decode attention for this step, which returns the log-sum-exp the candidates
+        are then scored from in O(budget) (docs/method.md §5); ``None`` when it does not apply."""
+        wanted = self.fast_decode if self.fast_decode is not None else query.is_cuda
+        if not (wanted and query.shape[2] == 1 and self._pending == "decode"):
+            return None
+        return DecodeAttention(self.decode_kernel, self.decode_splits)
 
     def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype, q_heads: int = 1) -> torch.Tensor | None:
         """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
@@ -304,8 +306,7 @@ class ScopeLayer(CacheLayerMixin):
 
     @property
     def decode_splits(self) -> int | None:
-        """Split-KV chunks for a static-layout decode step (its shape is fixed, so it is decided once,
-        outside any compiled region); ``None`` otherwise."""
+        """Split-KV chunks for a static-layout decode step (decided once, outside a compiled region)."""
         return None
 
     def query_offset(self) -> Any:
@@ -336,14 +337,12 @@ class ScopeLayer(CacheLayerMixin):
         scaling: float | None = None,
         softcap: float | None = None,
     ) -> AttentionStep:
-        """Everything the layer does between its :meth:`update` and the attention itself, in one call.
-
-        Checks that ``keys`` are the ones :meth:`update` returned, learns a prefill forward's pads
-        and holes (:meth:`observe_prefill_mask`), puts the layer's own mask in place of the one
-        transformers built (``attention_mask``, in ``backend``'s format) where the layer has one, and
-        returns the step record (:class:`~scope_kv.step.AttentionStep`, whose fields the arguments
-        are) the attention runs with and :meth:`after_attention` then takes.
-        """
+        """Everything the layer does between its :meth:`update` and the attention, in one call: checks
+        that ``keys`` are the ones :meth:`update` returned, learns a prefill forward's pads and holes
+        (:meth:`observe_prefill_mask`), puts the layer's own mask in place of transformers'
+        (``attention_mask``, in ``backend``'s format) where it has one, and returns the step record
+        (:class:`~scope_kv.step.AttentionStep`) that says how to attend (its mask, ``decode``,
+        ``kv_repeat``) and that :meth:`after_attention` then takes: the only two calls."""
         self.check_attended(keys)
         self.observe_prefill_mask(attention_mask)
         if self.own_mask:
@@ -366,6 +365,8 @@ class ScopeLayer(CacheLayerMixin):
             arrival=self.arrival(),
             window=self.window.queries,
             window_valid=self.window.valid,
+            decode=self._decode_attention(query),
+            kv_repeat=self.kv_repeat,
         )
 
     def observe_prefill_mask(self, attention_mask: torch.Tensor | None) -> None:

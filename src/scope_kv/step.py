@@ -17,7 +17,17 @@ from .kernels import candidate_scores
 from .masks import valid_slots
 from .selection import attention_scores
 
-__all__ = ["AttentionStep"]
+__all__ = ["AttentionStep", "DecodeAttention"]
+
+
+@dataclass(frozen=True)
+class DecodeAttention:
+    """How the attention function should run a decode step the layer scores from the log-sum-exp:
+    the grouped decode attention (:func:`scope_kv.kernels.grouped_decode_attention`) with this
+    ``kernel`` and ``splits``."""
+
+    kernel: str = "auto"
+    splits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,13 @@ class AttentionStep:
         (oldest first), for a strategy with a :attr:`~scope_kv.DecodingStrategy.query_window`.
     window_valid : Tensor or None
         ``(batch, w)`` boolean: which of them are real tokens (not padding, not yet seen).
+    decode : DecodeAttention or None
+        Set by the layer when this step should run the grouped decode attention, which returns
+        the log-sum-exp the layer then scores from (an sdpa attention function takes it where the
+        call is plain softmax); ``None``: the backend's own attention.
+    kv_repeat : int
+        How many times the layer stores each KV head (per-query-head selection): the backend
+        then attends one stored head per query head.
     """
 
     module: torch.nn.Module
@@ -72,6 +89,8 @@ class AttentionStep:
     arrival: torch.Tensor | None = None
     window: torch.Tensor | None = None
     window_valid: torch.Tensor | None = None
+    decode: DecodeAttention | None = None
+    kv_repeat: int = 1
 
     @property
     def batch(self) -> int:
