@@ -45,6 +45,17 @@ class EvenSteps(Slide):
 
 
 @dataclass(frozen=True)
+class GrowingSlide(Slide):
+    """A schedule of its own that never lowers B(t) (from B - 3 up to B), and says so: both layouts
+    may then take their one-out path."""
+
+    budget_never_drops = True
+
+    def budget_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return (self.budget - 3 + t // 4).clamp(max=self.budget)
+
+
+@dataclass(frozen=True)
 class KeyNormSlide(Slide):
     """A scorer of its own: candidates ranked by the negated L2 norm of their key (low-norm keys
     draw attention) instead of SCOPE's probabilities."""
@@ -65,6 +76,7 @@ class ShrinkingKeyNorm(KeyNormSlide):
 CASES = [
     pytest.param(lambda: HalvingSlide(8, 3), None, id="custom-schedule"),
     pytest.param(lambda: EvenSteps(8, 3), None, id="custom-plan"),
+    pytest.param(lambda: GrowingSlide(9, 3), None, id="custom-growing-schedule"),
     pytest.param(lambda: KeyNormSlide(8, 3), None, id="custom-score"),
     pytest.param(lambda: ShrinkingKeyNorm(9, 3), None, id="custom-score-and-schedule"),
     pytest.param(lambda: Slide(8, 3), None, id="slide"),

@@ -74,6 +74,10 @@ class DecodingStrategy:
     # Unified baselines (docs/method.md §7) evict from prompt and generated entries alike; SCOPE's
     # own strategies only ever touch the decoding pool.
     evicts_prompt: ClassVar[bool] = False
+    # Stated by the class that defines the schedule (budget_at / budget_tensor), in its own body:
+    # B(t) never drops, so at most one entry a step goes over it (the layouts' one-out path).
+    # A class that changes the schedule without saying so is run by the general selection.
+    budget_never_drops: ClassVar[bool] = True
     # Whether budget_at / plan read the device forms (decided once per class, off the decode path).
     _schedule_on_device: ClassVar[bool] = False
     _plan_on_device: ClassVar[bool] = False
@@ -281,6 +285,7 @@ class Adaptive(DecodingStrategy):
     """
 
     spec_kind: ClassVar[str] = "adaptive"
+    budget_never_drops: ClassVar[bool] = True  # B(t) grows with t (or stays at B, capped)
 
     max_new_tokens: int | None = None
     delta: int | None = field(default=None)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .decoding import Adaptive, DecodingStrategy, defined_in
+from .decoding import DecodingStrategy, defined_in
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
@@ -221,12 +221,15 @@ class StaticPools:
 
 def _device_rules(cls: type[DecodingStrategy]) -> tuple[bool, bool]:
     """(whether the strategy plans other than SCOPE's default -- then its ``plan_tensor`` runs --,
-    whether a step evicts at most one entry: no slack, and a built-in schedule, constant or
-    adaptive's growing one, which never lowers ``B(t)``). Read once, when the layer is built."""
+    whether a step evicts at most one entry: no slack, and a schedule whose defining class states
+    that ``B(t)`` never drops, :attr:`DecodingStrategy.budget_never_drops`). Read once, when the
+    layer is built."""
     own_plan = defined_in(cls, "plan_tensor") is not DecodingStrategy
     one_at_a_time = not own_plan and cls.slack is DecodingStrategy.slack
-    growing = all(defined_in(cls, name) in (DecodingStrategy, Adaptive) for name in ("budget_at", "budget_tensor"))
-    return own_plan, one_at_a_time and growing
+    never_drops = all(
+        vars(defined_in(cls, name)).get("budget_never_drops", False) for name in ("budget_at", "budget_tensor")
+    )
+    return own_plan, one_at_a_time and never_drops
 
 
 def check_static_strategy(decoding: DecodingStrategy) -> None:
