@@ -309,3 +309,35 @@ def test_a_compressor_declares_its_memo_and_beam_search_reorders_it():
     memo.map_batch(lambda t: t[torch.tensor([2, 0])])
     assert memo.rows.tolist() == [2, 0] and memo.pieces[0].tolist() == [20, 0]
     assert memo.pieces[1][0].tolist() == [2, 0] and memo.pieces[1][1] == "tag" and memo.scale == 0.5
+
+
+def test_only_the_compressor_writes_its_memo():
+    """Every write to a compressor's memo during a real generation -- prompt, decoding, and beam
+    search re-indexing the batch -- comes from the compressor's own module or the memo's own
+    batch mapping (scope_kv.prefill.base), never from the layer or the cache."""
+    import sys
+    from dataclasses import dataclass
+
+    from scope_kv.prefill.snapkv import SnapKVMemo
+
+    writers: set[str] = set()
+
+    @dataclass
+    class TracedMemo(SnapKVMemo):
+        def __setattr__(self, name, value):
+            writers.add(sys._getframe(1).f_globals["__name__"])
+            super().__setattr__(name, value)
+
+    @dataclass(frozen=True)
+    class TracedSnapKV(SnapKV):
+        memo_type = TracedMemo
+
+    model = make_model("llama")
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    for beams in (1, 2):
+        cache = ScopeCache(model, prefill=TracedSnapKV(12, window=4), decoding=Slide(8, 3))
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=beams,
+                       do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    writers.discard(__name__)  # the dataclass __init__ this test's class defines
+    assert writers <= {"scope_kv.prefill.snapkv", "scope_kv.prefill.base", "types"}, writers
+    assert "scope_kv.prefill.snapkv" in writers  # the compressor did fill it

@@ -1,7 +1,11 @@
 """``scope-kv report DIR``: markdown tables and PNG plots from a results directory.
 
-Reads ``longgenbench.jsonl``, ``fidelity.jsonl`` and/or ``gold.jsonl`` (merging any part files
-left by an unfinished sharded run) and writes, next to them:
+This module holds the report's data work: it reads the results, summarises them, and writes the
+summary CSVs and the markdown; :mod:`.plots` draws its figures, and :mod:`.testbed` writes the
+testbed section.
+
+Reads ``longgenbench.jsonl``, ``fidelity.jsonl``, ``gold.jsonl`` and/or ``testbed.jsonl``
+(merging any part files left by an unfinished sharded run) and writes, next to them:
 
 * ``report.md`` -- one table per harness (the summaries also go to the ``*_summary.csv`` files);
 * ``accuracy_vs_memory.png`` / ``agreement_vs_memory.png`` -- score against peak KV memory, one
@@ -12,11 +16,9 @@ left by an unfinished sharded run) and writes, next to them:
 * ``gold_B<budget>.png`` -- for each decoding budget, ΔNLL of the reference tokens and the NLL
   of the answer tokens against output position.
 
-Every plot gives a method the same colour (:func:`method_colours`: one per method family, the
-same in every report; budgets of one family differ by line style or marker), and draws the full
-cache (``full``, the reference) in black, on top of the others.
-
-Plots use matplotlib's object API (no pyplot state), so this is safe to call from a library.
+Every plot gives a method the same colour (:func:`~.plots.method_colours`: one per method family,
+the same in every report; budgets of one family differ by line style or marker), and draws the
+full cache (``full``, the reference) in black, on top of the others.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from .common import read_results, write_csv
 from .fidelity import summarize_fidelity
 from .gold import REFERENCE, method_family, summarize_gold
 from .methods import gold_grid
+from .plots import fidelity_figure, gold_plot, kv_figure, memory_scatter, method_colours
 from .runner import summarize_longgenbench
-from .tables import figure, is_full, line_style, markdown_table, method_colours
+from .tables import markdown_table
 from .testbed import load_records as load_testbed_records
 from .testbed import write_report as write_testbed_report
 
@@ -98,96 +101,6 @@ GOLD_COLUMNS = [
 ]
 
 
-def _scatter(
-    summary: Sequence[dict[str, Any]], y: str, ylabel: str, title: str, path: pathlib.Path, colours: dict[str, Any]
-) -> None:
-    fig, (ax,) = figure()
-    methods = [row["method"] for row in summary]
-    for row in summary:
-        # A legend, not annotations: methods at equal memory sit on top of each other.
-        style = line_style(row["method"], methods, colours)
-        ax.scatter(
-            row["kv_mib_peak"],
-            row[y],
-            s=70 if is_full(row["method"]) else 45,
-            marker=style["marker"],
-            color=style["color"],
-            zorder=style["zorder"],
-            label=row["method"],
-            alpha=0.85,
-        )
-    ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("KV cache held at peak (MiB, per sequence)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-
-
-def _mean_curves(rows: Sequence[dict[str, Any]], field: str, scale: Any = None) -> dict[str, list[float]]:
-    """Per method, the step-wise mean of ``row[field]`` over examples (up to the shortest run)."""
-    by_method: dict[str, list[list[float]]] = {}
-    for row in rows:
-        values = row.get(field)
-        if values:
-            if scale is not None:
-                values = [scale(row, v) for v in values]
-            by_method.setdefault(row["method"], []).append(values)
-    curves = {}
-    for method, runs in by_method.items():
-        n = min(len(r) for r in runs)
-        curves[method] = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
-    return curves
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    if window <= 1:
-        return values
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _lines(curves: dict[str, list[float]], ax: Any, ylabel: str, colours: dict[str, Any], window: int = 1) -> None:
-    methods = list(curves)
-    # the full cache last, so that it is drawn (and listed) on top
-    for method, ys in sorted(curves.items(), key=lambda item: is_full(item[0])):
-        style = line_style(method, methods, colours)
-        style.pop("marker")
-        ax.plot(range(len(ys)), _smooth(ys, window), label=method, **style)
-    ax.set_xlabel("decode step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-
-
-def _bytes_per_entry(row: dict[str, Any]) -> float:
-    """Bytes of one entry in one layer: the record's, or its peak bytes / entries (older records)."""
-    if row.get("bytes_per_entry"):
-        return float(row["bytes_per_entry"])
-    return row["kv_bytes_peak"] / max(row["kv_entries_peak"], 1)
-
-
-def _kvfigure(
-    rows: Sequence[dict[str, Any]], field: str, title: str, path: pathlib.Path, colours: dict[str, Any]
-) -> None:
-    """KV entries held per layer and KV MiB held over decoding steps, side by side."""
-    fig, axes = figure(2)
-    _lines(_mean_curves(rows, field, lambda r, v: v / r["num_layers"]), axes[0], "KV entries held per layer", colours)
-    _lines(
-        _mean_curves(rows, field, lambda r, v: v * _bytes_per_entry(r) / 2**20),
-        axes[1],
-        "KV cache held (MiB, all layers, per sequence)",
-        colours,
-    )
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-
-
 def make_report(directory: str | pathlib.Path, out_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     """Write ``report.md``, the summary CSVs and the PNG plots for a results directory.
 
@@ -244,7 +157,7 @@ def _fidelity_section(fid: list[dict[str, Any]], out: pathlib.Path, colours: dic
         "![agreement vs memory](agreement_vs_memory.png)\n![KV over steps](kv_over_steps.png)\n"
         "![fidelity over steps](fidelity_over_steps.png)\n"
     )
-    _scatter(
+    memory_scatter(
         summary,
         "top1_agreement",
         "top-1 agreement with the full cache (%)",
@@ -252,17 +165,8 @@ def _fidelity_section(fid: list[dict[str, Any]], out: pathlib.Path, colours: dic
         out / "agreement_vs_memory.png",
         colours,
     )
-    fig, axes = figure(2)
-    window = max(1, min(len(r["kl"]) for r in fid if r["method"] != "reference") // 16)
-    smoothed = f" (mean of {window} steps)" if window > 1 else ""
-    kl_curves = _mean_curves(fid, "kl")
-    _lines(kl_curves, axes[0], f"KL(full ‖ method), nats{smoothed}", colours, window)
-    _lines(_mean_curves(fid, "top1", lambda r, v: 100.0 * v), axes[1], f"top-1 agreement, %{smoothed}", colours, window)
-    if max((max(c) for c in kl_curves.values() if c), default=0.0) > 1e-2:
-        axes[0].set_yscale("symlog", linthresh=1e-3)  # KL spans orders of magnitude across methods
-    axes[1].legend(fontsize=7)
-    fig.savefig(out / "fidelity_over_steps.png", dpi=120)
-    _kvfigure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
+    fidelity_figure(fid, out / "fidelity_over_steps.png", colours)
+    kv_figure(fid, "entries", "KV cache over decoding (fidelity replay)", out / "kv_over_steps.png", colours)
     return section
 
 
@@ -277,7 +181,7 @@ def _longgenbench_section(lgb: list[dict[str, Any]], out: pathlib.Path, colours:
         "answer with the i-th question, as the research code does (comparable with published numbers).\n\n"
         "![accuracy vs memory](accuracy_vs_memory.png)\n![KV over steps](longgenbench_kv_over_steps.png)\n"
     )
-    _scatter(
+    memory_scatter(
         summary,
         "accuracy",
         "accuracy (%)",
@@ -285,7 +189,7 @@ def _longgenbench_section(lgb: list[dict[str, Any]], out: pathlib.Path, colours:
         out / "accuracy_vs_memory.png",
         colours,
     )
-    _kvfigure(
+    kv_figure(
         lgb,
         "kv_entries_trace",
         "KV cache over decoding (LongGenBench)",
@@ -309,24 +213,8 @@ def _gold_order(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(summary, key=key)
 
 
-def _binned_curve(rows: Sequence[dict[str, Any]], field: str, count: str) -> tuple[list[float], list[float]]:
-    """Bin centres and the mean of ``field`` per output-position bin, pooled over examples."""
-    totals: dict[int, float] = {}
-    counts: dict[int, float] = {}
-    width = rows[0]["bins"]["width"]
-    for row in rows:
-        for i, (v, c) in enumerate(zip(row["bins"][field], row["bins"][count], strict=True)):
-            totals[i] = totals.get(i, 0.0) + v
-            counts[i] = counts.get(i, 0.0) + c
-    xs, ys = [], []
-    for i in sorted(totals):
-        if counts[i] > 0:
-            xs.append((i + 0.5) * width)
-            ys.append(totals[i] / counts[i])
-    return xs, ys
-
-
 def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: dict[str, Any]) -> str:
+    """The report's gold-output section; writes its CSV and one plot per decoding budget."""
     summary = _gold_order(summarize_gold(rows))
     write_csv(summary, out / "gold_summary.csv")
     tasks = sorted({r["task"] for r in rows})
@@ -340,10 +228,11 @@ def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: di
             if row["method"] not in by_budget[row["budget"]]:
                 by_budget[row["budget"]].append(row["method"])
     reference = [r for r in rows if r["method"] == REFERENCE]
-    images = [
-        _gold_plot(rows, reference, budget, methods, tasks, out, colours)
-        for budget, methods in sorted(by_budget.items())
-    ]
+    images = []
+    for budget, methods in sorted(by_budget.items()):
+        name = f"gold_B{budget}.png"
+        gold_plot(rows, reference, budget, methods, tasks, out / name, colours)
+        images.append(f"![budget {budget}]({name})")
     widened = [
         r["budget_prompt_tokens"] - r["prompt_tokens"]
         for r in rows
@@ -377,55 +266,3 @@ def _gold_section(rows: Sequence[dict[str, Any]], out: pathlib.Path, colours: di
         + "\n".join(images)
         + "\n"
     )
-
-
-def _gold_plot(
-    rows: Sequence[dict[str, Any]],
-    reference: list[dict[str, Any]],
-    budget: int,
-    methods: list[str],
-    tasks: list[str],
-    out: pathlib.Path,
-    colours: dict[str, Any],
-) -> str:
-    """The gold section's plot for one decoding budget (ΔNLL and answer NLL over output positions);
-    returns its markdown image line."""
-    fig, axes = figure(2)
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        colour = colours[method]
-        for ax, field, count in ((axes[0], "delta_nll", "count"), (axes[1], "answer_nll", "answer_count")):
-            xs, ys = _binned_curve(mine, field, count)
-            ax.plot(
-                xs,
-                ys,
-                label=method,
-                color=colour,
-                linewidth=1.3,
-                marker="o" if len(xs) <= 8 else None,
-                markersize=3,
-            )
-    axes[0].axhline(0.0, color="black", linewidth=1.6, zorder=10, label="full cache")
-    if reference:
-        xs, ys = _binned_curve(reference, "answer_ref_nll", "answer_count")
-        axes[1].plot(
-            xs,
-            ys,
-            color="black",
-            linewidth=1.8,
-            zorder=10,
-            label="full cache",
-            marker="o" if len(xs) <= 8 else None,
-            markersize=3,
-        )
-    width = rows[0]["bins"]["width"]
-    axes[0].set_ylabel(f"ΔNLL vs full cache (nats / token, bins of {width})")
-    axes[1].set_ylabel(f"answer-token NLL (nats, bins of {width})")
-    for ax in axes:
-        ax.set_xlabel("output position (tokens)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"Gold-output teacher forcing, decoding budget B = {budget} ({', '.join(tasks)})")
-    name = f"gold_B{budget}.png"
-    fig.savefig(out / name, dpi=120)
-    return f"![budget {budget}]({name})"

@@ -13,8 +13,8 @@ in the prompt, grow ``s`` times; the facts stay), so ``--scale 1 2`` measures th
 and twice its output length.
 
 Results are resumable JSON lines (``testbed.jsonl``, one record per method x scale x seed), a
-summary CSV and markdown table, and two plots per scale: accuracy against KV entries per method
-family, and accuracy by output position.
+summary CSV and markdown table, and two plots per scale (drawn by :mod:`.plots`): accuracy against
+KV entries per method family, and accuracy by output position.
 """
 
 from __future__ import annotations
@@ -318,7 +318,8 @@ COLUMNS = [
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, position_bins: int = 16) -> pathlib.Path:
     """Summary CSV/JSON, ``testbed_report.md`` and the plots of a testbed run; returns the report path."""
-    from .tables import figure, line_style, markdown_table, method_colours
+    from .plots import method_colours, testbed_accuracy_figure, testbed_position_figure
+    from .tables import markdown_table
 
     out = pathlib.Path(out_dir)
     summary = summarize(rows)
@@ -337,39 +338,11 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, po
             markdown_table(part, COLUMNS),
             "",
         ]
-        # accuracy against entries: one line per family through its budgets
-        fig, (ax,) = figure()
-        for family in dict.fromkeys(r["family"] for r in part):
-            pts = sorted((r["kv_entries"], r["accuracy"], r["method"]) for r in part if r["family"] == family)
-            style = line_style(pts[0][2], methods, colours)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, label=family, **style)
-        ax.set_xlabel("KV entries held per layer and KV head")
-        ax.set_ylabel("item accuracy (exact match)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"testbed, {scale:g}x trained length")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         name = f"testbed_accuracy_x{scale:g}.png"
-        fig.savefig(out / name, dpi=120)
-        # accuracy by output position
-        fig, (ax,) = figure()
-        for method in dict.fromkeys(r["method"] for r in part):
-            rs = [r for r in rows if r["scale"] == scale and r["method"] == method]
-            correct = np.array([r["correct"] for r in rs], dtype=float)
-            bins = np.array_split(np.arange(correct.shape[1]), min(position_bins, correct.shape[1]))
-            xs = [(b[0] + b[-1]) / 2 + 1 for b in bins if len(b)]
-            ys = [correct[:, b].mean() for b in bins if len(b)]
-            style = line_style(method, methods, colours)
-            ax.plot(xs, ys, label=method, **style)
-        ax.set_xlabel("item (output position)")
-        ax.set_ylabel("item accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"testbed, {scale:g}x trained length: accuracy along the output")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        testbed_accuracy_figure(part, scale, methods, colours, out / name)
         pos_name = f"testbed_by_position_x{scale:g}.png"
-        fig.savefig(out / pos_name, dpi=120)
+        shown = list(dict.fromkeys(r["method"] for r in part))
+        testbed_position_figure(rows, shown, scale, methods, colours, position_bins, out / pos_name)
         lines += [f"![accuracy against KV]({name})", "", f"![accuracy by position]({pos_name})", ""]
     path = out / "testbed_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
