@@ -113,3 +113,14 @@ def test_scope_sdpa_mask_skips_only_when_every_slot_is_visible():
     padding[0, :3] = False
     got = _scope_sdpa_mask(2, 1, 10, q_offset=9, kv_offset=0, attention_mask=padding, device="cpu")
     assert got is not None and not got[0, 0, 0, :3].any() and got[1].all()
+
+
+def test_one_test_says_which_backends_are_flash_kernels():
+    from scope_kv.attention import SUPPORTED_BACKENDS, register_backend
+    from scope_kv.masks import is_flash_backend
+
+    flash = {b for b in SUPPORTED_BACKENDS if is_flash_backend(b)}
+    assert flash == {"flash_attention_2", "flash_attention_3", "flash_attention_4"}
+    # the registered names (scope_<backend>) answer as their backends do
+    assert all(is_flash_backend(register_backend(b)) == (b in flash) for b in SUPPORTED_BACKENDS if b not in flash)
+    assert is_flash_backend("scope_flash_attention_2") and not is_flash_backend("scope_sdpa")
