@@ -312,13 +312,24 @@ def testbed_accuracy_figure(
         style = line_style(pts[0][2], methods, colours)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, label=family, **style)
-    ax.set_xlabel("KV entries held per layer and KV head")
-    ax.set_ylabel("item accuracy (exact match)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"testbed, {scale:g}x trained length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _accuracy_axes(
+        ax,
+        "KV entries held per layer and KV head",
+        "item accuracy (exact match)",
+        f"testbed, {scale:g}x trained length",
+        dict(fontsize=7),
+    )
     fig.savefig(path, dpi=120)
+
+
+def _accuracy_axes(ax: Any, xlabel: str, ylabel: str, title: str, legend: dict[str, Any]) -> None:
+    """Labels, the [0, 1] accuracy range, grid and legend of a testbed accuracy plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
 
 
 def testbed_position_figure(
@@ -344,10 +355,11 @@ def testbed_position_figure(
         ys = [correct[:, b].mean() for b in bins if len(b)]
         style = line_style(method, methods, colours)
         ax.plot(xs, ys, label=method, **style)
-    ax.set_xlabel("item (output position)")
-    ax.set_ylabel("item accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"testbed, {scale:g}x trained length: accuracy along the output")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    _accuracy_axes(
+        ax,
+        "item (output position)",
+        "item accuracy",
+        f"testbed, {scale:g}x trained length: accuracy along the output",
+        dict(fontsize=6, ncol=2),
+    )
     fig.savefig(path, dpi=120)
