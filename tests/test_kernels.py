@@ -387,3 +387,21 @@ def test_batched_evictions_match_per_layer_in_generate():
     done = subprocess.run([sys.executable, "-c", _BATCHED_MODEL_CHECK, tests_dir], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0 and done.stdout.count("OK") == 3, done.stderr[-3000:]
+
+
+def test_compiled_code_reads_whether_triton_is_there_without_a_warning():
+    """The kernel choice asks whether Triton is there inside the captured step; torch.compile must
+    take the answer as a constant, not trace the cached import check (which warns on every
+    compile)."""
+    import warnings
+
+    torch._dynamo.reset()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if kernels.triton_available() else x - 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert out.tolist() == ([1.0, 1.0] if kernels.triton_available() else [-1.0, -1.0])
+    torch._dynamo.reset()

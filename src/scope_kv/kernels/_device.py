@@ -9,9 +9,18 @@ from typing import Any
 import torch
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    """Whether Triton can be imported (it needs no GPU under ``TRITON_INTERPRET=1``)."""
+    """Whether Triton can be imported (it needs no GPU under ``TRITON_INTERPRET=1``).
+
+    torch.compile takes the answer as a constant of the graph rather than tracing into the cached
+    import check (which it would warn about on every compile).
+    """
+    return _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
     try:
         import triton
         import triton.language  # noqa: F401
