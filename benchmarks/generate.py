@@ -156,6 +156,49 @@ def run_once(model, method: str, ids: torch.Tensor, args: argparse.Namespace) ->
     return row
 
 
+def _one_method(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> tuple[Any, Any]:
+    """(cold run, [warm run]) of one method, or (None, the error) when it ran out of memory."""
+    if method.startswith("captured-") or method == "static-compiled":
+        torch._dynamo.reset()
+    try:
+        cold = run_once(model, method, ids, args)
+        # --calls 1 (long outputs): the one call's last steps are far past compilation
+        return cold, [run_once(model, method, ids, args) if args.calls == 2 else cold]
+    except torch.cuda.OutOfMemoryError as exc:
+        return None, f"OOM: {exc}"[:200]
+
+
+def _interleaved(model, methods: list[str], ids: torch.Tensor, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """--rounds R: a cold call of every method, then R rounds that call each method once in turn, so
+    that the host's drift over minutes (the eager step is bound by it) falls on every method alike."""
+    try:
+        colds = {m: run_once(model, m, ids, args) for m in methods}
+        warms: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for _ in range(args.rounds):
+            for m in methods:
+                warms[m].append(run_once(model, m, ids, args))
+    except torch.cuda.OutOfMemoryError as exc:
+        return [(m, None, f"OOM: {exc}"[:200]) for m in methods]
+    return [(m, colds[m], warms[m]) for m in methods]
+
+
+def _row(method: str, batch: int, use_cudnn: bool, cold: dict[str, Any], warms: list[dict[str, Any]],
+         args: argparse.Namespace, weights: int, bandwidth: float, per_token: int) -> dict[str, Any]:
+    """One table row: the warm call (the median one over rounds) against the roofline of the bytes it read."""
+    warm = sorted(warms, key=lambda w: w["step_ms"] if w["step_ms"] is not None else float("inf"))[len(warms) // 2]
+    held = (warm["kv_held_bytes"] or 0) / max(batch, 1)
+    kv_read = warm["kv_held_bytes"] if warm["kv_held_bytes"] is not None else per_token * batch * (args.prompt + args.new)
+    roofline = (weights + kv_read) / bandwidth * 1e3 if bandwidth == bandwidth else float("nan")
+    row = dict(method=method, batch=batch, cudnn=use_cudnn, warm=warm, cold=cold,
+               step_ms=warm["step_ms"], cold_step_ms=cold["step_ms"],
+               tokens_per_s=round(batch * 1e3 / warm["step_ms"], 1) if warm["step_ms"] else None,
+               roofline_ms=round(roofline, 3), x_roofline=round(warm["step_ms"] / roofline, 3)
+               if warm["step_ms"] and roofline == roofline else None, kv_held_bytes_per_row=held)
+    if len(warms) > 1:
+        row["rounds_ms"] = [w["step_ms"] for w in warms]
+    return row
+
+
 def run(args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every (batch, cuDNN, method) row; ``on_row`` gets the result so far after each row (a run cut
     short by a time limit keeps what it measured)."""
@@ -184,26 +227,18 @@ def run(args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | Non
         for use_cudnn in cudnn:
             if device.type == "cuda":
                 torch.backends.cuda.enable_cudnn_sdp(use_cudnn)
-            for method in methods:
-                if method.startswith("captured-") or method == "static-compiled":
-                    torch._dynamo.reset()
-                try:
-                    cold = run_once(model, method, ids, args)
-                    # --calls 1 (long outputs): the one call's last steps are far past compilation
-                    warm = run_once(model, method, ids, args) if args.calls == 2 else cold
-                except torch.cuda.OutOfMemoryError as exc:
-                    rows.append(dict(method=method, batch=batch, cudnn=use_cudnn, error=f"OOM: {exc}"[:200]))
+            if args.rounds > 1:
+                measured = _interleaved(model, methods, ids, args)
+            else:
+                measured = ((m, *_one_method(model, m, ids, args)) for m in methods)
+            for method, cold, warms in measured:
+                if cold is None:
+                    rows.append(dict(method=method, batch=batch, cudnn=use_cudnn, error=warms))
                     print(f"{method:>24} b={batch:<3} cudnn={use_cudnn}: out of memory", flush=True)
                     continue
-                held = (warm["kv_held_bytes"] or 0) / max(batch, 1)
-                kv_read = warm["kv_held_bytes"] if warm["kv_held_bytes"] is not None else per_token * batch * (args.prompt + args.new)
-                roofline = (weights + kv_read) / bandwidth * 1e3 if bandwidth == bandwidth else float("nan")
-                row = dict(method=method, batch=batch, cudnn=use_cudnn, warm=warm, cold=cold,
-                           step_ms=warm["step_ms"], cold_step_ms=cold["step_ms"],
-                           tokens_per_s=round(batch * 1e3 / warm["step_ms"], 1) if warm["step_ms"] else None,
-                           roofline_ms=round(roofline, 3), x_roofline=round(warm["step_ms"] / roofline, 3)
-                           if warm["step_ms"] and roofline == roofline else None, kv_held_bytes_per_row=held)
+                row = _row(method, batch, use_cudnn, cold, warms, args, weights, bandwidth, per_token)
                 rows.append(row)
+                warm = row["warm"]
                 print(f"{method:>24} b={batch:<3} cudnn={'on' if use_cudnn else 'off'}: warm {fmt(warm['step_ms'], '.2f')} "
                       f"ms/step (first window {fmt(warm['first_window_ms'], '.2f')}), cold {fmt(cold['step_ms'], '.2f')}, "
                       f"x{fmt(row['x_roofline'], '.2f')} roofline, KV {fmt((warm['kv_allocated_bytes'] or 0) / 2**20, '.0f')} MiB",
@@ -217,6 +252,9 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     timed = ("the second identical call (warm); cold = the first call" if s.get("calls", 2) == 2 else
              "one call per method (warm = cold: its last steps come long after compilation)")
+    if s.get("rounds", 1) > 1:
+        timed = (f"warm calls in {s['rounds']} interleaved rounds (every method once a round, after a cold call of "
+                 "each); the table gives the median round and, in brackets, the fastest and slowest")
     if s.get("stop_after"):
         timed += (f"; each call is sized for {s['new']} new tokens (StaticCache allocates prompt + {s['new']} slots) "
                   f"and stopped after {s['stop_after']}")
@@ -230,7 +268,9 @@ def markdown(result: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['batch']} | {'on' if r['cudnn'] else 'off'} | {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['batch']} | {'on' if r['cudnn'] else 'off'} | {fmt(r['step_ms'], '.2f')} | "
+        spread = (f" ({fmt(min(r['rounds_ms']), '.2f')}-{fmt(max(r['rounds_ms']), '.2f')})"
+                  if r.get("rounds_ms") and None not in r["rounds_ms"] else "")
+        lines.append(f"| {r['method']} | {r['batch']} | {'on' if r['cudnn'] else 'off'} | {fmt(r['step_ms'], '.2f')}{spread} | "
                      f"{fmt(r['cold_step_ms'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} | {fmt(r['x_roofline'], '.2f')} | "
                      f"{fmt((r['warm']['kv_held_bytes'] or 0) / 2**20, '.0f')} |")
     return "\n".join(lines) + "\n"
@@ -278,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, choices=[1, 2], default=2,
                     help="generate calls per method: 2 times the second (warm shapes); 1 times the last steps "
                          "of a single call (long outputs, where two calls do not fit the time)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="eager methods only: after a cold call of each, R rounds calling every method once in turn; "
+                         "the median round is reported (the host's drift falls on all methods alike)")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="end each generate call after this many tokens while the caches stay sized for --new "
                          "(a step whose KV is fixed-size costs the same at token 2,048 as at 8,192; the table's "
@@ -291,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
             args.batches = "1,2"
     if args.stop_after and not args.window < args.stop_after <= args.new:
         ap.error(f"--stop-after must be above --window ({args.window}) and at most --new ({args.new}); got {args.stop_after}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1; got {args.rounds}")
+    compiled = [m for m in args.methods.split(",") if m.strip().startswith("captured-") or m.strip() == "static-compiled"]
+    if args.rounds > 1 and (compiled or args.calls != 2):
+        ap.error("--rounds interleaves warm calls of eager methods: calling compiled methods in turn would recompile "
+                 f"between calls ({', '.join(compiled) or 'none here'}), and it needs --calls 2; time those with --rounds 1")
     result = run(args, on_row=lambda partial: write_outputs(partial, args.out, markdown, lambda *_: False))
     write_outputs(result, args.out, markdown, plot)
     print(markdown(result))

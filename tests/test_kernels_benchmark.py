@@ -78,6 +78,27 @@ def test_generate_benchmark_one_call_per_method(tmp_path):
     assert "one call per method" in table and "stopped after 30" in table
 
 
+def test_generate_benchmark_interleaves_rounds_of_eager_methods(tmp_path):
+    """``--rounds R`` calls every eager method once a round after a cold call of each, reports the
+    median round (and every round in the JSON); compiled methods are refused with the reason."""
+    out = tmp_path / "generate"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "1", "--out", str(out),
+           "--methods", "dynamic,scope-slide", "--rounds", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["settings"]["rounds"] == 3
+    for row in result["rows"]:
+        rounds = row["rounds_ms"]
+        assert len(rounds) == 3 and all(ms > 0 for ms in rounds)
+        assert row["step_ms"] == sorted(rounds)[1] == row["warm"]["step_ms"]  # the median round
+    table = out.with_suffix(".md").read_text()
+    assert "3 interleaved rounds" in table
+    refused = subprocess.run(cmd[:-4] + ["--methods", "dynamic,captured-slide", "--rounds", "2"], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT / "benchmarks")
+    assert refused.returncode == 2 and "captured-slide" in refused.stderr and "recompile" in refused.stderr
+
+
 def test_profile_benchmark_smoke(tmp_path):
     """benchmarks/profile_decode.py profiles real generate calls and writes its tables, without
     counting the profiler's step markers as kernels."""
