@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -121,3 +123,48 @@ def test_unified_budget_must_exceed_recent():
         UnifiedH2O(8, 8)
     with pytest.raises(ValueError, match="recent"):
         UnifiedStreamingLLM(4, 5)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "grouped-decode"])
+def test_eager_decode_steps_never_wait_for_the_device(monkeypatch, fast):
+    """An eager decode step reads nothing back from the device for any built-in strategy, the
+    unified baselines included: they plan each row's pool on the host from held counts they keep
+    there, so the only reads are one per layer when prefill ends (on a GPU each read would stall
+    the host until the device caught up, every layer of every step)."""
+    from scope_kv import Adaptive, Discontinuous, Slide
+
+    reads: list[str] = []
+    decoding_started = [False]
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if decoding_started[0] and "/scope_kv/" in caller:
+                reads.append(f"{_name} in {caller.rsplit('/scope_kv/', 1)[1]}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def first_step(input_ids, scores):
+        decoding_started[0] = True
+        return scores
+
+    model = make_model("llama")
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 100, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row: rows hold different numbers of entries
+    strategies = [Slide(8, 4), Adaptive(8, 4, max_new_tokens=24), Discontinuous(8, 4, max_new_tokens=24),
+                  UnifiedH2O(16, 4), UnifiedStreamingLLM(16, 4)]
+    for strategy in strategies:
+        reads.clear()
+        decoding_started[0] = False
+        cache = ScopeCache(model, decoding=strategy)
+        for layer in cache.layers:
+            layer.fast_decode = fast
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                       logits_processor=[first_step], **cache_kwargs(cache))
+        assert cache.layers[0].selections > 0, strategy
+        expected = 2 * layers if strategy.evicts_prompt else 0  # the starts, once per layer
+        assert len(reads) == expected, (strategy, reads)

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .decoding import DecodingStrategy
-from .kernels import EvictionBatch, EvictRing
+from .kernels import EvictionBatch, EvictRing, host_to_device
 from .masks import RowValidity, layer_mask, valid_slots
 from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
@@ -493,21 +493,21 @@ class ScopeLayer(CacheLayerMixin):
         )
 
     def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
-        """Unified baselines: one budget over every held entry, prompt included (docs/method.md §7)."""
-        start = self.rows.starts(self.keys.shape[0], self.keys.device)
-        held = self.length - start  # (batch,) valid entries per row
-        rows = held.tolist()
+        """Unified baselines: one budget over all held entries (docs/method.md §7), planned on the host."""
+        held = [self.length - first for first in self.rows.host_starts(self.keys.shape[0])]
         # each row's pool is planned on its own (as the static layout plans each pool)
-        select = torch.tensor([decoding.plan(n, t, self.skipped)[0] for n in rows], device=held.device)
-        self.skipped = decoding.plan(max(rows), t, self.skipped)[1]
-        counts = torch.where(select, held.clamp(max=decoding.budget_at(t)), held)
-        if bool((counts == held).all()):
+        select = [decoding.plan(n, t, self.skipped)[0] for n in held]
+        self.skipped = decoding.plan(max(held), t, self.skipped)[1]
+        counts = [min(n, decoding.budget_at(t)) if cut else n for n, cut in zip(held, select, strict=True)]
+        if counts == held:
             return
         self.selections += 1
         scores = decoding.score(step, 0, self.length).float().clone()
         scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
-        self.length, start = keep_top_(self.keys, self.values, self.length, scores, counts, start)
-        self.rows.set_start(start)
+        start = self.rows.starts(self.keys.shape[0], self.keys.device)
+        kept = host_to_device(counts, torch.long, self.keys.device)
+        self.length, start = keep_top_(self.keys, self.values, self.length, scores, kept, start, max(counts))
+        self.rows.set_start(start, [max(counts) - c for c in counts])
         self.prefill_length = 0  # prompt and generated entries now share one pool: no boundary
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
 

@@ -125,6 +125,7 @@ class RowValidity:
         self.start: torch.Tensor | None = None
         self.holes: torch.Tensor | None = None
         self.all_valid = False
+        self._host: tuple[torch.Tensor, tuple[int, ...]] | None = None  # (the start it mirrors, values)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.start is not None:
@@ -138,10 +139,20 @@ class RowValidity:
             return torch.zeros(batch, dtype=torch.long, device=device)
         return self.start
 
-    def set_start(self, start: torch.Tensor) -> None:
-        """Every invalid slot now leads its row: ``start[b]`` of them."""
+    def set_start(self, start: torch.Tensor, host: list[int] | None = None) -> None:
+        """Every invalid slot now leads its row: ``start[b]`` of them (``host``: the same numbers
+        known on the host, which spares reading them back from the device)."""
         self.start, self.holes = start, None
-        self.all_valid = not bool(start.any())
+        self._host = None if host is None else (start, tuple(host))
+        self.all_valid = not any(host) if host is not None else not bool(start.any())
+
+    def host_starts(self, batch: int) -> tuple[int, ...]:
+        """``start`` on the host: read from the device once after it changed there, then kept."""
+        if self.start is None:
+            return (0,) * batch
+        if self._host is None or self._host[0] is not self.start:
+            self._host = (self.start, tuple(self.start.tolist()))
+        return self._host[1]
 
     def slots(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         """``(batch, length)`` boolean: which held slots are real entries."""

@@ -312,6 +312,7 @@ def keep_top_(
     scores: torch.Tensor,
     counts: torch.Tensor,
     start: torch.Tensor,
+    n: int | None = None,
 ) -> tuple[int, torch.Tensor]:
     """Keep, per batch row and KV head, the ``counts[b]`` best-scored valid slots of ``[0, end)``.
 
@@ -335,6 +336,8 @@ def keep_top_(
         ``(batch,)`` entries to keep per row, at most the row's valid slots.
     start : Tensor
         ``(batch,)`` leading invalid slots per row; they are never kept.
+    n : int, optional
+        ``max(counts)`` when the caller knows it on the host (else it is read from the device).
 
     Returns
     -------
@@ -343,10 +346,12 @@ def keep_top_(
     """
     valid = (torch.arange(end, device=scores.device)[None, :] >= start[:, None])[:, None, :]  # (batch, 1, end)
     gone = evicted(scores, (end - start - counts)[:, None], valid)
-    return compact_kept_(keys, values, end, valid & ~gone)
+    return compact_kept_(keys, values, end, valid & ~gone, n)
 
 
-def compact_kept_(keys: torch.Tensor, values: torch.Tensor, end: int, keep: torch.Tensor) -> tuple[int, torch.Tensor]:
+def compact_kept_(
+    keys: torch.Tensor, values: torch.Tensor, end: int, keep: torch.Tensor, n: int | None = None
+) -> tuple[int, torch.Tensor]:
     """Move each pool's kept slots of ``[0, end)`` to the end of ``[0, n)``, in order, in place.
 
     Parameters
@@ -357,6 +362,8 @@ def compact_kept_(keys: torch.Tensor, values: torch.Tensor, end: int, keep: torc
         Slots ``[0, end)`` are read.
     keep : Tensor
         ``(batch, kv_heads, end)`` bool; every KV head of a row keeps as many slots (rows may differ).
+    n : int, optional
+        The most any row keeps, when the caller knows it on the host (else read from the device).
 
     Returns
     -------
@@ -365,7 +372,8 @@ def compact_kept_(keys: torch.Tensor, values: torch.Tensor, end: int, keep: torc
         in front of each row's kept entries, ``n - kept``: invalid, masked by the layer.
     """
     counts = keep[:, 0].sum(-1)
-    n = int(counts.max())
+    if n is None:
+        n = int(counts.max())
     # kept slots sort last, in ascending order; the `n - counts` slots before them are filler
     index = torch.argsort(keep.to(torch.uint8), dim=-1, stable=True)[..., end - n :]
     gather_(keys, values, 0, end, index)

@@ -29,7 +29,7 @@ Why these three:
 
 from __future__ import annotations
 
-from ._device import triton_available
+from ._device import host_to_device, triton_available
 from .decode_attention import (
     candidate_scores,
     default_splits,
@@ -49,6 +49,7 @@ __all__ = [
     "evict_one_reference_",
     "EvictionBatch",
     "EvictRing",
+    "host_to_device",
     "triton_available",
     "unrotate_",
 ]

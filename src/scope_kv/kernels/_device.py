@@ -1,4 +1,5 @@
-"""What the kernels share: whether Triton is there, and launching on a tensor's own GPU."""
+"""What the kernels share: whether Triton is there, launching on a tensor's own GPU, and handing
+the device small host-side numbers without waiting for it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def on_device(t: torch.Tensor) -> Any:
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host-side ``values`` on ``device``, copied without making the host wait for the
+    device: on CUDA through pinned memory and a copy queued on the current stream (the caching
+    host allocator keeps the pinned buffer until the copy has run)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._device import on_device, triton_available
+from ._device import host_to_device, on_device, triton_available
 from .decode_attention import candidate_scores
 
 # -- evict one ----------------------------------------------------------------------------
@@ -321,8 +321,7 @@ class EvictionBatch:
                     lse.stride(0),
                 )
             )
-        table = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
-        table = table.to(device, non_blocking=True)
+        table = host_to_device(rows, torch.long, device)
         batch, q_heads = q_shape[0], q_shape[1]
         kv_heads = items[0][1].shape[1]
         group = q_heads // kv_heads
