@@ -13,12 +13,18 @@ and the kernels sorted by time per step, with the top CPU-side operators for the
     python benchmarks/profile_decode.py --methods static-compiled,captured-slide,scope-slide,dynamic \
         --batch 1 --out benchmarks/results/profile_h100_b1
     python benchmarks/profile_decode.py --smoke     # tiny model, CPU or GPU: the script runs
+
+``--python`` profiles the second call with Python's own profiler instead: the host time a step
+spends in each Python function (self and total, per step), and per package (scope_kv,
+transformers, torch, builtins), for eager steps that the host, not the GPU, paces.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,6 +81,40 @@ def profile_method(model, method: str, ids: torch.Tensor, args: argparse.Namespa
     return summarise(row, args.top)
 
 
+def _package(filename: str) -> str:
+    """Which package a profiled function belongs to (by its file)."""
+    path = filename.replace("\\", "/")
+    if path == "~" or path.startswith("<"):
+        return "builtins"
+    for package in ("scope_kv", "transformers", "torch"):
+        if f"/{package}/" in path:
+            return package
+    return "other"
+
+
+def python_profile(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Python's profiler over the second identical call: host time per step by function and package."""
+    if method.startswith("captured-") or method == "static-compiled":
+        torch._dynamo.reset()
+    _generate(model, method, ids, args, [])  # cold: compile, capture, cuDNN plans
+    profiler = cProfile.Profile()
+    profiler.enable()
+    steps = _generate(model, method, ids, args, [])
+    profiler.disable()
+    tokens = len(steps) + 1
+    functions, packages = [], {}
+    for (filename, line, name), (_, calls, self_s, total_s, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        package = _package(filename)
+        packages[package] = packages.get(package, 0.0) + self_s * 1e6 / tokens
+        short = filename.replace("\\", "/").rsplit("/site-packages/", 1)[-1].rsplit("/src/", 1)[-1]
+        functions.append(dict(name=f"{short}:{line}({name})", package=package, calls_per_step=calls / tokens,
+                              self_us_per_step=self_s * 1e6 / tokens, total_us_per_step=total_s * 1e6 / tokens))
+    functions.sort(key=lambda f: -f["self_us_per_step"])
+    return dict(method=method, batch=int(ids.shape[0]), step_ms=round(median(steps[-64:]), 3), profiler="python",
+                self_us_per_step_by_package={k: round(v, 1) for k, v in sorted(packages.items(), key=lambda kv: -kv[1])},
+                functions=functions[: args.top])
+
+
 def summarise(row: dict[str, Any], top: int) -> dict[str, Any]:
     """Totals over a row's kernels, then the ``top`` of them. The profiler's step markers
     (``ProfilerStep*``) carry a device time of their own, the whole step, and are not kernels."""
@@ -93,6 +133,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['active']} profiled steps near the end of the second identical `generate` call. "
              f"Command: `{result['env']['command']}`.", "",
              "| method | ms/step | kernel ms/step | kernels/step | idle share |", "| --- | --- | --- | --- | --- |"]
+    if s.get("python"):
+        return _python_markdown(result, lines[:2])
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['error']} | | | |")
@@ -110,6 +152,29 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _python_markdown(result: dict[str, Any], head: list[str]) -> str:
+    s = result["settings"]
+    lines = head + [f"Prompt {s['prompt']}, {s['new']} new tokens, batch {s['batch']}, budget {s['budget']}/{s['recent']}; "
+                    "Python's profiler over the whole second identical `generate` call (the profiler slows every "
+                    "Python call alike: compare methods, not absolute times). Command: "
+                    f"`{result['env']['command']}`.", "",
+                    "| method | ms/step (profiled) | " + " | ".join(f"{p} µs/step" for p in _PACKAGES) + " |",
+                    "| --- | --- | " + " | ".join("---" for _ in _PACKAGES) + " |"]
+    rows = [r for r in result["rows"] if "error" not in r]
+    for r in rows:
+        by = r["self_us_per_step_by_package"]
+        lines.append(f"| {r['method']} | {fmt(r['step_ms'], '.2f')} | " + " | ".join(f"{by.get(p, 0.0):.0f}" for p in _PACKAGES) + " |")
+    for r in rows:
+        lines += ["", f"## {r['method']}: Python functions by self time per step", "",
+                  "| function | self µs/step | total µs/step | calls/step |", "| --- | --- | --- | --- |"]
+        lines += [f"| `{f['name'][:110]}` | {f['self_us_per_step']:.1f} | {f['total_us_per_step']:.1f} | {f['calls_per_step']:.1f} |"
+                  for f in r["functions"][:30]]
+    return "\n".join(lines) + "\n"
+
+
+_PACKAGES = ("scope_kv", "transformers", "torch", "builtins", "other")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="static-compiled,captured-slide,scope-slide,dynamic",
@@ -123,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recent", type=int, default=256)
     ap.add_argument("--snap-budget", type=int, default=2048)
     ap.add_argument("--compile-backend", default="inductor", choices=["cudagraphs", "inductor"])
+    ap.add_argument("--python", action="store_true",
+                    help="Python's profiler instead of torch's: host time per step by function and package")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short run (any device)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"), help="output path stem")
     args = ap.parse_args(argv)
@@ -142,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         try:
-            row = profile_method(model, method, ids, args)
+            row = (python_profile if args.python else profile_method)(model, method, ids, args)
         except torch.cuda.OutOfMemoryError as exc:
             row = dict(method=method, error=f"OOM: {exc}"[:200])
         result["rows"].append(row)
-        print(f"{method:>24}: {fmt(row.get('step_ms'), '.2f')} ms/step, kernels {fmt(row.get('kernel_ms_per_step'), '.2f')} "
-              f"ms in {fmt(row.get('kernels_per_step'), '.0f')} launches", flush=True)
+        detail = (f"Python self µs/step by package {row.get('self_us_per_step_by_package')}" if args.python else
+                  f"kernels {fmt(row.get('kernel_ms_per_step'), '.2f')} ms in {fmt(row.get('kernels_per_step'), '.0f')} launches")
+        print(f"{method:>24}: {fmt(row.get('step_ms'), '.2f')} ms/step, {detail}", flush=True)
         # written after every method, so that a call cut short keeps what it measured
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         args.out.with_suffix(".md").write_text(markdown(result))

@@ -127,6 +127,24 @@ def test_profile_summary_leaves_out_the_step_markers(monkeypatch):
     assert [k["name"] for k in row["kernels"]] == ["gemm"]
 
 
+def test_profile_benchmark_python_host_time(tmp_path):
+    """``profile_decode.py --python``: Python's profiler over a real generate call, host time per
+    step by package and function; only ScopeCache's run spends any of it in scope_kv."""
+    out = tmp_path / "profile"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--smoke", "--python", "--out", str(out),
+           "--methods", "dynamic,scope-slide"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"dynamic", "scope-slide"}
+    assert rows["dynamic"]["self_us_per_step_by_package"].get("scope_kv", 0.0) == 0.0
+    assert rows["scope-slide"]["self_us_per_step_by_package"]["scope_kv"] > 0
+    ours = [f for f in rows["scope-slide"]["functions"] if f["package"] == "scope_kv"]
+    assert ours and all(f["self_us_per_step"] <= f["total_us_per_step"] and f["calls_per_step"] > 0 for f in ours)
+    table = out.with_suffix(".md").read_text()
+    assert "Python's profiler" in table and "| scope-slide |" in table and "kernels by time" not in table
+
+
 def test_generate_benchmark_times_the_unified_baselines_in_both_layouts(tmp_path):
     """The unified baselines are methods of benchmarks/generate.py, eager and captured, at SnapKV +
     Slide's memory (``--snap-budget`` + ``--budget`` entries over prompt and output)."""
