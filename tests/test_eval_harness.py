@@ -219,3 +219,26 @@ def test_one_prompt_preparation_and_one_kv_count_for_every_harness(model):
     footprint = kv_footprint(cache)
     assert account.entries(cache) == list(footprint.entries) == [17, 17]
     assert account.allocated_bytes(cache) == footprint.allocated_bytes == cache.nbytes()
+
+
+def test_every_harness_runs_its_work_through_the_one_loop(model, examples, tmp_path, monkeypatch):
+    """LongGenBench and fidelity runs (the gold and testbed harnesses too: tests/test_eval_gold.py,
+    tests/test_eval_testbed.py run them) do their work as passes of HarnessRun.run_passes, once
+    per run; nothing of a harness's own writes records."""
+    from scope_kv.eval.runs import HarnessRun
+
+    calls: list[int] = []
+    original = HarnessRun.run_passes
+
+    def spy(self, passes, *args, **kwargs):
+        calls.append(len(passes))
+        return original(self, passes, *args, **kwargs)
+
+    monkeypatch.setattr(HarnessRun, "run_passes", spy)
+    methods = _methods(8, ("full", "slide:6/2"))
+    run_fidelity(model, TinyTokenizer(), examples[:1], methods, tmp_path / "f", FidelitySettings(steps=8))
+    assert calls == [3]  # the reference, then each method
+    run_longgenbench(model, TinyTokenizer(), examples[:1], methods, tmp_path / "l", LongGenBenchSettings(max_new_tokens=8))
+    assert calls == [3, 2]
+    run_fidelity(model, TinyTokenizer(), examples[:1], methods, tmp_path / "f", FidelitySettings(steps=8))
+    assert calls == [3, 2, 0]  # resumed: nothing left to run

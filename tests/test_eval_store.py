@@ -1,5 +1,6 @@
-"""ResultStore's merge lock: a lock left by a process killed while merging is taken over; a lock
-held by a live process, or one this host cannot judge, is respected and reported."""
+"""A harness run's files and loop: ResultStore's merge lock (a lock left by a process killed while
+merging is taken over; a lock held by a live process, or one this host cannot judge, is respected
+and reported) and HarnessRun.run_passes, the loop every harness runs its work through."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-from scope_kv.eval.common import ResultStore, Shard
+import pytest
+
+from scope_kv.eval.common import Shard
+from scope_kv.eval.runs import HarnessRun, Pass, ResultStore
 
 
 def _key(r):
@@ -87,3 +92,42 @@ def test_merge_writes_its_holder_into_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(ResultStore, "merge", spy)
     assert store.finish(_key, _key) is True
     assert seen == [[socket.gethostname(), str(os.getpid())]]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    n: int = 1
+
+
+def _pass_key(r):
+    return (r["i"],)
+
+
+def _pass(i: int, log: list, fail: bool = False) -> Pass:
+    def work(bars):
+        log.append(i)
+        if fail:
+            raise RuntimeError("stopped")
+        bars.step(3)
+        return [{"i": i}, {"i": 100 + i}], {"last": i}
+
+    return Pass(f"pass {i}", 3, work)
+
+
+def test_run_passes_keeps_each_pass_as_it_ends_and_never_twice(tmp_path):
+    """Passes run in order; the records a pass returns are kept when it ends (a run that stops
+    keeps the passes before), and records already in the directory are not written again."""
+    log: list[int] = []
+    run = HarnessRun(tmp_path, "res", None, _Settings(), None, _pass_key)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run.run_passes([_pass(0, log), _pass(1, log, fail=True), _pass(2, log)], True, 3, "test")
+    assert log == [0, 1]
+    assert [r["i"] for r in run.new] == [0, 100]
+
+    again = HarnessRun(tmp_path, "res", None, _Settings(), None, _pass_key)
+    assert again.is_done(0) and again.is_done(100) and not again.is_done(1)
+    log.clear()
+    again.run_passes([_pass(0, log), _pass(1, log)], False, 3, "test")  # pass 0's records are there
+    assert log == [0, 1] and [r["i"] for r in again.new] == [1, 101]
+    rows = again.finish(_pass_key)
+    assert rows is not None and sorted(r["i"] for r in rows) == [0, 1, 100, 101]

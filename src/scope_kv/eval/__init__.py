@@ -6,7 +6,7 @@ the command line; docs/eval.md describes the method specs, the files written and
 them.
 """
 
-from .common import KVAccount, Progress, Shard, current_shard, load_model
+from .common import KVAccount, Shard, current_shard, load_model
 from .fidelity import FidelitySettings, reference_run, replay, run_fidelity, summarize_fidelity
 from .gold import GoldSettings, full_reference, prepare_gold, run_gold, summarize_gold, teacher_force
 from .longgenbench import (
@@ -27,6 +27,7 @@ from .longgenbench import (
 from .methods import Method, MethodSpecError, gold_grid, parse_method, parse_methods
 from .report import make_report
 from .runner import KVTrace, LongGenBenchSettings, run_longgenbench, summarize_longgenbench
+from .runs import Progress
 
 __all__ = [
     "TASKS",

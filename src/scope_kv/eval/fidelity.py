@@ -21,6 +21,7 @@ Results: ``<out>/fidelity.jsonl`` (one line per (prompt, method) with per-step l
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
@@ -33,9 +34,10 @@ from transformers import DynamicCache
 
 from .._checks import check_int
 from ..compat import cache_kwargs
-from .common import HarnessRun, KVAccount, Progress, Shard, chunks, input_device
+from .common import KVAccount, Shard, chunks, input_device
 from .longgenbench import Example, PromptSettings
 from .methods import Method
+from .runs import HarnessRun, Pass, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -193,45 +195,54 @@ def run_fidelity(
     device = input_device(model)
     names = ["reference", *(m.spec for m in methods)]
     todo = [(i, ex) for i, ex in chunks(examples, run.shard) if any(not run.is_done(ex.id, n) for n in names)]
-    label = f"[rank {run.shard.rank}] prompts x methods"
-    with run.progress(progress, len(todo) * len(names), settings.steps, label) as bars:
-        for index, example in todo:
-            ex = settings.prepare(example, tokenizer)
-            ids = settings.encode(ex, tokenizer, device)["input_ids"]
-            bars.start(f"{example.id} reference")
-            start = time.perf_counter()
-            reference = reference_run(model, ids, settings.steps, settings.allow_eos)
-            ref_seconds = time.perf_counter() - start
-            if reference.tokens.numel() == 0:
-                logger.warning("%s: the reference ended at once (end-of-turn first); nothing to compare", example.id)
-                continue
-            base = {
-                "example": example.id,
-                "index": index,
-                "task": ex.task,
-                "questions": ex.k,
-                "prompt_tokens": ids.shape[1],
-                "steps": int(reference.tokens.numel()),
-                "num_layers": account.num_layers,
-                "bytes_per_entry": account.bytes_per_entry,
-            }
-            if not run.is_done(example.id, "reference"):
-                row = {
-                    **base,
-                    "method": "reference",
-                    "reference_text": tokenizer.decode(reference.tokens, skip_special_tokens=False),
-                    "entries": reference.entries,
-                    "seconds": round(ref_seconds, 3),
-                }
-                run.keep(row)
-            bars.done()
-            for method in methods:
-                if run.is_done(example.id, method.spec):
-                    continue
-                bars.start(f"{example.id} {method.spec}")
-                row = {**base, **_method_record(model, method, ids, reference, account, bars)}
-                run.keep(row)
-                bars.done(method=method.spec, kl=f"{row['mean_kl']:.3f}", top1=f"{row['top1_agreement']:.2f}")
+    current: dict[str, Any] = {}  # the example whose reference the method passes compare with
+
+    def reference_pass(index: int, example: Example, bars: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        current.clear()
+        ex = settings.prepare(example, tokenizer)
+        ids = settings.encode(ex, tokenizer, device)["input_ids"]
+        start = time.perf_counter()
+        reference = reference_run(model, ids, settings.steps, settings.allow_eos)
+        ref_seconds = time.perf_counter() - start
+        if reference.tokens.numel() == 0:
+            logger.warning("%s: the reference ended at once (end-of-turn first); nothing to compare", example.id)
+            return [], {}
+        base = {
+            "example": example.id,
+            "index": index,
+            "task": ex.task,
+            "questions": ex.k,
+            "prompt_tokens": ids.shape[1],
+            "steps": int(reference.tokens.numel()),
+            "num_layers": account.num_layers,
+            "bytes_per_entry": account.bytes_per_entry,
+        }
+        current.update(example=example.id, ids=ids, reference=reference, base=base)
+        row = {
+            **base,
+            "method": "reference",
+            "reference_text": tokenizer.decode(reference.tokens, skip_special_tokens=False),
+            "entries": reference.entries,
+            "seconds": round(ref_seconds, 3),
+        }
+        return [row], {}
+
+    def method_pass(example: Example, method: Method, bars: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if current.get("example") != example.id:
+            return [], {}  # its reference ended at once: nothing to compare
+        record = _method_record(model, method, current["ids"], current["reference"], account, bars)
+        row = {**current["base"], **record}
+        return [row], {"method": method.spec, "kl": f"{row['mean_kl']:.3f}", "top1": f"{row['top1_agreement']:.2f}"}
+
+    passes = []
+    for index, example in todo:
+        passes.append(Pass(f"{example.id} reference", None, functools.partial(reference_pass, index, example)))
+        passes += [
+            Pass(f"{example.id} {m.spec}", None, functools.partial(method_pass, example, m))
+            for m in methods
+            if not run.is_done(example.id, m.spec)
+        ]
+    run.run_passes(passes, progress, settings.steps, f"[rank {run.shard.rank}] prompts x methods")
     rank = {n: i for i, n in enumerate(names)}
     rows = run.finish(lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"]), summarize_fidelity)
     return run.new if rows is None else rows

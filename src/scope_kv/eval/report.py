@@ -28,12 +28,12 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from .common import read_results, write_csv
 from .fidelity import summarize_fidelity
 from .gold import REFERENCE, method_family, summarize_gold
 from .methods import gold_grid
 from .plots import fidelity_figure, gold_plot, kv_figure, memory_scatter, method_colours
 from .runner import summarize_longgenbench
+from .runs import read_results, write_csv
 from .tables import markdown_table
 from .testbed import load_records as load_testbed_records
 from .testbed import write_report as write_testbed_report

@@ -1,12 +1,13 @@
 """Run LongGenBench under several cache methods: greedy generation, scoring, KV accounting.
 
 One JSON line per (example, method) goes to ``<out>/longgenbench.jsonl`` and a per-method
-summary to ``<out>/longgenbench_summary.csv``; see :mod:`scope_kv.eval.common` for resuming
+summary to ``<out>/longgenbench_summary.csv``; see :mod:`scope_kv.eval.runs` for resuming
 and sharding.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
@@ -19,9 +20,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .._checks import check_int
 from ..compat import cache_kwargs
-from .common import HarnessRun, KVAccount, Progress, Shard, chunks, input_device, write_csv
+from .common import KVAccount, Shard, chunks, input_device
 from .longgenbench import Example, PromptSettings, score_output
 from .methods import Method
+from .runs import HarnessRun, Pass, Progress, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -151,21 +153,23 @@ def run_longgenbench(
     todo = [(i, ex, m) for i, ex in chunks(examples, run.shard) for m in methods if not run.is_done(ex.id, m.spec)]
     if run.done:
         logger.info("resuming: %d records already in %s, %d to run on this rank", len(run.done), out_dir, len(todo))
-    right = seen = 0
     prepared: dict[str, tuple[Example, dict[str, torch.Tensor]]] = {}
-    label = f"[rank {run.shard.rank}] examples x methods"
-    with run.progress(progress, len(todo), settings.max_new_tokens, label) as bars:
-        for index, example, method in todo:
-            if example.id not in prepared:
-                prepared.clear()
-                ex = settings.prepare(example, tokenizer)
-                prepared[example.id] = (ex, settings.encode(ex, tokenizer, device))
-            ex, inputs = prepared[example.id]
-            bars.start(f"{example.id} {method.spec}")
-            record = _generate_and_score(model, tokenizer, ex, index, inputs, method, settings, account, bars, eos)
-            run.keep(record)
-            right, seen = right + record["correct"], seen + ex.k
-            bars.done(acc=f"{right}/{seen}")
+    tally = [0, 0]  # questions right, questions seen
+
+    def one(
+        index: int, example: Example, method: Method, bars: Progress
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if example.id not in prepared:  # one example at a time, encoded once for all its methods
+            prepared.clear()
+            ex = settings.prepare(example, tokenizer)
+            prepared[example.id] = (ex, settings.encode(ex, tokenizer, device))
+        ex, inputs = prepared[example.id]
+        record = _generate_and_score(model, tokenizer, ex, index, inputs, method, settings, account, bars, eos)
+        tally[0], tally[1] = tally[0] + record["correct"], tally[1] + ex.k
+        return [record], {"acc": f"{tally[0]}/{tally[1]}"}
+
+    passes = [Pass(f"{ex.id} {m.spec}", None, functools.partial(one, i, ex, m)) for i, ex, m in todo]
+    run.run_passes(passes, progress, settings.max_new_tokens, f"[rank {run.shard.rank}] examples x methods")
     rows = run.finish(_order([m.spec for m in methods]), summarize_longgenbench)
     return run.new if rows is None else rows
 

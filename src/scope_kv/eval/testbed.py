@@ -20,6 +20,7 @@ KV entries per method family, and accuracy by output position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -30,9 +31,10 @@ import torch
 
 from .._checks import check_int
 from ..testbed import DEFAULT_MIX, KINDS, TRAINED, evaluate_caches, output_length, prompt_length
-from .common import HarnessRun, Progress, Shard, read_results, write_csv
+from .common import Shard
 from .gold import method_family
 from .methods import Method, gold_grid, parse_method
+from .runs import HarnessRun, Pass, Progress, read_results, write_csv
 
 __all__ = [
     "REFERENCE",
@@ -176,30 +178,33 @@ def run_testbed(
         for i, (scale, name, batch) in enumerate(_runs(settings, list(by_name)))
         if run.shard.owns(i) and any(not run.is_done(name, scale, s) for s in batch)
     ]
-    with run.progress(progress, len(todo), output_length(settings.items_at(max(settings.scales))), "testbed") as bars:
-        for scale, name, batch in todo:
-            n_items = settings.items_at(scale)
-            prompt = prompt_length(settings.n_bindings, n_items)
-            method = by_name[name]
-            if method is not None:
-                # plan adaptive / discontinuous for this scale's output (a spec's own T= still wins)
-                method = parse_method(method.spec, output_length(n_items))
-            make = None if method is None else _factory(method)
-            bars.start(f"{name} x{scale:g}", output_length(n_items))
-            result = evaluate_caches(
-                model,
-                tokenizer,
-                [s for s in batch if not run.is_done(name, scale, s)],
-                make,
-                n_bindings=settings.n_bindings,
-                n_items=n_items,
-                mix=DEFAULT_MIX,
-                batch_size=settings.batch_size,
-                generate_kwargs={"streamer": _Ticks(bars)},
-            )
-            for seed in result.seeds:
-                run.keep(_record(name, scale, n_items, prompt, seed, layers, device))
-            bars.done(accuracy=f"{result.accuracy:.3f}")
+
+    def one(scale: float, name: str, batch: list[int], bars: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        n_items = settings.items_at(scale)
+        method = by_name[name]
+        if method is not None:
+            # plan adaptive / discontinuous for this scale's output (a spec's own T= still wins)
+            method = parse_method(method.spec, output_length(n_items))
+        result = evaluate_caches(
+            model,
+            tokenizer,
+            [s for s in batch if not run.is_done(name, scale, s)],
+            None if method is None else _factory(method),
+            n_bindings=settings.n_bindings,
+            n_items=n_items,
+            mix=DEFAULT_MIX,
+            batch_size=settings.batch_size,
+            generate_kwargs={"streamer": _Ticks(bars)},
+        )
+        prompt = prompt_length(settings.n_bindings, n_items)
+        records = [_record(name, scale, n_items, prompt, seed, layers, device) for seed in result.seeds]
+        return records, {"accuracy": f"{result.accuracy:.3f}"}
+
+    passes = [
+        Pass(f"{name} x{scale:g}", output_length(settings.items_at(scale)), functools.partial(one, scale, name, batch))
+        for scale, name, batch in todo
+    ]
+    run.run_passes(passes, progress, output_length(settings.items_at(max(settings.scales))), "testbed")
     if run.finish(_order) is None:
         return None
     rows = load_records(out_dir)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from ...accounting import bytes_per_entry
-from ..common import HarnessRun, Progress, Shard, input_device
+from ..common import Shard, input_device
 from ..methods import Method
+from ..runs import HarnessRun, Pass, Progress
 from .data import REFERENCE, RESULTS, GoldBatch, GoldItem, GoldSettings
 from .forcing import GoldReference, full_reference, teacher_force
 from .records import budget_of, entries_bound, gold_record, mean_or_none, method_family, summarize_gold
@@ -68,46 +69,54 @@ def run_gold(
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     describe = _Describe(bytes_per_entry(model), layers, _positions(model, items))
-    with _bars(run, progress, batches, owned, settings) as bars:
-        for group_items in batches:
-            todo = [m for m in owned if any(not run.is_done(it.example.id, m.spec) for it in group_items)]
-            want_ref = run.shard.is_main and any(not run.is_done(it.example.id, REFERENCE) for it in group_items)
-            if not todo and not want_ref:
-                continue
-            batch = GoldBatch.of(group_items, pad_id, device)
-            bars.start(f"reference ({batch.rows} rows)", 1)
-            start = time.perf_counter()
-            reference = full_reference(model, batch, settings.reference_rows, settings.chunk_tokens)
-            ref_seconds = time.perf_counter() - start
-            bars.done()
-            if want_ref:
-                for record in _reference_records(group_items, batch, reference, ref_seconds, describe, settings):
-                    if not run.is_done(record["example"], REFERENCE):
-                        run.keep(record)
-            for method in todo:
-                for rows, resolved in _groups(method, batch.prompt_tokens, settings):
-                    if all(run.is_done(group_items[r].example.id, method.spec) for r in rows):
-                        continue
-                    records = _method_pass(
-                        model, method, batch, group_items, rows, resolved, reference, settings, bars, describe
-                    )
-                    for record in records:  # kept as each pass ends (resumable)
-                        if not run.is_done(record["example"], method.spec):
-                            run.keep(record)
+    current: dict[str, Any] = {}  # the batch in work and its reference (one batch's at a time)
+
+    def reference_pass(
+        group_items: list[GoldItem], want_ref: bool, bars: Progress
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        current.clear()
+        batch = GoldBatch.of(group_items, pad_id, device)
+        start = time.perf_counter()
+        reference = full_reference(model, batch, settings.reference_rows, settings.chunk_tokens)
+        current.update(batch=batch, reference=reference)
+        if not want_ref:
+            return [], {}
+        return _reference_records(group_items, batch, reference, time.perf_counter() - start, describe, settings), {}
+
+    def method_pass(
+        group_items: list[GoldItem], method: Method, rows: list[int], resolved: int, bars: Progress
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        batch, reference = current["batch"], current["reference"]
+        return _method_pass(model, method, batch, group_items, rows, resolved, reference, settings, bars, describe)
+
+    passes: list[Pass] = []
+    for group_items in batches:
+        prompts = [int(it.prompt_ids.numel()) for it in group_items]
+        groups = [
+            (method, rows, resolved)
+            for method in owned
+            for rows, resolved in _groups(method, prompts, settings)
+            if not all(run.is_done(group_items[r].example.id, method.spec) for r in rows)
+        ]
+        want_ref = run.shard.is_main and any(not run.is_done(it.example.id, REFERENCE) for it in group_items)
+        if not groups and not want_ref:
+            continue
+        passes.append(
+            Pass(f"reference ({len(group_items)} rows)", 1, functools.partial(reference_pass, group_items, want_ref))
+        )
+        passes += [
+            Pass(
+                f"{method.spec} ({len(rows)} rows)",
+                max(int(group_items[r].gold_ids.numel()) for r in rows),
+                functools.partial(method_pass, group_items, method, rows, resolved),
+            )
+            for method, rows, resolved in groups
+        ]
+    tokens = max(int(it.gold_ids.numel()) for b in batches for it in b)
+    run.run_passes(passes, progress, tokens, f"[rank {run.shard.rank}] passes")
     rank = {n: i for i, n in enumerate([REFERENCE, *(m.spec for m in methods)])}
     rows_all = run.finish(lambda r: (r["index"], rank.get(r["method"], len(rank)), r["method"]), summarize_gold)
     return run.new if rows_all is None else rows_all
-
-
-def _bars(
-    run: HarnessRun, progress: bool, batches: list[list[GoldItem]], owned: list[Method], settings: GoldSettings
-) -> AbstractContextManager[Progress]:
-    """Progress over passes (one reference pass per batch, then one per method group) and tokens."""
-    passes = sum(
-        1 + sum(len(_groups(m, [int(it.prompt_ids.numel()) for it in b], settings)) for m in owned) for b in batches
-    )
-    tokens = max(int(it.gold_ids.numel()) for b in batches for it in b)
-    return run.progress(progress, passes, tokens, f"[rank {run.shard.rank}] passes")
 
 
 def _reference_records(
@@ -194,10 +203,10 @@ def _method_pass(
     settings: GoldSettings,
     bars: Progress,
     describe: _Describe,
-) -> list[dict[str, Any]]:
-    """Teacher-force ``rows`` of ``batch`` (made of ``items``) through one cache of ``method``: one record per row."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Teacher-force ``rows`` of ``batch`` (made of ``items``) through one cache of ``method``: one
+    record per row, and the pass's mean NLL for the progress bar."""
     sub = batch.select(rows)
-    bars.start(f"{method.spec} ({len(rows)} rows)", sub.gold_ids.shape[1])
     lengths = [resolved] * len(rows) if method.depends_on_prompt else list(sub.prompt_tokens)
     cache = method.make_cache(model, lengths)
     stats = teacher_force(
@@ -215,5 +224,4 @@ def _method_pass(
             group_steps_per_second=round(sub.gold_ids.shape[1] / stats.seconds, 2),
         )
         records.append(record)
-    bars.done(method=method.spec, nll=f"{mean_or_none(stats.nll[sub.gold_valid.cpu()]):.3f}")
-    return records
+    return records, {"method": method.spec, "nll": f"{mean_or_none(stats.nll[sub.gold_valid.cpu()]):.3f}"}
