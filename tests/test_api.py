@@ -47,3 +47,24 @@ def test_import_patches_nothing():
         "assert not [n for n in names if n.startswith('scope_')], names\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_step_record_with_its_lse_is_a_copy_that_stays_frozen():
+    """``AttentionStep.with_lse`` (every layer of every eager decode step) gives the same record
+    with the log-sum-exp set, leaves the original as it was, and is as frozen as any record."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from scope_kv.step import AttentionStep, DecodeAttention
+
+    t = torch.zeros(1, 2, 1, 4)
+    step = AttentionStep(torch.nn.Module(), t, t, t, None, "sdpa", 0.5, softcap=3.0,
+                         decode=DecodeAttention("auto", None), kv_repeat=2)
+    lse = torch.ones(1, 2, 1)
+    with_lse = step.with_lse(lse)
+    assert with_lse == dataclasses.replace(step, lse=lse) and with_lse is not step
+    assert step.lse is None and with_lse.lse is lse
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        with_lse.lse = None  # type: ignore[misc]
