@@ -157,3 +157,20 @@ def test_scope_kv_never_imports_kvpress():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             assert not [n for n in names if n.split(".")[0] == "kvpress"], f"{path} imports kvpress"
+
+
+def test_a_kvpress_cache_prints_a_spec_shaped_line_that_says_how_to_build_it():
+    """A press is a Python object, so a kvpress cache's spec cannot rebuild it: what the cache
+    prints has the grammar's shape, and parsing it raises a SpecError that says how to build the
+    cache in Python (not "unknown method")."""
+    from scope_kv.spec import SpecError, parse_spec
+
+    model = make_model("llama")
+    by_ratio = ScopeCache(model, prefill=KVPressPrefill(_press("snapkv", 0.5)), decoding=Slide(8, 4))
+    by_budget = ScopeCache(model, prefill=KVPressPrefill(_press("knorm", 0.5), budget=16))
+    assert by_ratio.describe() == "kvpress:press=SnapKVPress,compression_ratio=0.5+slide:8/4"
+    assert by_budget.describe() == "kvpress:press=KnormPress,budget=16+full"
+    for cache in (by_ratio, by_budget):
+        assert repr(cache).startswith(f"ScopeCache({cache.describe()!r}")
+        with pytest.raises(SpecError, match=r"Python object.*KVPressPrefill\(press"):
+            parse_spec(cache.describe())

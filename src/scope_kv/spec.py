@@ -474,6 +474,12 @@ def parse_spec(spec: str, max_new_tokens: int | None = None) -> CacheSpec:
     parsed = [_split_part(p, text) for p in parts]
     known = set(DECODING_KINDS) | set(PREFILL_KINDS) | {"full"}
     for name, _, _ in parsed:
+        if name == "kvpress":
+            raise SpecError(
+                f"{spec!r}: a kvpress press is a Python object, which a spec cannot build. Build the cache "
+                "in Python: ScopeCache(model, prefill=KVPressPrefill(press, budget=...), decoding=...) "
+                "(scope_kv.integrations.kvpress; the decoding strategy can come from parse_spec('slide:512/256'))."
+            )
         if name not in known:
             raise SpecError(
                 f"{spec!r}: unknown method {name!r}; known: {', '.join(sorted(known))} "

@@ -168,5 +168,9 @@ class KVPressPrefill(PrefillCompressor):
         return scores.float()
 
     def describe(self) -> str:
-        kept = f"budget={self.budget}" if self.budget is not None else f"ratio={self.press.compression_ratio}"
-        return f"kvpress:{type(self.press).__name__}/{kept}"
+        """Spec-shaped, ``kvpress:press=<class>,budget=<n>`` (or ``compression_ratio=``); a press is a
+        Python object, so parsing it raises a ``SpecError`` that says how to build the cache."""
+        kept = (
+            f"budget={self.budget}" if self.budget is not None else f"compression_ratio={self.press.compression_ratio}"
+        )
+        return f"kvpress:press={type(self.press).__name__},{kept}"
