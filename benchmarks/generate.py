@@ -56,7 +56,13 @@ ALL_METHODS = (
     "dynamic", "static-compiled", "scope-none", "scope-slide", "scope-adaptive", "scope-discontinuous",
     "scope-snapkv+slide", "scope-unified-h2o", "scope-unified-streamingllm", "captured-slide", "captured-adaptive",
     "captured-discontinuous", "captured-snapkv+slide", "captured-unified-h2o", "captured-unified-streamingllm",
+    "scope-slide/per-layer-evictions", "scope-slide/backend-attention",
 )
+# Eager Slide with one part of its decode path switched off (the layer's public switches), to
+# find where its host time goes: each layer launches its own eviction instead of one launch a
+# step for all (``batch_evictions``), or attention runs in the model's backend and candidates are
+# scored from it instead of the grouped attention's log-sum-exp (``fast_decode``).
+_VARIANTS = {"per-layer-evictions": ("batch_evictions", False), "backend-attention": ("fast_decode", False)}
 
 
 class StepClock(LogitsProcessor):
@@ -108,9 +114,15 @@ def _generate_kwargs(model, method: str, args: argparse.Namespace) -> dict[str, 
         return cache_kwargs(DynamicCache(config=model.config))
     if method == "static-compiled":
         return dict(cache_implementation="static")
+    method, _, variant = method.partition("/")
     prefill, decoding = _strategy(method, args)
     captured = method.startswith("captured-")
-    kwargs: dict[str, Any] = cache_kwargs(ScopeCache(model, decoding=decoding, prefill=prefill, static=captured))
+    cache = ScopeCache(model, decoding=decoding, prefill=prefill, static=captured)
+    if variant:
+        switch, value = _VARIANTS[variant]
+        for layer in cache.layers:
+            setattr(layer, switch, value)
+    kwargs: dict[str, Any] = cache_kwargs(cache)
     if captured:
         config = CompileConfig(fullgraph=True, backend=args.compile_backend,
                                mode="reduce-overhead" if args.compile_backend == "inductor" else None)

@@ -99,6 +99,37 @@ def test_generate_benchmark_interleaves_rounds_of_eager_methods(tmp_path):
     assert refused.returncode == 2 and "captured-slide" in refused.stderr and "recompile" in refused.stderr
 
 
+def test_generate_benchmark_switches_parts_of_the_eager_slide_path_off(tmp_path):
+    """``scope-slide/per-layer-evictions`` and ``scope-slide/backend-attention`` time eager Slide
+    with one part of its decode path off (the layer's public switches), at Slide's memory."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    from conftest import make_model
+
+    args = argparse.Namespace(budget=8, recent=4, new=16, snap_budget=8, compile_backend="inductor")
+    model = make_model("llama")
+    for method, switch in (("scope-slide/per-layer-evictions", "batch_evictions"),
+                           ("scope-slide/backend-attention", "fast_decode")):
+        cache = generate._generate_kwargs(model, method, args)
+        cache = next(v for v in cache.values() if hasattr(v, "layers"))
+        assert cache.describe() == "slide:8/4"
+        assert all(getattr(layer, switch) is False for layer in cache.layers), method
+        plain = next(v for v in generate._generate_kwargs(model, "scope-slide", args).values() if hasattr(v, "layers"))
+        assert all(getattr(layer, switch) is None for layer in plain.layers)  # the default: on for CUDA
+    out = tmp_path / "generate"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--batches", "1", "--out", str(out),
+           "--methods", "scope-slide,scope-slide/per-layer-evictions,scope-slide/backend-attention", "--calls", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len({r["warm"]["kv_held_bytes"] for r in rows}) == 1 and len(rows) == 3
+
+
 def test_profile_benchmark_smoke(tmp_path):
     """benchmarks/profile_decode.py profiles real generate calls and writes its tables, without
     counting the profiler's step markers as kernels."""
