@@ -88,6 +88,11 @@ class StepClock(LogitsProcessor):
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
+def compiled(method: str) -> bool:
+    """Whether ``method`` decodes through torch.compile (its first call compiles and captures)."""
+    return method.startswith("captured-") or method == "static-compiled"
+
+
 def _strategy(name: str, args: argparse.Namespace) -> tuple[Any, Any]:
     """(prefill, decoding) of a scope method name."""
     kind = name.split("-", 1)[1]
@@ -170,7 +175,7 @@ def run_once(model, method: str, ids: torch.Tensor, args: argparse.Namespace) ->
 
 def _one_method(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> tuple[Any, Any]:
     """(cold run, [warm run]) of one method, or (None, the error) when it ran out of memory."""
-    if method.startswith("captured-") or method == "static-compiled":
+    if compiled(method):
         torch._dynamo.reset()
     try:
         cold = run_once(model, method, ids, args)
@@ -348,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--stop-after must be above --window ({args.window}) and at most --new ({args.new}); got {args.stop_after}")
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1; got {args.rounds}")
-    compiled = [m for m in args.methods.split(",") if m.strip().startswith("captured-") or m.strip() == "static-compiled"]
-    if args.rounds > 1 and (compiled or args.calls != 2):
+    traced = [m.strip() for m in args.methods.split(",") if compiled(m.strip())]
+    if args.rounds > 1 and (traced or args.calls != 2):
         ap.error("--rounds interleaves warm calls of eager methods: calling compiled methods in turn would recompile "
-                 f"between calls ({', '.join(compiled) or 'none here'}), and it needs --calls 2; time those with --rounds 1")
+                 f"between calls ({', '.join(traced) or 'none here'}), and it needs --calls 2; time those with --rounds 1")
     result = run(args, on_row=lambda partial: write_outputs(partial, args.out, markdown, lambda *_: False))
     write_outputs(result, args.out, markdown, plot)
     print(markdown(result))

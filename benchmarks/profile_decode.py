@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench_common import LLAMA_8B, TINY, build_model, fmt, median
-from generate import ALL_METHODS, StepClock, _generate_kwargs
+from generate import ALL_METHODS, StepClock, _generate_kwargs, compiled
 
 
 class ProfilerStep(LogitsProcessor):
@@ -57,11 +57,16 @@ def _generate(model, method: str, ids: torch.Tensor, args: argparse.Namespace, e
     return clock.step_ms()
 
 
+def _cold_call(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """The first of the two identical calls: it pays compilation, capture and cuDNN plans."""
+    if compiled(method):
+        torch._dynamo.reset()
+    _generate(model, method, ids, args, [])
+
+
 def profile_method(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     cuda = ids.device.type == "cuda"
-    if method.startswith("captured-") or method == "static-compiled":
-        torch._dynamo.reset()
-    _generate(model, method, ids, args, [])  # cold: compile, capture, cuDNN plans
+    _cold_call(model, method, ids, args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     wait = max(args.new - args.active - 8, 1)
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=4, active=args.active)) as prof:
@@ -94,9 +99,7 @@ def _package(filename: str) -> str:
 
 def python_profile(model, method: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """Python's profiler over the second identical call: host time per step by function and package."""
-    if method.startswith("captured-") or method == "static-compiled":
-        torch._dynamo.reset()
-    _generate(model, method, ids, args, [])  # cold: compile, capture, cuDNN plans
+    _cold_call(model, method, ids, args)
     profiler = cProfile.Profile()
     profiler.enable()
     steps = _generate(model, method, ids, args, [])

@@ -495,19 +495,19 @@ class ScopeLayer(CacheLayerMixin):
     def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
         """Unified baselines: one budget over all held entries (docs/method.md §7), planned on the host."""
         held = [self.length - first for first in self.rows.host_starts(self.keys.shape[0])]
-        # each row's pool is planned on its own (as the static layout plans each pool)
-        select = [decoding.plan(n, t, self.skipped)[0] for n in held]
+        select = [decoding.plan(n, t, self.skipped)[0] for n in held]  # each row's pool on its own
         self.skipped = decoding.plan(max(held), t, self.skipped)[1]
-        counts = [min(n, decoding.budget_at(t)) if cut else n for n, cut in zip(held, select, strict=True)]
+        budget = decoding.budget_at(t)
+        counts = [min(n, budget) if cut else n for n, cut in zip(held, select, strict=True)]
         if counts == held:
             return
         self.selections += 1
         scores = decoding.score(step, 0, self.length).float().clone()
         scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
         start = self.rows.starts(self.keys.shape[0], self.keys.device)
-        kept = host_to_device(counts, torch.long, self.keys.device)
-        self.length, start = keep_top_(self.keys, self.values, self.length, scores, kept, start, max(counts))
-        self.rows.set_start(start, [max(counts) - c for c in counts])
+        kept, n = host_to_device(counts, torch.long, self.keys.device), max(counts)
+        self.length, start = keep_top_(self.keys, self.values, self.length, scores, kept, start, n)
+        self.rows.set_start(start, [n - c for c in counts])
         self.prefill_length = 0  # prompt and generated entries now share one pool: no boundary
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
 
