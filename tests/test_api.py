@@ -68,3 +68,25 @@ def test_a_step_record_with_its_lse_is_a_copy_that_stays_frozen():
     assert step.lse is None and with_lse.lse is lse
     with pytest.raises(dataclasses.FrozenInstanceError):
         with_lse.lse = None  # type: ignore[misc]
+
+
+def test_a_compiled_step_makes_the_record_with_its_lse_without_a_graph_break():
+    """A captured decode step builds the record inside the graph: ``with_lse`` must trace with
+    ``fullgraph=True`` and give the same record as eager. (torch 2.11's compiler cannot trace the
+    eager copy's write into ``__dict__``; newer ones can, so on those this test passes either way
+    and ``tests/test_kernels_gpu.py``'s compiled generate is the check on the device.)"""
+    import torch
+
+    from scope_kv.step import AttentionStep, DecodeAttention
+
+    t = torch.zeros(1, 2, 1, 4)
+    step = AttentionStep(torch.nn.Module(), t, t, t, None, "sdpa", 0.5, decode=DecodeAttention("auto", None))
+
+    def attach(lse: torch.Tensor) -> torch.Tensor:
+        made = step.with_lse(lse * 2)
+        assert made.scaling == step.scaling and made.module is step.module
+        return made.lse + 1
+
+    lse = torch.ones(1, 2, 1)
+    compiled = torch.compile(attach, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(lse), attach(lse))
