@@ -163,9 +163,8 @@ def _make_attention(backend: str) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = kwargs.pop(LAYER_KWARG, None)
-        base = _base_function(backend, module)
         if layer is None:
-            return base(module, query, key, value, attention_mask, **kwargs)
+            return _base_function(backend, module)(module, query, key, value, attention_mask, **kwargs)
         step = layer.open_step(
             module, query, key, value, attention_mask, backend, kwargs.get("scaling"), kwargs.get("softcap")
         )
@@ -180,7 +179,7 @@ def _make_attention(backend: str) -> Callable[..., Any]:
             layer.after_attention(step.with_lse(lse))
             return output, None
         viewed = _OneKVHeadPerQueryHead(module) if step.kv_repeat > 1 else module
-        output = base(viewed, query, key, value, attention_mask, **kwargs)
+        output = _base_function(backend, module)(viewed, query, key, value, attention_mask, **kwargs)
         layer.after_attention(step)
         return output
 

@@ -34,7 +34,7 @@ from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
 from .selection import Cut, compact_, keep_top_, select_heavy
 from .step import AttentionStep, DecodeAttention
-from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized
+from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized, unseen_attention
 from .window import QueryWindow
 
 __all__ = ["ScopeLayer"]
@@ -107,6 +107,7 @@ class ScopeLayer(CacheLayerMixin):
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
         self.decode_kernel = "auto"  # kernels.grouped_decode_attention's choice of kernel
+        self._decode_record: DecodeAttention | None = None
         # Whether this layer checks that prefill forwards continue it (the cache sets it on one layer).
         self.checks_positions = False
         self.positions = PositionGuard()
@@ -162,13 +163,7 @@ class ScopeLayer(CacheLayerMixin):
         and return every held entry: ``(batch, kv_heads, length, dim)`` views of the held slots."""
         self.ring.settle()
         if self._pending is not None:
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the previous forward stored keys here but its attention never went "
-                "through transformers' AttentionInterface, so ScopeCache could not see it. Either the model "
-                "computes this layer's attention in its own code (such models are not supported: use "
-                "DynamicCache), or the cache was built for another model or before its attn_implementation "
-                "was changed (build one ScopeCache(model) per model and generate call)."
-            )
+            raise unseen_attention(self.layer_idx)
         if self.kv_repeat > 1:
             key_states = key_states.repeat_interleave(self.kv_repeat, dim=1)
             value_states = value_states.repeat_interleave(self.kv_repeat, dim=1)
@@ -291,7 +286,10 @@ class ScopeLayer(CacheLayerMixin):
         wanted = self.fast_decode if self.fast_decode is not None else query.is_cuda
         if not (wanted and query.shape[2] == 1 and self._pending == "decode"):
             return None
-        return DecodeAttention(self.decode_kernel, self.decode_splits)
+        made, splits = self._decode_record, self.decode_splits
+        if made is None or made.kernel != self.decode_kernel or made.splits != splits:
+            made = self._decode_record = DecodeAttention(self.decode_kernel, splits)  # (one a step is host time)
+        return made
 
     def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype, q_heads: int = 1) -> torch.Tensor | None:
         """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
@@ -344,7 +342,8 @@ class ScopeLayer(CacheLayerMixin):
         (:class:`~scope_kv.step.AttentionStep`) that says how to attend (its mask, ``decode``,
         ``kv_repeat``) and that :meth:`after_attention` then takes: the only two calls."""
         self.check_attended(keys)
-        self.observe_prefill_mask(attention_mask)
+        if self._pending == "prefill":
+            self.observe_prefill_mask(attention_mask)
         if self.own_mask:
             # Once prompt entries were evicted (or a hole met), rows keep different numbers of pads
             # or filler and layers different lengths: the mask transformers built no longer
@@ -451,7 +450,7 @@ class ScopeLayer(CacheLayerMixin):
             return
         cut = self._plan(decoding, t)
         fused = cut is not None and cut.evicts_one and step.lse is not None and decoding.default_scores
-        if not fused:
+        if not fused and self.ring.rotated:
             self.ring.unrotate(self.keys, self.values, self.length - 1)  # back to arrival order: O(recent)
         if cut is None:
             return
@@ -566,7 +565,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` slots; copies only when the buffer must grow."""
-        if needed > self.capacity:
+        if needed > self.keys.shape[-2]:
             bounded = self.decoding is not None and self.decoding.bounded
             self._resize(grown_capacity(needed, self.capacity, bounded))
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROWTH", "MIN_GROWTH", "check_new_entries", "grown_capacity", "hand_out", "resized"]
+__all__ = ["GROWTH", "MIN_GROWTH", "check_new_entries", "grown_capacity", "hand_out", "resized", "unseen_attention"]
 
 GROWTH = 1.25
 MIN_GROWTH = 128
@@ -72,6 +72,17 @@ def grown_capacity(needed: int, capacity: int, bounded: bool) -> int:
     if bounded:
         return needed
     return max(needed, math.ceil(capacity * GROWTH), capacity + MIN_GROWTH)
+
+
+def unseen_attention(layer_idx: int) -> RuntimeError:
+    """The error for a layer whose previous forward stored keys but never attended through scope_kv."""
+    return RuntimeError(
+        f"layer {layer_idx}: the previous forward stored keys here but its attention never went "
+        "through transformers' AttentionInterface, so ScopeCache could not see it. Either the model "
+        "computes this layer's attention in its own code (such models are not supported: use "
+        "DynamicCache), or the cache was built for another model or before its attn_implementation "
+        "was changed (build one ScopeCache(model) per model and generate call)."
+    )
 
 
 def check_new_entries(layer_idx: int, keys: torch.Tensor, key_states: torch.Tensor) -> None:
