@@ -196,3 +196,23 @@ def test_generate_benchmark_times_the_unified_baselines_in_both_layouts(tmp_path
         # the static layout's slots are its footprint (a free slot per row and KV head beside the budget)
         assert eager["kv_held_bytes"] < captured["kv_held_bytes"] == captured["kv_allocated_bytes"]
         assert captured["kv_allocated_bytes"] <= eager["kv_held_bytes"] + 2 * per_entry
+
+
+def test_host_calls_benchmark_counts_python_calls_per_decode_step(tmp_path):
+    """benchmarks/host_calls.py: Python calls per eager decode step, the same on every run; the
+    stock cache makes none into scope_kv, ScopeCache some, and evicting makes more than not."""
+    out = tmp_path / "host_calls"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "host_calls.py"), "--layers", "2", "--new", "24",
+           "--budget", "8", "--recent", "4", "--prompt", "16", "--out", str(out)]
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT / "benchmarks")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(out.with_suffix(".json").read_text()))
+    assert out.with_suffix(".md").exists()
+    rows = {r["method"]: r for r in runs[0]["rows"]}
+    assert list(rows) == ["dynamic", "scope-none", "scope-slide/no-eviction", "scope-slide"]
+    assert rows["dynamic"]["scope_kv_calls_per_step"] == 0 and rows["dynamic"]["extra_per_layer"] == 0
+    assert 0 < rows["scope-none"]["scope_kv_calls_per_step"] <= rows["scope-slide/no-eviction"]["scope_kv_calls_per_step"]
+    assert rows["scope-slide"]["calls_per_step"] > rows["scope-slide/no-eviction"]["calls_per_step"]
+    assert [r["calls_per_step"] for r in runs[0]["rows"]] == [r["calls_per_step"] for r in runs[1]["rows"]]
