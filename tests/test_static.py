@@ -219,6 +219,30 @@ def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, pref
     assert torch.equal(out, reference)
 
 
+def test_compiled_decoding_with_the_grouped_decode_attention_is_one_graph():
+    """The GPU's decode path (the grouped attention with its log-sum-exp, ``fast_decode``), here on
+    the CPU through its reference: whatever the layer keeps between steps to hand the attention
+    function must not change after the first compiled step, or every later step is traced again."""
+    model = make_model("llama", "sdpa")
+    ids, mask = _inputs()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                  pad_token_id=0)
+    reference_cache = ScopeCache(model, decoding=Slide(8, 3))
+    for layer in reference_cache.layers:
+        layer.fast_decode = True
+    reference = model.generate(**cache_kwargs(reference_cache), **kwargs)
+    counter = _Counter()
+    cache = ScopeCache(model, decoding=Slide(8, 3), static=True)
+    for layer in cache.layers:
+        layer.fast_decode = True
+    try:
+        out = model.generate(**cache_kwargs(cache), compile_config=_compile_config(counter.backend()), **kwargs)
+    finally:
+        torch._dynamo.reset()
+    assert counter.graphs == 1
+    assert torch.equal(out, reference)
+
+
 @pytest.mark.parametrize("prefill", [None, lambda: SnapKV(12, window=4)])
 def test_an_unpadded_batch_is_one_graph_too(prefill):
     """No padding: transformers drops the all-ones mask and asks the cache for the query offset

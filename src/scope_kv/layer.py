@@ -107,7 +107,6 @@ class ScopeLayer(CacheLayerMixin):
         self.fast_decode: bool | None = None
         self.batch_evictions: bool | None = None
         self.decode_kernel = "auto"  # kernels.grouped_decode_attention's choice of kernel
-        self._decode_record: DecodeAttention | None = None
         # Whether this layer checks that prefill forwards continue it (the cache sets it on one layer).
         self.checks_positions = False
         self.positions = PositionGuard()
@@ -286,10 +285,7 @@ class ScopeLayer(CacheLayerMixin):
         wanted = self.fast_decode if self.fast_decode is not None else query.is_cuda
         if not (wanted and query.shape[2] == 1 and self._pending == "decode"):
             return None
-        made, splits = self._decode_record, self.decode_splits
-        if made is None or made.kernel != self.decode_kernel or made.splits != splits:
-            made = self._decode_record = DecodeAttention(self.decode_kernel, splits)  # (one a step is host time)
-        return made
+        return DecodeAttention(self.decode_kernel, self.decode_splits)
 
     def attention_mask(self, backend: str, q_len: int, dtype: torch.dtype, q_heads: int = 1) -> torch.Tensor | None:
         """The mask for this layer's held slots, in ``backend``'s format (:func:`scope_kv.masks.layer_mask`).
