@@ -168,8 +168,8 @@ class ScopeLayer(CacheLayerMixin):
             value_states = value_states.repeat_interleave(self.kv_repeat, dim=1)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.length > 0:
-            check_new_entries(self.layer_idx, self.keys, key_states)
+        if self.length > 0 and key_states.shape[:2] + key_states.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:]:
+            check_new_entries(self.layer_idx, self.keys, key_states)  # (raises: another batch, head count or width)
         return self._store(key_states, value_states)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +186,8 @@ class ScopeLayer(CacheLayerMixin):
             # mask already: from now on the layer attends with its own mask (`own_mask`).
             self.finish_prefill()
         if decode:
-            self.reserve(self.length + 1)
+            if self.length >= self.keys.shape[-2]:  # (bounded layers reserved every slot at prefill)
+                self.reserve(self.length + 1)
         else:
             # A prefill forward (the first, a chunk, a new turn's prompt): what the previous turn's
             # decoding pool held joins the prefill pool, and the schedule starts afresh.
@@ -211,8 +212,11 @@ class ScopeLayer(CacheLayerMixin):
 
     def _hand_out(self, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The held slots for this forward's attention (:func:`scope_kv.storage.hand_out`)."""
-        compressing = self.decoding is not None or self.prefill is not None
-        keys, values = hand_out(self.keys, self.values, self.length, differentiable, compressing)
+        if differentiable:
+            compressing = self.decoding is not None or self.prefill is not None
+            keys, values = hand_out(self.keys, self.values, self.length, True, compressing)
+        else:  # (the common case, inline: every layer of every step comes here)
+            keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         self._attended = keys
         return keys, values
 

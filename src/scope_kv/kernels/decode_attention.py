@@ -132,7 +132,7 @@ def grouped_decode_attention(
         return split_kv_decode_attention(query, keys, values, attention_mask, scaling, splits)
     q = _grouped_query(query, kv_heads)
     group = q.shape[2]
-    mask = decode_key_mask(attention_mask, length, kv_heads)
+    mask = None if attention_mask is None else decode_key_mask(attention_mask, length, kv_heads)
     if mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, keys, values, 0.0, False, False, scale=scaling
