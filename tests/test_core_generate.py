@@ -255,6 +255,23 @@ def test_a_cache_handed_to_an_unrelated_prompt_is_refused():
         model.generate(input_ids=other, **cache_kwargs(cache), max_new_tokens=6)
 
 
+def test_a_layer_refuses_entries_of_another_batch_head_count_or_width():
+    """Once a layer holds entries, an update of another batch size, KV head count or head width is
+    refused with what to do; entries of the held shape are taken."""
+    model = make_model("llama")
+    cache = ScopeCache(model, decoding=Slide(8, 3))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 6)), **cache_kwargs(cache))
+    layer = cache.layers[0]
+    batch, heads, _, dim = layer.keys.shape
+    for shape in [(batch + 1, heads, 1, dim), (batch, heads + 1, 1, dim), (batch, heads, 1, dim + 2)]:
+        with pytest.raises(ValueError, match=r"build a new one \(or call cache.reset\(\)\)"):
+            layer.update(torch.zeros(shape), torch.zeros(shape))
+        assert layer.length == 6
+    keys, _ = layer.update(torch.zeros(batch, heads, 1, dim), torch.zeros(batch, heads, 1, dim))
+    assert keys.shape == (batch, heads, 7, dim)
+
+
 @pytest.mark.parametrize(
     "spec", ["full", "slide:8/3", "adaptive:10/4,T=30", "slide:8/3,static", "snapkv:12+slide:8/3", "unified-h2o:24/4"]
 )

@@ -168,8 +168,9 @@ class ScopeLayer(CacheLayerMixin):
             value_states = value_states.repeat_interleave(self.kv_repeat, dim=1)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.length > 0 and key_states.shape[:2] + key_states.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:]:
-            check_new_entries(self.layer_idx, self.keys, key_states)  # (raises: another batch, head count or width)
+        held = self.keys.shape  # (the check inline: every layer of every step comes here; the call raises)
+        if self.length > 0 and (key_states.shape[:2] != held[:2] or key_states.shape[-1] != held[-1]):
+            check_new_entries(self.layer_idx, self.keys, key_states)
         return self._store(key_states, value_states)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -565,7 +566,7 @@ class ScopeLayer(CacheLayerMixin):
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` slots; copies only when the buffer must grow."""
-        if needed > self.keys.shape[-2]:
+        if needed > self.capacity:
             bounded = self.decoding is not None and self.decoding.bounded
             self._resize(grown_capacity(needed, self.capacity, bounded))
 

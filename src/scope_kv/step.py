@@ -9,8 +9,7 @@ but the record.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -128,7 +127,7 @@ class AttentionStep:
         constructor: ~9x the host time). A compiled step takes the constructor: the compiler
         cannot trace a write into an instance's ``__dict__``, and the copy costs nothing there."""
         if torch.compiler.is_compiling():
-            return dataclasses.replace(self, lse=lse)
+            return replace(self, lse=lse)
         step = object.__new__(AttentionStep)
         step.__dict__.update(self.__dict__)
         object.__setattr__(step, "lse", lse)  # the record is frozen to everyone else
