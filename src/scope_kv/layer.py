@@ -15,8 +15,9 @@ the 2-D attention mask transformers builds describes slot ``j`` (mask sizes ``(l
 0)``; docs/method.md §8). Selection happens *after* the step's attention: the scope attention
 function (:mod:`scope_kv.attention`) hands the layer an :class:`~scope_kv.step.AttentionStep`
 and :meth:`ScopeLayer.after_attention` runs the decode step's stages -- plan (does this step
-cut, and how much), score (the strategy's :meth:`~scope_kv.DecodingStrategy.score`), select
-(top-k) and compact (in place, the decoding pool only).
+cut, and how much: a :class:`~scope_kv.selection.Plan`), score (the strategy's
+:meth:`~scope_kv.DecodingStrategy.score`), choose (one rule, :meth:`~scope_kv.selection.Plan.choose`)
+and apply (compact in place).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .kernels import EvictionBatch, EvictRing, host_to_device
 from .masks import RowValidity, layer_mask, valid_slots
 from .positions import PositionGuard
 from .prefill.base import PrefillCompressor, PrefillMemo
-from .selection import Cut, compact_, keep_top_, select_heavy
+from .selection import Plan, compact_, compact_kept_, keep_top_, kept_slots
 from .step import AttentionStep, DecodeAttention
 from .storage import MIN_GROWTH, check_new_entries, grown_capacity, hand_out, resized, unseen_attention
 from .window import QueryWindow
@@ -440,76 +441,75 @@ class ScopeLayer(CacheLayerMixin):
         return self.step
 
     def _after_decode_attention(self, step: AttentionStep) -> None:
-        """Plan, score, select and compact a decode step (docs/method.md §3)."""
+        """The decode step's selection (docs/method.md §3), one pipeline for SCOPE's strategies, the
+        unified baselines and both layouts: the layout plans (:meth:`_plan`, from the strategy's
+        schedule), the strategy scores, one rule chooses (:meth:`Plan.choose`), the layout applies."""
         decoding = self.decoding
-        t = self.step
-        self.step += 1
         if decoding is None:
+            self.step += 1
             return
+        plan = self._plan(decoding, step)
+        if plan is not None and plan.fused:
+            self._evict_one(step, plan)
+        elif plan is not None:
+            self._apply(plan, plan.choose(decoding.score(step, plan.first, plan.end)))
+        self._advance()
+
+    def _advance(self) -> None:
+        self.step += 1
+
+    def _plan(self, decoding: DecodingStrategy, step: AttentionStep) -> Plan | None:
+        """What this decode step (``t``) evicts (``None``: nothing): SCOPE's decoding pool loses what is
+        over ``B(t)``, its newest ``recent`` entries kept; a unified baseline's whole pool, per row."""
+        t = self.step
         if decoding.evicts_prompt:
-            self._select_unified(decoding, step, t)
-            return
-        cut = self._plan(decoding, t)
-        fused = cut is not None and cut.evicts_one and step.lse is not None and decoding.default_scores
+            return self._plan_unified(decoding, t)
+        first = self.prefill_length
+        n_decoding = self.length - first
+        select, self.skipped = decoding.plan(n_decoding, t, self.skipped)
+        self.selections += select
+        count = n_decoding - decoding.budget_at(t) if select else 0
+        fused = count == 1 and step.lse is not None and decoding.default_scores
         if not fused and self.ring.rotated:
             self.ring.unrotate(self.keys, self.values, self.length - 1)  # back to arrival order: O(recent)
-        if cut is None:
-            return
-        if fused:
-            self._evict_one(step, cut)
-            return
-        # keep the `cut.keep` best-scored candidates and the newest `cut.recent`, in place
-        heavy = select_heavy(decoding.score(step, cut.first, cut.candidates_end), cut.keep)
-        self.length = compact_(self.keys, self.values, cut.first, cut.end, heavy, cut.recent)
-
-    def _plan(self, decoding: DecodingStrategy, t: int) -> Cut | None:
-        """Whether decode step ``t`` cuts the decoding pool, and to what (``None``: it keeps all)."""
-        recent = decoding.recent
-        n_decoding = self.length - self.prefill_length
-        select, self.skipped = decoding.plan(n_decoding, t, self.skipped)
-        if not select:
+        if count <= 0:
             return None
-        self.selections += 1
-        keep = decoding.budget_at(t) - recent
-        if keep >= n_decoding - recent:
-            return None  # the pool is exactly at budget: nothing to evict
-        return Cut(self.prefill_length, self.length, keep, recent)
+        return Plan(first, self.length - decoding.recent, count, one=count == 1, fused=fused)
 
-    def _evict_one(self, step: AttentionStep, cut: Cut) -> None:
-        """Slide / Adaptive at budget: one fused launch scores the candidates, evicts the weakest and
-        moves two entries (layout in scope_kv.kernels); no host sync, static shapes."""
-        assert step.lse is not None
-        self.length -= 1
-        self.ring.evict(
-            step.query,
-            self.keys,
-            self.values,
-            step.lse,
-            cut.first,
-            cut.end,
-            cut.recent,
-            step.scaling,
-            self.batch_evictions,
-        )
-
-    def _select_unified(self, decoding: DecodingStrategy, step: AttentionStep, t: int) -> None:
-        """Unified baselines: one budget over all held entries (docs/method.md §7), planned on the host."""
+    def _plan_unified(self, decoding: DecodingStrategy, t: int) -> Plan | None:
         held = [self.length - first for first in self.rows.host_starts(self.keys.shape[0])]
         select = [decoding.plan(n, t, self.skipped)[0] for n in held]  # each row's pool on its own
         self.skipped = decoding.plan(max(held), t, self.skipped)[1]
         budget = decoding.budget_at(t)
-        counts = [min(n, budget) if cut else n for n, cut in zip(held, select, strict=True)]
-        if counts == held:
-            return
+        kept = tuple(min(n, budget) if cut else n for n, cut in zip(held, select, strict=True))
+        if kept == tuple(held):
+            return None
         self.selections += 1
-        scores = decoding.score(step, 0, self.length).float().clone()
-        scores[..., self.length - decoding.recent :] = float("inf")  # the newest r stay
-        start = self.rows.starts(self.keys.shape[0], self.keys.device)
-        kept, n = host_to_device(counts, torch.long, self.keys.device), max(counts)
-        self.length, start = keep_top_(self.keys, self.values, self.length, scores, kept, start, n)
-        self.rows.set_start(start, [n - c for c in counts])
+        valid = self.rows.slots(self.keys.shape[0], self.length, self.keys.device)
+        candidates = valid & (torch.arange(self.length, device=valid.device) < self.length - decoding.recent)
+        lose = host_to_device([n - k for n, k in zip(held, kept, strict=True)], torch.long, valid.device)
+        return Plan(0, self.length, lose[:, None], candidates[:, None], kept=kept)
+
+    def _apply(self, plan: Plan, gone: torch.Tensor) -> None:
+        """Keep what the plan left, compacted in place (the decoding pool's newest ``recent`` too)."""
+        if plan.kept is None:  # SCOPE's decoding pool: every pool keeps as many
+            kept = kept_slots(gone, plan.end - plan.first - int(plan.count))
+            self.length = compact_(self.keys, self.values, plan.first, self.length, kept, self.length - plan.end)
+            return
+        valid = self.rows.slots(self.keys.shape[0], self.length, self.keys.device)[:, None]
+        self.length, start = compact_kept_(self.keys, self.values, self.length, valid & ~gone, max(plan.kept))
+        self.rows.set_start(start, [self.length - k for k in plan.kept])
         self.prefill_length = 0  # prompt and generated entries now share one pool: no boundary
         self._shrink()  # the first eviction frees most of a long prompt's storage (copies once)
+
+    def _evict_one(self, step: AttentionStep, plan: Plan) -> None:
+        """The plan's fused form: one launch scores, evicts the weakest and moves two entries (kernels)."""
+        assert step.lse is not None
+        end, recent = self.length, self.length - plan.end
+        self.length -= 1
+        self.ring.evict(
+            step.query, self.keys, self.values, step.lse, plan.first, end, recent, step.scaling, self.batch_evictions
+        )
 
     # -- prefill ----------------------------------------------------------------------------
     def _after_prefill_attention(self, step: AttentionStep) -> None:

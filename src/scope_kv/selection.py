@@ -1,11 +1,13 @@
 """Shared mechanics of heavy-hitter selection: scoring, choosing what goes, in-place compaction.
 
 Every selection -- a decoding strategy's in either layout, a unified baseline's, a prefill
-compressor's -- runs the same stages: a plan says how many entries each pool loses, a score ranks
-them, :func:`evicted` (or :func:`evicted_one`, the one-entry case) chooses them by one rule (the
-lowest scores go; among equal scores the newest goes first, docs/method.md §9), and the layout
-applies the choice: the default layout compacts the kept entries (:func:`compact_`,
-:func:`compact_kept_`), the static layout clears their validity bits (:mod:`scope_kv.static`).
+compressor's -- runs the same stages: a plan says how many entries each pool loses, and among
+which (:class:`Plan`, stated by the layout from the strategy's schedule), a score ranks them,
+:meth:`Plan.choose` chooses them by one rule (:func:`evicted`, or :func:`evicted_one` in the
+one-entry case: the lowest scores go; among equal scores the newest goes first, docs/method.md
+§9), and the layout applies the choice: the default layout compacts the kept entries
+(:func:`compact_`, :func:`compact_kept_`), the static layout clears their validity bits
+(:mod:`scope_kv.static`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from .masks import causal_allowed
 
 __all__ = [
-    "Cut",
+    "Plan",
     "attention_scores",
     "causal_probs",
     "evicted",
@@ -32,22 +34,49 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Cut:
-    """What one decode step's selection does to the decoding pool ``[first, end)``: keep ``keep``
-    of the candidates ``[first, end - recent)`` and the newest ``recent`` entries."""
+class Plan:
+    """What one decode step's selection does, in either layout: score the region ``[first, end)``
+    and evict ``count`` entries of each pool from it, among ``candidates``.
+
+    A layout states it from the strategy's schedule and plan (on the host in the default layout,
+    on the device in the static one); :meth:`choose` applies the one eviction rule to the
+    strategy's scores, and the layout applies the choice.
+
+    Attributes
+    ----------
+    first, end : int
+        The region scored (``decoding.score(step, first, end)``), in slots of the layer's storage.
+    count : int or Tensor
+        Entries each pool loses: an int, or a tensor broadcastable to ``(batch, kv_heads)``.
+    candidates : Tensor, optional
+        ``(batch, kv_heads or 1, end - first)`` bool: the slots that may go (default all).
+    arrival : Tensor, optional
+        ``(batch, kv_heads, end - first)``: order of arrival, larger newer (default slot order).
+    one : bool
+        At most one entry goes per pool: the rule in reductions instead of sorts.
+    fused : bool
+        One kernel scores, chooses and applies (the default layout's ring at budget, with the
+        strategy's default scores and the step's log-sum-exp): :meth:`choose` is not called.
+    kept : tuple of int, optional
+        Entries each batch row keeps, when the plan was made on the host (so applying it needs no
+        read from the device).
+    """
 
     first: int
     end: int
-    keep: int
-    recent: int
+    count: int | torch.Tensor
+    candidates: torch.Tensor | None = None
+    arrival: torch.Tensor | None = None
+    one: bool = False
+    fused: bool = False
+    kept: tuple[int, ...] | None = None
 
-    @property
-    def candidates_end(self) -> int:
-        return self.end - self.recent
-
-    @property
-    def evicts_one(self) -> bool:
-        return self.candidates_end - self.first - self.keep == 1
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(batch, kv_heads, end - first)`` bool: the entries this plan evicts, given ``scores``."""
+        if not self.one:
+            return evicted(scores, self.count, self.candidates, self.arrival)
+        gone = evicted_one(scores, self.candidates, self.arrival)
+        return gone if isinstance(self.count, int) else gone & (self.count > 0)[..., None]
 
 
 def attention_scores(
@@ -213,6 +242,9 @@ def _lowest_newest(scores: torch.Tensor, arrival: torch.Tensor | None = None) ->
 def kept_slots(gone: torch.Tensor, keep: int) -> torch.Tensor:
     """``(batch, kv_heads, keep)`` ascending indices of the slots :func:`evicted` left, when every
     pool keeps ``keep`` of them."""
+    if keep == gone.shape[-1] - 1:  # one entry went: the others, in order, without a sort
+        kept = torch.arange(keep, device=gone.device)
+        return kept + (kept >= gone.to(torch.int8).argmax(-1, keepdim=True))
     return torch.argsort(gone.to(torch.uint8), dim=-1, stable=True)[..., :keep]
 
 
@@ -236,10 +268,7 @@ def select_heavy(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     if k == n:
         return torch.arange(n, device=scores.device).expand(scores.shape)
-    if k == n - 1:  # one entry goes (Slide at budget): the others, in order, without a sort
-        kept = torch.arange(k, device=scores.device)
-        return kept + (kept >= _lowest_newest(scores))
-    return kept_slots(evicted(scores, n - k), k)
+    return kept_slots(evicted_one(scores) if k == n - 1 else evicted(scores, n - k), k)
 
 
 def gather_(keys: torch.Tensor, values: torch.Tensor, start: int, end: int, index: torch.Tensor) -> int:

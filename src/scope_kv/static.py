@@ -38,7 +38,7 @@ from .decoding import DecodingStrategy, defined_in
 from .kernels import default_splits
 from .layer import ScopeLayer
 from .masks import head_mask
-from .selection import evicted, evicted_one, gather_
+from .selection import Plan, gather_
 from .step import AttentionStep
 
 __all__ = ["StaticPools", "StaticScopeLayer", "check_static_strategy", "mark_static_addresses"]
@@ -154,37 +154,32 @@ class StaticPools:
         self.arrival.view(-1).index_put_(flat, self.t)
         self.seen.add_(1)
 
-    def select(
-        self, decoding: DecodingStrategy, step: AttentionStep, length: int, rules: tuple[bool, bool] = (True, False)
-    ) -> None:
-        """After the step's attention: evict what the strategy's rule evicts, pick the next free slots.
-        ``rules``: :func:`_device_rules` of the strategy's class (the default runs its plan and the
-        general selection, right for any strategy)."""
-        t = self.t
+    def plan(self, decoding: DecodingStrategy, t: torch.Tensor, length: int, rules: tuple[bool, bool]) -> Plan:
+        """Decode step ``t``'s selection, on the device: every pool over ``B(t)`` loses what is over,
+        among its entries but the newest ``recent``. ``rules``: :func:`_device_rules` of the
+        strategy's class."""
         unified = decoding.evicts_prompt
         first = 0 if unified else self.prefill
         valid = self.valid[..., first:length]
         arrival = self.arrival[..., first:length]
         held = valid.sum(-1)  # (batch, kv_heads): entries of the region, this step's included
-        budget = decoding.budget_tensor(t)
-        evict = (held - budget).clamp(min=0)  # (batch, kv_heads): SCOPE's plan cuts every pool over B(t)
+        evict = (held - decoding.budget_tensor(t)).clamp(min=0)  # (batch, kv_heads)
         own_plan, one_at_a_time = rules
         if own_plan:  # discontinuous, or a strategy's own: cut only the pools its plan selects
             select, skipped = decoding.plan_tensor(held, t, self.skipped)
             self.skipped.copy_(skipped)
             evict = torch.where(select, evict, 0)
         candidates = valid & (arrival <= t - decoding.recent)  # the newest `recent` always stay
-        scores = decoding.score(step, first, length).float()
-        if one_at_a_time and not unified:
-            # at most one entry over the budget: the pool grows by one a step, the budget never drops
-            gone = evicted_one(scores, candidates, arrival) & (evict > 0)[..., None]
-        else:
-            gone = evicted(scores, evict, candidates, arrival)
+        # at most one entry over the budget when the pool grows by one a step and B(t) never drops
+        return Plan(first, length, evict, candidates, arrival, one=one_at_a_time and not unified)
+
+    def apply(self, plan: Plan, gone: torch.Tensor) -> None:
+        """Clear the chosen entries' validity bits, and pick the next free slots."""
+        valid = self.valid[..., plan.first : plan.end]
         valid &= ~gone
         # The next entry goes to the first free slot of the region (the decoding slots; for a
         # unified baseline, any slot): there is always one, the region holds budget + slack + 1.
-        self.free.copy_(first + (~valid).to(torch.int8).argmax(-1))
-        self.t.add_(1)
+        self.free.copy_(plan.first + (~valid).to(torch.int8).argmax(-1))
 
     def repack(
         self, keys: torch.Tensor, values: torch.Tensor, slots: int
@@ -365,12 +360,22 @@ class StaticScopeLayer(ScopeLayer):
         self._pending = "decode"
         return self._hand_out(key_states.requires_grad or value_states.requires_grad)
 
-    def _after_decode_attention(self, step: AttentionStep) -> None:
+    def _plan(self, decoding: DecodingStrategy, step: AttentionStep) -> Plan | None:
         if self._pools is None:  # (prepare always enters the layout before a decode step)
-            super()._after_decode_attention(step)
-            return
-        assert self.decoding is not None
-        self._pools.select(self.decoding, step, self.length, self._rules)
+            return super()._plan(decoding, step)
+        return self._pools.plan(decoding, self._pools.t, self.length, self._rules)
+
+    def _apply(self, plan: Plan, gone: torch.Tensor) -> None:
+        if self._pools is None:
+            super()._apply(plan, gone)
+        else:
+            self._pools.apply(plan, gone)
+
+    def _advance(self) -> None:
+        if self._pools is None:
+            super()._advance()
+        else:
+            self._pools.t.add_(1)
 
     def check_attended(self, keys: torch.Tensor) -> None:
         if self._pools is None:
