@@ -9,7 +9,16 @@ import torch
 
 from scope_kv import Discontinuous, ScopeLayer, Slide
 from scope_kv.masks import valid_slots
-from scope_kv.selection import attention_scores, compact_, evicted, evicted_one, keep_top_, select_heavy
+from scope_kv.selection import (
+    Plan,
+    attention_scores,
+    compact_,
+    evicted,
+    evicted_one,
+    keep_top_,
+    kept_slots,
+    select_heavy,
+)
 from scope_kv.testing import attend, load_state
 
 
@@ -98,6 +107,32 @@ def test_one_eviction_rule_for_every_layout(seed):
     assert torch.equal(kept, left.nonzero()[:, 2].view(batch, heads, n - 1))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_plan_chooses_by_the_one_rule_in_every_form(seed):
+    """`Plan.choose`, the choice every layout's pipeline makes: a count per pool among candidates
+    in any arrival order (the static layout), the one-entry form (with pools that lose none), and
+    an int count over slots in arrival order (the default layout); `kept_slots` lists what is left,
+    with or without its sort."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, n = 3, 2, 13
+    scores = torch.randint(0, 3, (batch, heads, n), generator=g).float()  # many exact ties
+    candidates = torch.rand(batch, heads, n, generator=g) < 0.8
+    candidates[..., 0] = True  # every pool has a candidate
+    arrival = torch.stack([torch.randperm(n, generator=g) for _ in range(batch * heads)]).view(batch, heads, n)
+    count = torch.randint(0, 4, (batch, heads), generator=g)
+    plan = Plan(0, n, count, candidates, arrival)
+    assert torch.equal(plan.choose(scores), _rule_by_hand(scores, candidates, arrival, count))
+    some = count.clamp(max=1)
+    one = Plan(0, n, some, candidates, arrival, one=True)
+    assert torch.equal(one.choose(scores), _rule_by_hand(scores, candidates, arrival, some))
+    in_order = torch.arange(n).expand(batch, heads, n)
+    everything = torch.ones_like(candidates)
+    for k in (1, 4):
+        gone = Plan(0, n, k, one=k == 1).choose(scores)
+        assert torch.equal(gone, _rule_by_hand(scores, everything, in_order, torch.full((batch, heads), k)))
+        assert torch.equal(kept_slots(gone, n - k), (~gone).nonzero()[:, 2].view(batch, heads, n - k))
+
+
 def test_keep_top_moves_each_rows_kept_entries_behind_filler_in_order():
     g = torch.Generator().manual_seed(0)
     batch, heads, end, dim = 2, 2, 9, 3
@@ -110,7 +145,9 @@ def test_keep_top_moves_each_rows_kept_entries_behind_filler_in_order():
     n, new_start = keep_top_(keys, values, end, scores, counts, start)
     assert n == 5 and new_start.tolist() == [0, 2]
     valid = (torch.arange(end)[None, :] >= start[:, None])[:, None, :].expand(batch, heads, end)
-    gone = _rule_by_hand(scores, valid, torch.arange(end).expand(batch, heads, end), (end - start - counts)[:, None].expand(batch, heads))
+    gone = _rule_by_hand(
+        scores, valid, torch.arange(end).expand(batch, heads, end), (end - start - counts)[:, None].expand(batch, heads)
+    )
     for b in range(batch):
         for h in range(heads):
             kept = [j for j in range(end) if valid[b, h, j] and not gone[b, h, j]]
@@ -127,7 +164,9 @@ def test_compaction_keeps_key_value_pairs_and_order():
     values = (-ident).expand(-1, -1, -1, dim).clone()
     before_keys = keys.clone()
     g = torch.Generator().manual_seed(0)
-    heavy = torch.stack([torch.randperm(end - start - recent, generator=g)[:4].sort().values for _ in range(batch * heads)])
+    heavy = torch.stack(
+        [torch.randperm(end - start - recent, generator=g)[:4].sort().values for _ in range(batch * heads)]
+    )
     heavy = heavy.view(batch, heads, 4)
     new_end = compact_(keys, values, start, end, heavy, recent)
     assert new_end == start + 4 + recent
@@ -208,8 +247,15 @@ def test_load_state_continues_exactly_like_the_run_it_copies(strategy):
         a.update(k, -k)
         attend(a, module, q)
     b = ScopeLayer(0, strategy, frozenset({id(module)}))
-    load_state(b, a.keys[:, :, : a.length], a.values[:, :, : a.length], prefill_length=a.prefill_length,
-                 seen=a.seen, step=a.step, skipped=a.skipped)
+    load_state(
+        b,
+        a.keys[:, :, : a.length],
+        a.values[:, :, : a.length],
+        prefill_length=a.prefill_length,
+        seen=a.seen,
+        step=a.step,
+        skipped=a.skipped,
+    )
     assert (b.length, b.seen, b.step, b.skipped, b.capacity) == (a.length, a.seen, a.step, a.skipped, a.capacity)
     for k, q in steps[20:]:
         for layer in (a, b):
