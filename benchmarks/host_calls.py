@@ -15,7 +15,10 @@ divided by that difference: prefill, cache construction and generate's set-up ca
 ``scope-slide`` at ``--budget`` below ``--new`` evicts every step; ``scope-slide/no-eviction``
 has a budget above the output (it stores, attends and plans, but never selects). The grouped
 decode attention is switched on as on a GPU (``fast_decode``); on the CPU it runs its plain-torch
-reference, so its rows count that reference's few extra tensor calls too.
+reference, so its rows count that reference's few extra tensor calls too. Likewise Slide's
+evicting step runs the plain-torch eviction on the CPU (most of what its row adds over the
+no-eviction row), where a GPU queues every layer's eviction into one launch a step: that column
+overstates the GPU's path.
 """
 
 from __future__ import annotations
