@@ -133,6 +133,27 @@ def test_a_plan_chooses_by_the_one_rule_in_every_form(seed):
         assert torch.equal(kept_slots(gone, n - k), (~gone).nonzero()[:, 2].view(batch, heads, n - k))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_scores_that_are_not_numbers_never_evict_a_slot_that_is_not_a_candidate(seed):
+    """A strategy's scorer may return NaN or infinities: every pool still loses exactly its count,
+    only candidates go, both forms of the rule agree, and the rule ranks NaN and +inf highest
+    (kept first, as a sort puts NaN) and -inf lowest."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, n = 3, 2, 11
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, 1.0, 2.0])
+    scores = special[torch.randint(0, len(special), (batch, heads, n), generator=g)]
+    candidates = torch.rand(batch, heads, n, generator=g) < 0.7
+    candidates[..., :2] = True  # every pool has two candidates at least
+    arrival = torch.stack([torch.randperm(n, generator=g) for _ in range(batch * heads)]).view(batch, heads, n)
+    count = torch.minimum(torch.randint(0, 4, (batch, heads), generator=g), candidates.sum(-1))
+    gone = evicted(scores, count, candidates, arrival)
+    assert torch.equal(gone.sum(-1), count) and not (gone & ~candidates).any()
+    keys = torch.nan_to_num(scores, nan=1e30, posinf=1e30, neginf=-1e30)  # the rule's ranking, by hand
+    assert torch.equal(gone, _rule_by_hand(keys, candidates, arrival, count))
+    one = torch.ones(batch, heads, dtype=torch.long)
+    assert torch.equal(evicted_one(scores, candidates, arrival), evicted(scores, one, candidates, arrival))
+
+
 def test_keep_top_moves_each_rows_kept_entries_behind_filler_in_order():
     g = torch.Generator().manual_seed(0)
     batch, heads, end, dim = 2, 2, 9, 3

@@ -60,6 +60,23 @@ def test_unified_h2o_matches_the_spec_rule_step_by_step(budget, recent):
         assert layer.length == min(budget, pos + 1)
 
 
+class _NaNOlder(UnifiedH2O):
+    """A scorer that returns NaN for the older three quarters of what it scores."""
+
+    def score(self, step, first, last):
+        scores = super().score(step, first, last).clone()
+        scores[..., : 3 * scores.shape[-1] // 4] = float("nan")
+        return scores
+
+
+def test_a_scorer_returning_nan_still_keeps_the_budget_and_the_newest():
+    budget, recent = 16, 4
+    for layer, _q, k, pos in _drive(_NaNOlder(budget, recent)):
+        assert int(layer.start[0]) == 0 and layer.length == min(budget, pos + 1)
+        held = _held_positions(layer, k)
+        assert all(set(range(pos + 1 - recent, pos + 1)) <= set(h) for h in held)
+
+
 @pytest.mark.parametrize("budget,recent", [(16, 4), (10, 9)])
 def test_unified_streamingllm_keeps_the_first_and_the_newest(budget, recent):
     for layer, q, k, pos in _drive(UnifiedStreamingLLM(budget, recent)):

@@ -421,8 +421,8 @@ class ScopeLayer(CacheLayerMixin):
     # -- after the attention: the decode step's stages ------------------------------------
     def after_attention(self, step: AttentionStep) -> None:
         """Run what follows the ``step``'s attention (built by the scope attention function, or by
-        :func:`scope_kv.testing.attend`): observe a prefill forward, or plan, score, select and compact
-        a decode step."""
+        :func:`scope_kv.testing.attend`): observe a prefill forward, or plan, score, choose and apply
+        a decode step's selection."""
         if step.module is not self._checked_module:  # once: compiled, a set read is compared whole each step
             if id(step.module) not in self._module_ids:
                 raise ValueError(

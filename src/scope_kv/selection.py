@@ -58,8 +58,9 @@ class Plan:
         One kernel scores, chooses and applies (the default layout's ring at budget, with the
         strategy's default scores and the step's log-sum-exp): :meth:`choose` is not called.
     kept : tuple of int, optional
-        Entries each batch row keeps, when the plan was made on the host (so applying it needs no
-        read from the device).
+        Entries each batch row keeps, for a plan over each row's whole pool made on the host (the
+        default layout's unified baselines): rows then keep different numbers, and the layout
+        compacts them without a read from the device. ``None`` otherwise.
     """
 
     first: int
@@ -204,7 +205,7 @@ def evicted(
         ``(batch, kv_heads, n)`` bool. Among equal scores the newest entry goes first, so the older
         one stays (docs/method.md §9).
     """
-    masked = scores.float()
+    masked = _rank_keys(scores)
     if candidates is not None:  # NaN sorts after every number: the other slots rank last
         masked = masked.masked_fill(~candidates, float("nan"))
     # Order by arrival, newest first, then stably by score: equal scores keep newest-first order.
@@ -223,12 +224,20 @@ def evicted_one(
 ) -> torch.Tensor:
     """:func:`evicted` with ``count = 1`` (the same rule) in reductions instead of sorts: a pool at
     budget that grew by one entry loses one."""
-    masked = scores.float()
-    if candidates is not None:
+    masked = _rank_keys(scores)
+    if candidates is not None:  # above every candidate's key
         masked = masked.masked_fill(~candidates, float("inf"))
     pick = _lowest_newest(masked, arrival)
     gone = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device).scatter_(-1, pick, True)
     return gone if candidates is None else gone & candidates.any(-1, keepdim=True)
+
+
+def _rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as the rule ranks them, all finite: NaN and +inf as the largest number (kept first,
+    where a sort puts NaN), -inf as the lowest. A strategy's scorer may return any of them; the
+    slots that are not candidates must still rank after every candidate, whatever it returned."""
+    big = torch.finfo(torch.float32).max
+    return torch.nan_to_num(scores.float(), nan=big, posinf=big, neginf=-big)
 
 
 def _lowest_newest(scores: torch.Tensor, arrival: torch.Tensor | None = None) -> torch.Tensor:
