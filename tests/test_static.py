@@ -152,6 +152,16 @@ def _compile_config(backend: object) -> CompileConfig:
     return config
 
 
+def _compiled_generate(model, cache, **kwargs) -> tuple[torch.Tensor, int]:
+    """``generate`` with compiled decoding: its output and how many graphs were traced."""
+    counter = _Counter()
+    try:
+        out = model.generate(**cache_kwargs(cache), compile_config=_compile_config(counter.backend()), **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return out, counter.graphs
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @pytest.mark.parametrize("strategy,prefill", CASES)
 def test_static_layout_keeps_what_the_dynamic_layout_keeps(strategy, prefill, backend):
@@ -185,37 +195,20 @@ def test_static_layout_keeps_what_the_dynamic_layout_keeps(strategy, prefill, ba
 def test_compiled_decoding_is_one_graph_and_gives_the_same_tokens(strategy, prefill):
     model = make_model("llama", "sdpa")
     ids, mask = _inputs()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                  pad_token_id=0)
     reference = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        **cache_kwargs(ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None)),
-        do_sample=False,
-        pad_token_id=0,
+        **cache_kwargs(ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None)), **kwargs
     )
-    counter = _Counter()
     cache = ScopeCache(model, decoding=strategy(), prefill=prefill() if prefill else None, static=True)
     assert cache.is_compileable
-    try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            **cache_kwargs(cache),
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            compile_config=_compile_config(counter.backend()),
-        )
-    finally:
-        torch._dynamo.reset()
+    out, graphs = _compiled_generate(model, cache, **kwargs)
     # traced once: every decode step has the same shapes and guards. A unified baseline whose
     # prompt exceeds its budget is traced twice: the first step over prompt + 1 slots, every later
     # one over budget + 1 (the layer moves into its bound after the first selection).
     decoding = strategy()
     expected = 2 if decoding.evicts_prompt and PROMPT + 1 > decoding.max_held else 1
-    assert counter.graphs == expected
+    assert graphs == expected
     assert torch.equal(out, reference)
 
 
@@ -231,15 +224,11 @@ def test_compiled_decoding_with_the_grouped_decode_attention_is_one_graph():
     for layer in reference_cache.layers:
         layer.fast_decode = True
     reference = model.generate(**cache_kwargs(reference_cache), **kwargs)
-    counter = _Counter()
     cache = ScopeCache(model, decoding=Slide(8, 3), static=True)
     for layer in cache.layers:
         layer.fast_decode = True
-    try:
-        out = model.generate(**cache_kwargs(cache), compile_config=_compile_config(counter.backend()), **kwargs)
-    finally:
-        torch._dynamo.reset()
-    assert counter.graphs == 1
+    out, graphs = _compiled_generate(model, cache, **kwargs)
+    assert graphs == 1
     assert torch.equal(out, reference)
 
 
@@ -256,13 +245,9 @@ def test_an_unpadded_batch_is_one_graph_too(prefill):
     reference = model.generate(
         **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), prefill=prefill() if prefill else None)), **kwargs
     )
-    counter = _Counter()
     cache = ScopeCache(model, decoding=Slide(8, 3), prefill=prefill() if prefill else None, static=True)
-    try:
-        out = model.generate(**cache_kwargs(cache), compile_config=_compile_config(counter.backend()), **kwargs)
-    finally:
-        torch._dynamo.reset()
-    assert counter.graphs == 1
+    out, graphs = _compiled_generate(model, cache, **kwargs)
+    assert graphs == 1
     assert torch.equal(out, reference)
 
 
@@ -311,21 +296,12 @@ def test_compiled_sampling_matches_eager_sampling(kwargs):
         **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3))),
         **kwargs,
     )
-    counter = _Counter()
     torch.manual_seed(0)
-    try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=NEW,
-            pad_token_id=0,
-            **cache_kwargs(ScopeCache(model, decoding=Slide(8, 3), static=True)),
-            compile_config=_compile_config(counter.backend()),
-            **kwargs,
-        )
-    finally:
-        torch._dynamo.reset()
-    assert counter.graphs == 1 and torch.equal(out, reference)
+    cache = ScopeCache(model, decoding=Slide(8, 3), static=True)
+    out, graphs = _compiled_generate(
+        model, cache, input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, **kwargs
+    )
+    assert graphs == 1 and torch.equal(out, reference)
 
 
 def test_multi_turn_leaves_and_reenters_the_static_layout():
