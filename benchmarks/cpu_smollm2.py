@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 import scope_kv
 from scope_kv import ScopeCache, Slide
+from scope_kv.attention import disable_scope_attention
 from scope_kv.measure import gsm8k_prompt, kv_held, timed_generate
 from scope_kv.models import ModelUnavailableError, load_smollm2
 
@@ -55,12 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cache_factories(model: Any, budget: int, recent: int) -> list[tuple[str, Callable[[], Any]]]:
     """(label, fresh-cache factory) for every configuration compared."""
-    base = model.config._attn_implementation.removeprefix("scope_")
     slide = Slide(budget, recent)
 
     def dynamic() -> DynamicCache:
         # The stock cache on the stock attention: undo the switch a ScopeCache made.
-        model.set_attn_implementation(base)
+        disable_scope_attention(model)
         return DynamicCache(config=model.config)
 
     return [

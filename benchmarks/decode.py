@@ -59,6 +59,7 @@ from transformers import DynamicCache, StaticCache
 from bench_common import (LLAMA_8B, TINY, Stepper, build_model, fmt, kv_bytes_per_token, measure_bandwidth, median,
                           random_kv, time_steps, weight_bytes_read, write_outputs)
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide
+from scope_kv.attention import disable_scope_attention
 from scope_kv.testing import load_state
 
 
@@ -160,6 +161,8 @@ def fill_cache(model, method: Method, s: Settings, batch: int, workload: int, ge
     heads = c.num_key_value_heads
     ref = next(model.parameters())
     prompt = s.prompt
+    if method.kind in ("dynamic", "static"):
+        disable_scope_attention(model)  # transformers' caches on the stock attention
     if method.kind == "dynamic":
         cache = DynamicCache(config=c)
         for i in range(c.num_hidden_layers):

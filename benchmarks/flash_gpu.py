@@ -40,6 +40,7 @@ import transformers
 
 from bench_common import LLAMA_8B, TINY, build_model, fmt, median, random_kv, write_outputs
 from scope_kv import ScopeCache, ScopeLayer, Slide
+from scope_kv.attention import disable_scope_attention
 from scope_kv.compat import cache_kwargs
 from scope_kv.testing import load_state
 
@@ -53,6 +54,7 @@ def fill(model, kind: str, batch: int, prompt: int, generated: int, budget: int,
     ref = next(model.parameters())
     shape = (batch, c.num_key_value_heads, 0, c.head_dim)
     if kind == "dynamic":
+        disable_scope_attention(model)  # the stock attention: nothing of scope_kv's in its path
         cache = DynamicCache(config=c)
         for i in range(c.num_hidden_layers):
             s = (*shape[:2], prompt + generated, shape[3])

@@ -50,6 +50,7 @@ from bench_common import LLAMA_8B, TINY, build_model, fmt, kv_bytes_per_token, m
 from bench_common import weight_bytes_read, write_outputs
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
 from scope_kv.accounting import kv_footprint
+from scope_kv.attention import disable_scope_attention
 from scope_kv.compat import cache_kwargs, output_cache
 
 ALL_METHODS = (
@@ -115,6 +116,10 @@ def _strategy(name: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _generate_kwargs(model, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    if method in ("dynamic", "static-compiled"):
+        # transformers' caches on the model's own attention: nothing of scope_kv's in their path
+        # (a ScopeCache built for an earlier method left the model routed through scope_kv)
+        disable_scope_attention(model)
     if method == "dynamic":
         return cache_kwargs(DynamicCache(config=model.config))
     if method == "static-compiled":

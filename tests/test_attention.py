@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from conftest import ARCHS, make_model
 from scope_kv import ScopeCache, ScopeLayer, Slide
-from scope_kv.attention import attention_modules, enable_scope_attention
+from scope_kv.attention import attention_modules, disable_scope_attention, enable_scope_attention
 from scope_kv.compat import cache_argument, cache_kwargs
 
 
@@ -65,6 +65,30 @@ def test_routing_is_a_pass_through_for_other_caches():
         a = model(input_ids=ids, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True).logits
         b = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_disabling_puts_the_model_back_on_its_own_attention_until_the_next_cache(backend):
+    model = make_model("llama", backend)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+    def tokens(cache):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+
+    stock = tokens(DynamicCache(config=model.config))
+    before = ScopeCache(model, decoding=Slide(8, 3))
+    routed = {m: len(m._forward_pre_hooks) for m in attention_modules(model)}
+    assert set(routed.values()) == {1}
+    assert disable_scope_attention(model) == backend == model.config._attn_implementation
+    assert disable_scope_attention(model) == backend  # idempotent
+    assert all(len(m._forward_pre_hooks) == 0 for m in attention_modules(model))
+    assert torch.equal(tokens(DynamicCache(config=model.config)), stock)
+    with pytest.raises(RuntimeError, match="attention never went through"):
+        tokens(before)  # built for the routed model: refused, not silently unmanaged
+    after = ScopeCache(model)  # switches the model back
+    assert model.config._attn_implementation == f"scope_{backend}"
+    assert torch.equal(tokens(after), stock)
 
 
 def test_falcon_is_managed_on_a_transformers_that_routes_its_attention_and_refused_before():

@@ -46,7 +46,7 @@ from .compat import cache_argument, set_attention_implementation, warn_if_untest
 from .kernels import grouped_decode_attention
 from .masks import BACKEND_PREFIX, is_flash_backend, transformers_mask_function
 
-__all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "enable_scope_attention"]
+__all__ = ["LAYER_KWARG", "PREFIX", "SUPPORTED_BACKENDS", "disable_scope_attention", "enable_scope_attention"]
 
 PREFIX = BACKEND_PREFIX
 SUPPORTED_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -264,3 +264,23 @@ def enable_scope_attention(model: PreTrainedModel) -> str:
         if getattr(module, _ROUTE_HANDLE, None) is None:
             setattr(module, _ROUTE_HANDLE, module.register_forward_pre_hook(_route_layer, with_kwargs=True))
     return current
+
+
+def disable_scope_attention(model: PreTrainedModel) -> str:
+    """Undo :func:`enable_scope_attention`: ``model`` back on its own backend (``scope_X`` -> ``X``)
+    and the routing hooks removed, so that another cache runs the stock attention with nothing of
+    scope_kv's in its path (the pass-through costs a few microseconds a layer, which an eager step
+    at a small batch feels). Returns the implementation now in use.
+
+    Idempotent. A ScopeCache built afterwards switches the model back; one built before cannot be
+    used until then (its first step after this raises).
+    """
+    current = model.config._attn_implementation
+    if current.startswith(PREFIX):
+        set_attention_implementation(model, current[len(PREFIX) :], current)
+    for module in attention_modules(model):
+        handle = getattr(module, _ROUTE_HANDLE, None)
+        if handle is not None:
+            handle.remove()
+            delattr(module, _ROUTE_HANDLE)
+    return str(model.config._attn_implementation)
