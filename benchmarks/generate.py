@@ -12,7 +12,10 @@ windows too, to show the step is flat).
 
 Methods (``--methods``, comma-separated):
 
-* ``dynamic`` -- transformers' DynamicCache;
+* ``dynamic`` -- transformers' DynamicCache, on the model's own attention (nothing of scope_kv's
+  in its path: ``disable_scope_attention``); ``dynamic/routed`` -- the same cache with the model
+  left routed through scope_kv's attention function, as after a ScopeCache was built on it (what
+  the pass-through costs);
 * ``static-compiled`` -- transformers' StaticCache through ``generate``'s own compilation
   (``cache_implementation="static"``; torch.compile, mode reduce-overhead);
 * ``scope-none``, ``scope-slide``, ``scope-adaptive``, ``scope-discontinuous``, ``scope-snapkv+slide``,
@@ -50,14 +53,14 @@ from bench_common import LLAMA_8B, TINY, build_model, fmt, kv_bytes_per_token, m
 from bench_common import weight_bytes_read, write_outputs
 from scope_kv import Adaptive, Discontinuous, ScopeCache, Slide, SnapKV, UnifiedH2O, UnifiedStreamingLLM
 from scope_kv.accounting import kv_footprint
-from scope_kv.attention import disable_scope_attention
+from scope_kv.attention import disable_scope_attention, enable_scope_attention
 from scope_kv.compat import cache_kwargs, output_cache
 
 ALL_METHODS = (
     "dynamic", "static-compiled", "scope-none", "scope-slide", "scope-adaptive", "scope-discontinuous",
     "scope-snapkv+slide", "scope-unified-h2o", "scope-unified-streamingllm", "captured-slide", "captured-adaptive",
     "captured-discontinuous", "captured-snapkv+slide", "captured-unified-h2o", "captured-unified-streamingllm",
-    "scope-slide/per-layer-evictions", "scope-slide/backend-attention",
+    "scope-slide/per-layer-evictions", "scope-slide/backend-attention", "dynamic/routed",
 )
 # Eager Slide with one part of its decode path switched off (the layer's public switches), to
 # find where its host time goes: each layer launches its own eviction instead of one launch a
@@ -120,7 +123,9 @@ def _generate_kwargs(model, method: str, args: argparse.Namespace) -> dict[str, 
         # transformers' caches on the model's own attention: nothing of scope_kv's in their path
         # (a ScopeCache built for an earlier method left the model routed through scope_kv)
         disable_scope_attention(model)
-    if method == "dynamic":
+    if method == "dynamic/routed":
+        enable_scope_attention(model)
+    if method in ("dynamic", "dynamic/routed"):
         return cache_kwargs(DynamicCache(config=model.config))
     if method == "static-compiled":
         return dict(cache_implementation="static")
