@@ -37,12 +37,14 @@ from transformers import DynamicCache
 
 from bench_common import TINY, build_model
 from scope_kv import ScopeCache, Slide
+from scope_kv.attention import disable_scope_attention
 
 METHODS = ("dynamic", "scope-none", "scope-slide/no-eviction", "scope-slide")
 
 
 def _cache(model, method: str, args: argparse.Namespace) -> Any:
     if method == "dynamic":
+        disable_scope_attention(model)  # the stock attention, whichever method ran before
         return DynamicCache(config=model.config)
     if method == "scope-none":
         cache = ScopeCache(model)
