@@ -216,3 +216,21 @@ def test_host_calls_benchmark_counts_python_calls_per_decode_step(tmp_path):
     assert 0 < rows["scope-none"]["scope_kv_calls_per_step"] <= rows["scope-slide/no-eviction"]["scope_kv_calls_per_step"]
     assert rows["scope-slide"]["calls_per_step"] > rows["scope-slide/no-eviction"]["calls_per_step"]
     assert [r["calls_per_step"] for r in runs[0]["rows"]] == [r["calls_per_step"] for r in runs[1]["rows"]]
+
+
+def test_passthrough_benchmark_times_dynamic_cache_on_a_stock_and_a_routed_model(tmp_path):
+    """benchmarks/passthrough_cpu.py: DynamicCache with the model stock and routed through scope_kv
+    (a ScopeCache built on it). Stock, the step never calls into scope_kv; routed, it does on every
+    layer (the pre-hook and the pass-through function)."""
+    out = tmp_path / "passthrough"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "passthrough_cpu.py"), "--layers", "2", "--pairs", "2",
+           "--short", "2", "--new", "6", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert len(result["pairs"]["stock_ms"]) == len(result["pairs"]["routed_ms"]) == 2
+    assert all(ms > 0 for ms in result["pairs"]["stock_ms"] + result["pairs"]["routed_ms"])
+    assert result["scope_kv_calls_per_step"]["stock"] == 0
+    assert result["scope_kv_calls_per_step"]["routed"] >= 2 * 2  # the hook and the function, each layer
+    assert result["calls_per_step"]["routed"] > result["calls_per_step"]["stock"]
+    assert "µs a layer" in out.with_suffix(".md").read_text()
