@@ -35,13 +35,14 @@ from transformers import DynamicCache
 from bench_common import TINY, build_model
 from scope_kv import ScopeCache
 from scope_kv.attention import disable_scope_attention
+from scope_kv.compat import cache_kwargs
 
 
 def _step_ms(model, ids: torch.Tensor, short: int, long: int) -> float:
     def call(new: int) -> float:
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       past_key_values=DynamicCache(config=model.config))
+                       **cache_kwargs(DynamicCache(config=model.config)))
         return time.perf_counter() - start
 
     return (call(long) - call(short)) / (long - short) * 1e3
@@ -54,7 +55,7 @@ def _calls_per_step(model, ids: torch.Tensor, short: int, long: int) -> tuple[fl
         cache = DynamicCache(config=model.config)
         profiler = cProfile.Profile()
         profiler.enable()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **cache_kwargs(cache))
         profiler.disable()
         stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
         return (sum(e[1] for e in stats.values()), sum(e[1] for k, e in stats.items() if "scope_kv" in k[0]))
