@@ -33,7 +33,7 @@ from scope_kv import (
     UnifiedH2O,
     UnifiedStreamingLLM,
 )
-from scope_kv.attention import SUPPORTED_BACKENDS
+from scope_kv.attention import SUPPORTED_BACKENDS, attention_modules, disable_scope_attention
 from scope_kv.compat import cache_kwargs
 from scope_kv.masks import mask_format
 
@@ -270,6 +270,24 @@ def test_transformers_alone_cannot_run_a_registered_flash_wrapper(standin, monke
     kv = torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match="scope_flash_attention_2"):
         ALL_ATTENTION_FUNCTIONS["flash_attention_2"](module, q, kv, kv, None)
+
+
+@pytest.mark.parametrize("backend", FLASH)
+def test_disabling_puts_a_flash_model_back_on_its_kernel(standin, backend):
+    """``disable_scope_attention`` on a flash model: the configs name the base kernel again, the
+    routing hooks are gone, transformers' own flash path runs it (DynamicCache's tokens, the kernel
+    called), and the next ScopeCache switches it back."""
+    model = make_model("llama", backend)
+    ids, mask = _batch(seed=2)
+    expected = _generate(model, DynamicCache(config=model.config), ids, mask)
+    ScopeCache(model, decoding=Slide(HUGE, 8))
+    assert disable_scope_attention(model) == backend == model.config._attn_implementation
+    assert all(len(m._forward_pre_hooks) == 0 for m in attention_modules(model))
+    n = len(standin.calls)
+    assert torch.equal(_generate(model, DynamicCache(config=model.config), ids, mask), expected)
+    assert len(standin.calls) > n
+    assert torch.equal(_generate(model, ScopeCache(model, decoding=Slide(HUGE, 8)), ids, mask), expected)
+    assert model.config._attn_implementation == f"scope_{backend}"
 
 
 # -- against DynamicCache and against the sdpa path --------------------------------------------
