@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from bench_common import TINY, build_model
+from bench_common import TINY, build_model, write_outputs
 from scope_kv import ScopeCache
 from scope_kv.attention import disable_scope_attention
 from scope_kv.compat import cache_kwargs
@@ -130,11 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.new <= args.short:
         raise SystemExit(f"--new ({args.new}) must exceed --short ({args.short})")
     result = run(args)
-    table = markdown(result)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(table)
+    print(markdown(result))
+    write_outputs(result, args.out, markdown, lambda result, path: False)  # (a table, no plot)
     return 0
 
 
