@@ -6,8 +6,10 @@ environment (an older transformers), where scope_kv is not installed.
 
 from __future__ import annotations
 
+import cProfile
 import json
 import math
+import pstats
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -178,3 +180,15 @@ def write_outputs(result: dict, out: Path, markdown: Callable[[dict], str], plot
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     out.with_suffix(".md").write_text(markdown(result))
     plot(result, out.with_suffix(".png"))
+
+
+def python_calls(model, ids: torch.Tensor, new: int, **generate_kwargs: Any) -> tuple[int, int]:
+    """(every Python call, the calls into scope_kv's code) of one greedy ``generate`` call of ``new``
+    tokens, counted by Python's profiler. Build the cache before and pass it in ``generate_kwargs``,
+    so that only the call is counted."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **generate_kwargs)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    return sum(e[1] for e in stats.values()), sum(e[1] for key, e in stats.items() if "scope_kv" in key[0])

@@ -24,9 +24,7 @@ overstates the GPU's path.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from bench_common import TINY, build_model
+from bench_common import TINY, build_model, python_calls
 from scope_kv import ScopeCache, Slide
 from scope_kv.attention import disable_scope_attention
 
@@ -59,15 +57,7 @@ def _cache(model, method: str, args: argparse.Namespace) -> Any:
 def _calls(model, method: str, ids: torch.Tensor, new: int, args: argparse.Namespace) -> tuple[int, int]:
     """(all calls, calls into scope_kv) of one generate call of ``new`` tokens, the cache built
     outside the profiled region."""
-    cache = _cache(model, method, args)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    total = sum(entry[1] for entry in stats.values())
-    ours = sum(entry[1] for key, entry in stats.items() if "scope_kv" in key[0])
-    return total, ours
+    return python_calls(model, ids, new, cache=_cache(model, method, args))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -19,8 +19,6 @@ the same difference of two calls), which do not drift as times do.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from bench_common import TINY, build_model, write_outputs
+from bench_common import TINY, build_model, python_calls, write_outputs
 from scope_kv import ScopeCache
 from scope_kv.attention import disable_scope_attention
 from scope_kv.compat import cache_kwargs
@@ -51,13 +49,7 @@ def _calls_per_step(model, ids: torch.Tensor, short: int, long: int) -> tuple[fl
     """(Python calls, calls into scope_kv) per decode step."""
 
     def calls(new: int) -> tuple[int, int]:
-        cache = DynamicCache(config=model.config)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **cache_kwargs(cache))
-        profiler.disable()
-        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-        return (sum(e[1] for e in stats.values()), sum(e[1] for k, e in stats.items() if "scope_kv" in k[0]))
+        return python_calls(model, ids, new, **cache_kwargs(DynamicCache(config=model.config)))
 
     (a, a_ours), (b, b_ours) = calls(short), calls(long)
     return (b - a) / (long - short), (b_ours - a_ours) / (long - short)
